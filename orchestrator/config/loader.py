@@ -1,0 +1,77 @@
+"""Read a cluster TOML file into a validated :class:`Topology`, or explain every problem.
+
+Each problem is one line naming the file, the key path and the reason, so an operator can
+fix the file without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from orchestrator.errors import ConfigError
+from orchestrator.model.cluster import Topology
+
+
+def load(path: str | Path) -> Topology:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return parse(raw.decode("utf-8", errors="replace"), str(path))
+
+
+def parse(text: str, source: str = "<config>") -> Topology:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        return Topology.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(problems(source, exc.errors()))) from None
+
+
+def problems(source: str, errors: Iterable[Any]) -> list[str]:
+    lines = []
+    for err in errors:
+        ctx = err.get("ctx") or {}
+        if err["type"] == "topology":
+            lines += [f"{source}: {loc}: {msg}" for loc, msg in ctx["problems"]]
+            continue
+        lines.append(f"{source}: {_path(err['loc']) or '(top level)'}: {_reason(err)}")
+    return lines
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not _is_union_branch(part):
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _is_union_branch(part: str) -> bool:
+    # pydantic adds the branch type to loc for unions ("IPv4Address", "function-after[...]")
+    return part[:1].isupper() or "[" in part or part in {"int", "str", "none"}
+
+
+def _reason(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    msg: str = err["msg"]
+    for noise in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(noise)
+    if "input" in err and kind not in {"topology"} and not isinstance(err["input"], dict | list):
+        msg += f" (got {err['input']!r})"
+    return msg

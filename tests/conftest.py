@@ -1,0 +1,64 @@
+"""Shared fixtures. Namespaces get unique names and are removed even when a test fails."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _needs_root() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root for network namespaces"
+    for tool in ("ip", "nft", "conntrack"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} (run the README's test command, which installs it)"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = _needs_root()
+    if reason is None:
+        return
+    for item in items:
+        if "root" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def netns() -> Iterator[Callable[[str], str]]:
+    """Factory: ``netns("ct")`` creates a uniquely named namespace with lo up; all are
+    deleted (with their processes killed) at teardown."""
+    made: list[str] = []
+
+    def make(prefix: str = "t") -> str:
+        name = unique(f"cvt-{prefix}")
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        made.append(name)
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        return name
+
+    yield make
+    for name in made:
+        kill_netns(name)
+
+
+def kill_netns(name: str) -> None:
+    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout
+    for pid in pids.split():
+        try:
+            os.kill(int(pid), 9)
+        except (ProcessLookupError, ValueError):
+            pass
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
