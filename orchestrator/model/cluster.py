@@ -144,6 +144,13 @@ class Guest(_Strict):
         return out
 
 
+class Lab(_Strict):
+    """Only read by ``convergent lab``: the workstation on the uplink segment."""
+
+    workstation: IPv4Address = IPv4Address("192.168.122.1")
+    uplink_prefix: int = Field(24, ge=8, le=30)
+
+
 class Topology(_Strict):
     """One file describes the whole cluster."""
 
@@ -151,6 +158,7 @@ class Topology(_Strict):
     nodes: list[Node] = Field(min_length=1)
     services: list[Service] = []
     guests: list[Guest] = []
+    lab: Lab = Lab()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Topology:

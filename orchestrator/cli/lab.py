@@ -1,0 +1,71 @@
+"""``convergent lab``: the cluster in network namespaces."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+LAB_NAME = click.option(
+    "--name", default=lambda: os.environ.get("CONVERGENT_LAB", "lab"), show_default="lab",
+    help="lab name (namespaces are cvg-NAME-*)",
+)
+
+
+@click.group("lab")
+def lab() -> None:
+    """Build, check and tear down a cluster in network namespaces."""
+
+
+@lab.command("up")
+@LAB_NAME
+@click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 16))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True),
+              help="cluster TOML (default: the seed cluster grown to --nodes)")
+def up(name: str, nodes: int, config_path: str | None) -> None:
+    """Build the lab (idempotent)."""
+    from orchestrator.lab.lab import Lab
+
+    t = Lab(name).up(nodes, Path(config_path) if config_path else None)
+    click.echo(f"lab {name} up: {len(t.nodes)} nodes, guests "
+               f"{', '.join(g.name for g in t.guests)}; config {Lab(name).config_path}")
+
+
+@lab.command("down")
+@LAB_NAME
+def down(name: str) -> None:
+    """Remove every namespace, link and process of the lab (fine if there is none)."""
+    from orchestrator.lab.lab import Lab
+
+    removed = Lab(name).down()
+    click.echo(f"lab {name} down: removed {len(removed)} namespaces")
+
+
+@lab.command("check")
+@LAB_NAME
+@click.option("--json", "as_json", is_flag=True)
+def check(name: str, as_json: bool) -> None:
+    """Run the seed acceptance inside the lab."""
+    from orchestrator.lab.check import report, run_checks
+    from orchestrator.lab.lab import Lab
+
+    result = report(run_checks(Lab(name)))
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for c in result["checks"]:
+            click.echo(f"{'PASS' if c['passed'] else 'FAIL'}  {c['name']}: {c['detail']}")
+        click.echo("all checks passed" if result["passed"] else "SOME CHECKS FAILED")
+    if not result["passed"]:
+        raise SystemExit(1)
+
+
+@lab.command("status")
+@LAB_NAME
+def status(name: str) -> None:
+    """Where each guest is and which namespaces exist."""
+    from orchestrator.lab.lab import Lab, dump_state
+
+    click.echo(dump_state(Lab(name)))

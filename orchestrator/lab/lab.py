@@ -1,0 +1,200 @@
+"""Build and tear down the seed topology in network namespaces.
+
+One switch namespace holds two bridges: ``wan`` (the uplink segment: every node's uplink
+bridge and the workstation) and ``pipes`` (every node's cluster pipe, so all guest bridges
+meet at L2 without a loop). Each node gets the production ruleset through
+:func:`orchestrator.netfilter.apply.apply`, the same code ``convergent apply`` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.config.loader import load, parse
+from orchestrator.errors import LabError
+from orchestrator.lab import netns as ns
+from orchestrator.lab.plan import (
+    GUEST_IFACE,
+    NODE_UPLINK_PORT,
+    PIPE_BRIDGE,
+    WAN_BRIDGE,
+    LabNames,
+    default_config,
+    switch_pipe_port,
+    switch_wan_port,
+    vif_name,
+)
+from orchestrator.model.cluster import Guest, Topology
+from orchestrator.netfilter.apply import apply
+
+STATE_ROOT = Path(os.environ.get("CONVERGENT_LAB_DIR", "/run/convergent/lab"))
+REQUIRED_TOOLS = {"ip": "iproute2", "nft": "nftables", "conntrack": "conntrack",
+                  "sysctl": "procps"}
+WORKSTATION_TCP_PORT = 7000  # the workstation's own responder: guest-initiated checks
+
+
+@dataclass
+class Lab:
+    name: str = "lab"
+
+    @property
+    def names(self) -> LabNames:
+        return LabNames(self.name)
+
+    @property
+    def dir(self) -> Path:
+        return STATE_ROOT / self.name
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "cluster.toml"
+
+    def topology(self) -> Topology:
+        if not self.config_path.exists():
+            raise LabError(f"lab {self.name!r} is not up (no {self.config_path})")
+        return load(self.config_path)
+
+    # up / down ------------------------------------------------------------
+    def up(self, nodes: int = 3, config: Path | None = None) -> Topology:
+        preflight()
+        text = config.read_text() if config else default_config(nodes, self.name)
+        topology = load(config) if config else parse(text, "<lab default>")
+        if self.is_up(topology) and self.config_path.read_text() == text:
+            for node in topology.nodes:  # idempotent: re-apply is a no-op when unchanged
+                apply(topology, node.name, self.names.node(node.name))
+            return topology
+        self.down()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(text)
+        try:
+            self._build(topology)
+        except BaseException:
+            self.down()
+            raise
+        return topology
+
+    def is_up(self, topology: Topology) -> bool:
+        existing = set(ns.list_netns())
+        return self.config_path.exists() and all(
+            n in existing for n in self.names.all_for(topology)
+        )
+
+    def down(self) -> list[str]:
+        """Remove every namespace (and so every link and process) of this lab."""
+        removed = [n for n in ns.list_netns() if n.startswith(self.names.prefix)]
+        for name in removed:
+            ns.del_netns(name)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return removed
+
+    # building -------------------------------------------------------------
+    def _build(self, t: Topology) -> None:
+        n = self.names
+        for name in n.all_for(t):
+            ns.add_netns(name)
+        ns.bridge(n.switch, WAN_BRIDGE)
+        ns.bridge(n.switch, PIPE_BRIDGE)
+        self._build_workstation(t)
+        for i, node in enumerate(t.nodes, start=1):
+            self._build_node(t, i, node.name)
+        for guest in t.guests:
+            if guest.home:
+                self.plug_guest(t, guest, guest.home)
+            self._build_guest(t, guest)
+        for node in t.nodes:
+            apply(t, node.name, n.node(node.name))
+        self._start_responders(t)
+
+    def _build_workstation(self, t: Topology) -> None:
+        n = self.names
+        ns.veth(n.switch, switch_wan_port(0), n.workstation, "eth0")
+        ns.enslave(n.switch, switch_wan_port(0), WAN_BRIDGE)
+        ns.ip(n.workstation, "addr", "add", f"{t.lab.workstation}/{t.lab.uplink_prefix}",
+              "dev", "eth0")
+        ns.ip(n.workstation, "link", "set", "eth0", "up")
+
+    def _build_node(self, t: Topology, index: int, name: str) -> None:
+        n, c, node = self.names, t.cluster, t.node(name)
+        node_ns = n.node(name)
+        ns.bridge(node_ns, c.uplink)
+        ns.veth(n.switch, switch_wan_port(index), node_ns, NODE_UPLINK_PORT)
+        ns.enslave(n.switch, switch_wan_port(index), WAN_BRIDGE)
+        ns.enslave(node_ns, NODE_UPLINK_PORT, c.uplink)
+        ns.ip(node_ns, "addr", "add", f"{node.pub_ip}/{t.lab.uplink_prefix}", "dev", c.uplink)
+        ns.bridge(node_ns, c.guest_bridge, mac=node.bridge_mac)
+        plen = c.guest_subnet.prefixlen
+        # its own address first: a foreign node's ARP for a guest needs it (FACTS.md)
+        ns.ip(node_ns, "addr", "add", f"{node.guest_ip}/{plen}", "dev", c.guest_bridge)
+        ns.ip(node_ns, "addr", "add", f"{c.gateway}/{plen}", "dev", c.guest_bridge)
+        pipe = node.pipes[0]
+        ns.veth(n.switch, switch_pipe_port(index), node_ns, pipe)
+        ns.enslave(n.switch, switch_pipe_port(index), PIPE_BRIDGE)
+        ns.enslave(node_ns, pipe, c.guest_bridge)
+        ns.ip(node_ns, "route", "add", "default", "via", str(t.lab.workstation))
+
+    def _build_guest(self, t: Topology, guest: Guest) -> None:
+        g_ns = self.names.guest(guest.name)
+        plen = t.cluster.guest_subnet.prefixlen
+        for addr in guest.addresses:
+            ns.ip(g_ns, "addr", "add", f"{addr}/{plen}", "dev", GUEST_IFACE)
+        ns.ip(g_ns, "link", "set", GUEST_IFACE, "up")
+        ns.ip(g_ns, "route", "add", "default", "via", str(t.cluster.gateway))
+
+    def plug_guest(self, t: Topology, guest: Guest, node: str) -> None:
+        """Create the guest's NIC: the guest end keeps its MAC, the vif joins the bridge."""
+        vif = vif_name(t, guest.name)
+        node_ns = self.names.node(node)
+        ns.veth(node_ns, vif, self.names.guest(guest.name), GUEST_IFACE, mac_b=guest.macs[0])
+        ns.enslave(node_ns, vif, t.cluster.guest_bridge)
+
+    def guest_node(self, t: Topology, guest: str) -> str | None:
+        """Which node namespace currently holds the guest's vif (the lab's ground truth)."""
+        vif = vif_name(t, guest)
+        for node in t.nodes:
+            if ns.ip(self.names.node(node.name), "link", "show", vif, check=False):
+                return node.name
+        return None
+
+    def _start_responders(self, t: Topology) -> None:
+        for guest in t.guests:
+            tcp = sorted({s.target_port for s in t.services
+                          if s.guest == guest.name and s.proto == "tcp"})
+            udp = sorted({s.target_port for s in t.services
+                          if s.guest == guest.name and s.proto == "udp"})
+            self._responder(self.names.guest(guest.name), guest.name, tcp, udp)
+        self._responder(self.names.workstation, "workstation", [WORKSTATION_TCP_PORT], [])
+
+    def _responder(self, netns: str, name: str, tcp: list[int], udp: list[int]) -> None:
+        argv = [sys.executable, "-m", "orchestrator.lab.responder", "--name", name]
+        argv += [a for p in tcp for a in ("--tcp", str(p))]
+        argv += [a for p in udp for a in ("--udp", str(p))]
+        log = self.dir / "logs" / f"responder-{name}.log"
+        ns.spawn(netns, argv, log)
+        ns.wait_for_line(log, "ready")
+
+    def status(self) -> dict[str, object]:
+        t = self.topology()
+        return {
+            "lab": self.name,
+            "namespaces": [n for n in ns.list_netns() if n.startswith(self.names.prefix)],
+            "guests": {g.name: self.guest_node(t, g.name) for g in t.guests},
+        }
+
+
+def preflight() -> None:
+    """Say exactly what is missing before touching anything."""
+    if os.geteuid() != 0:
+        raise LabError("lab up needs root (it creates network namespaces)")
+    missing = [f"{tool} (package {pkg})" for tool, pkg in REQUIRED_TOOLS.items()
+               if shutil.which(tool) is None]
+    if missing:
+        raise LabError("missing tools: " + ", ".join(missing))
+
+
+def dump_state(lab: Lab) -> str:
+    return json.dumps(lab.status(), indent=2)

@@ -1,0 +1,114 @@
+"""Apply a node's ruleset and sysctls, idempotently and atomically.
+
+One nft transaction creates-or-replaces every table we own and puts back the elements the
+agent had in our sets, so a rule change never drops a guest from the race gate. If the
+stamped digest already matches, nothing is sent at all.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass, field
+
+from orchestrator.errors import RulesetError
+from orchestrator.model.cluster import Topology
+from orchestrator.netfilter import nft
+from orchestrator.netfilter.render import (
+    IP_TABLE,
+    SET_LOCAL_GUESTS,
+    SET_RACE_GATE,
+    render,
+    table_names,
+)
+
+NODE_SYSCTLS = {
+    "net.ipv4.ip_forward": "1",
+    # br_netfilter: bridged frames to guests traverse the ip hooks (the ct mark rule)
+    "net.bridge.bridge-nf-call-iptables": "1",
+    # a node that sees one direction of a flow marks the other INVALID otherwise (FACTS.md)
+    "net.netfilter.nf_conntrack_tcp_be_liberal": "1",
+}
+
+DYNAMIC_SETS = (SET_LOCAL_GUESTS, SET_RACE_GATE)
+
+
+@dataclass
+class ApplyResult:
+    node: str
+    digest: str
+    ruleset_changed: bool
+    sysctls_changed: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        rules = "replaced" if self.ruleset_changed else "unchanged"
+        sysctl = ", ".join(f"{k}={v}" for k, v in self.sysctls_changed.items()) or "unchanged"
+        return f"{self.node}: ruleset {rules} (digest {self.digest}); sysctls {sysctl}"
+
+
+def apply(topology: Topology, node: str, netns: str | None = None) -> ApplyResult:
+    changed_sysctls = ensure_sysctls(NODE_SYSCTLS, netns)
+    ruleset = render(topology, node)
+    current = [nft.table_digest(fam, name, netns) for fam, name in table_names()]
+    if all(d == ruleset.digest for d in current):
+        return ApplyResult(node, ruleset.digest, False, changed_sysctls)
+    nft.run(replace_script(ruleset.script(), _kept_elements(netns)), netns)
+    return ApplyResult(node, ruleset.digest, True, changed_sysctls)
+
+
+def _kept_elements(netns: str | None) -> dict[str, list[str]]:
+    if nft.table_digest("ip", IP_TABLE, netns) is None:
+        return {}
+    return {s: nft.set_elements("ip", IP_TABLE, s, netns) for s in DYNAMIC_SETS}
+
+
+def replace_script(script: str, kept: dict[str, list[str]]) -> str:
+    """Create-then-delete makes the delete safe when a table is absent; all in one batch."""
+    head = []
+    for fam, name in table_names():
+        head += [f"table {fam} {name}", f"delete table {fam} {name}"]
+    tail = [
+        f"add element ip {IP_TABLE} {s} {{ {', '.join(elems)} }}"
+        for s, elems in kept.items()
+        if elems
+    ]
+    return "\n".join([*head, script, *tail]) + "\n"
+
+
+def ensure_sysctls(wanted: dict[str, str], netns: str | None = None) -> dict[str, str]:
+    """Set what differs; return what changed. br_netfilter must be present for the bridge keys."""
+    changed = {}
+    for key, value in wanted.items():
+        if read_sysctl(key, netns) != value:
+            _write_sysctl(key, value, netns)
+            changed[key] = value
+    return changed
+
+
+def _proc_path(key: str) -> str:
+    return "/proc/sys/" + key.replace(".", "/")
+
+
+def read_sysctl(key: str, netns: str | None = None) -> str | None:
+    if netns is None:
+        try:
+            with open(_proc_path(key)) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return None
+    proc = subprocess.run(
+        [*nft.netns_prefix(netns), "cat", _proc_path(key)], capture_output=True, text=True
+    )
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def _write_sysctl(key: str, value: str, netns: str | None) -> None:
+    if key.startswith("net.bridge.") and not os.path.exists("/proc/sys/net/bridge"):
+        subprocess.run(["modprobe", "br_netfilter"], capture_output=True)
+    proc = subprocess.run(
+        [*nft.netns_prefix(netns), "sysctl", "-q", "-w", f"{key}={value}"],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise RulesetError(f"cannot set {key}={value}: {proc.stderr.strip() or 'sysctl failed'}")
