@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import socket
 from typing import cast
 
@@ -20,10 +21,8 @@ def answer(name: str, peer: tuple[str, int], local: tuple[str, int]) -> bytes:
 
 async def _serve_tcp(name: str, port: int) -> asyncio.Server:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
+        with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError):
             await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=2)
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
         body = answer(name, writer.get_extra_info("peername"), writer.get_extra_info("sockname"))
         head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         writer.write(head.encode() + body)

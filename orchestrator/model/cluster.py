@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from enum import Enum
+from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network
 from typing import Annotated, Any, Literal
 
@@ -98,14 +98,15 @@ class Node(_Strict):
     @property
     def bridge_mac(self) -> str:
         """The guest bridge's MAC: the prefix, then the tag in the low octets."""
-        tail = [f"{(self.tag >> (8 * i)) & 0xFF:02x}" for i in reversed(range(6 - self.prefix_octets))]
+        free = 6 - self.prefix_octets
+        tail = [f"{(self.tag >> (8 * i)) & 0xFF:02x}" for i in reversed(range(free))]
         return ":".join(self.mac_prefix.split(":") + tail)
 
     def owns_mac(self, mac: str) -> bool:
         return mac.lower().startswith(self.mac_prefix)
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     STATELESS = "stateless"
     FULLNAT = "fullnat"
 
@@ -158,7 +159,7 @@ class Topology(_Strict):
     nodes: list[Node] = Field(min_length=1)
     services: list[Service] = []
     guests: list[Guest] = []
-    lab: Lab = Lab()
+    lab: Lab = Field(default_factory=Lab)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Topology:
@@ -230,7 +231,7 @@ def cross_check(t: Topology) -> Iterator[tuple[str, str]]:
             if a not in c.guest_subnet:
                 yield f"guests[{i}].addresses[{k}]", f"{a} is outside guest_subnet {c.guest_subnet}"
             elif a in reserved:
-                yield f"guests[{i}].addresses[{k}]", f"{a} is reserved (gateway, node or net address)"
+                yield f"guests[{i}].addresses[{k}]", f"{a} is reserved (gateway, node, net)"
             elif a in _dupes(all_addrs):
                 yield f"guests[{i}].addresses[{k}]", f"{a} is used by another guest"
         for k, mac in enumerate(g.macs):
@@ -254,4 +255,5 @@ def cross_check(t: Topology) -> Iterator[tuple[str, str]]:
         elif s.address is not None and s.address not in guests[s.guest].addresses:
             yield f"services[{i}].address", f"{s.address} is not an address of guest {s.guest}"
     for dup in _dupes([s.name for s in t.services]):
-        yield f"services[{[s.name for s in t.services].index(dup)}].name", f"duplicate service {dup}"
+        i = [s.name for s in t.services].index(dup)
+        yield f"services[{i}].name", f"duplicate service {dup}"

@@ -108,7 +108,8 @@ class Tuple:
     def __str__(self) -> str:
         if self.proto in (Proto.ICMP, Proto.ICMPV6):
             return f"{self.src}>{self.dst} icmp id={self.sport} type={self.icmp_type}"
-        name = Proto(self.proto).name.lower() if self.proto in Proto._value2member_map_ else self.proto
+        known = self.proto in Proto._value2member_map_
+        name = Proto(self.proto).name.lower() if known else self.proto
         return f"{self.src}:{self.sport}>{self.dst}:{self.dport}/{name}"
 
 
@@ -125,8 +126,8 @@ class TcpInfo:
     state: TcpState = TcpState.ESTABLISHED
     wscale_orig: int = 0
     wscale_reply: int = 0
-    flags_orig: TcpFlag = TcpFlag(0)
-    flags_reply: TcpFlag = TcpFlag(0)
+    flags_orig: TcpFlag = TcpFlag(0)  # noqa: RUF009 (immutable)
+    flags_reply: TcpFlag = TcpFlag(0)  # noqa: RUF009 (immutable)
 
 
 @dataclass(frozen=True, slots=True)
