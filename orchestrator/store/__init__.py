@@ -1,0 +1,70 @@
+"""Ownership store (DESIGN §3): ``open_store(url)`` picks the backend.
+
+``sqlite:///var/lib/convergent/store.db`` (or a bare path) is the embedded default;
+``etcd://host:2379[,host:2379]/prefix`` is for real clusters (not implemented yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from orchestrator.errors import StoreError
+from orchestrator.store.base import (
+    Change,
+    Compacted,
+    EpochConflict,
+    MigrationRecord,
+    NodeRecord,
+    Ownership,
+    Phase,
+    PhaseConflict,
+    Snapshot,
+    Store,
+)
+
+DEFAULT_URL = "sqlite:///var/lib/convergent/store.db"
+
+__all__ = [
+    "DEFAULT_URL",
+    "Change",
+    "Compacted",
+    "EpochConflict",
+    "MigrationRecord",
+    "NodeRecord",
+    "Ownership",
+    "Phase",
+    "PhaseConflict",
+    "Snapshot",
+    "Store",
+    "open_store",
+    "sqlite_path",
+]
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file of a SQLite URL or bare path; None for another scheme.
+    ``sqlite:///abs/file.db`` is /abs/file.db, ``sqlite://rel.db`` is rel.db."""
+    if url.startswith("sqlite://"):
+        path = url[len("sqlite://"):]
+    elif "://" not in url:
+        path = url
+    else:
+        return None
+    if not path:
+        raise StoreError(f"store URL {url!r} names no file: use sqlite:///path/to/store.db")
+    return path
+
+
+async def open_store(url: str = DEFAULT_URL, **options: Any) -> Store:
+    """Open (creating if needed) the store at ``url``; options go to the backend."""
+    path = sqlite_path(url)
+    if path is not None:
+        from orchestrator.store.sqlite import SqliteStore
+
+        return await asyncio.to_thread(SqliteStore, path, **options)
+    scheme = url.split("://", 1)[0]
+    if scheme in ("etcd", "etcds"):
+        raise StoreError(f"store {url}: the etcd backend is not implemented yet; "
+                         "use sqlite:///path/to/store.db")
+    raise StoreError(f"store {url}: unknown scheme {scheme!r}; use sqlite:///path or etcd://")

@@ -1,0 +1,367 @@
+"""The ownership store: records, rules and the backend interface (DESIGN §3).
+
+Every backend (SQLite now, etcd v3 later) keeps the same three kinds of record and the
+same guarantees, so agents and tests never care which one runs:
+
+- a guest IP has at most one owner; every change of its record is a compare-and-swap on
+  its epoch, and a successful change raises the epoch by exactly one (a fencing token);
+- a guest has at most one active migration, whose phase moves only along ``NEXT``;
+- every change gets a revision; ``watch(after=R)`` yields the changes after R in order,
+  and a watcher resumes by passing the last revision it saw (etcd's watch semantics:
+  all changes of one write transaction share one revision).
+
+Records are frozen dataclasses; ``to_dict``/``from_dict`` give the one JSON shape both
+the change log and a key-value backend store.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from ipaddress import AddressValueError, IPv4Address
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from orchestrator.errors import StoreError
+
+Address = IPv4Address | str
+Kind = Literal["ownership", "node", "migration"]
+
+
+class Phase(StrEnum):
+    PREPARE = "prepare"
+    PRECOPY = "precopy"
+    CUTOVER = "cutover"
+    FINALIZE = "finalize"
+    ABORT = "abort"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+TERMINAL = frozenset({Phase.DONE, Phase.ABORTED})
+# after finalize the guest runs on the destination: there is nothing left to abort
+ABORTABLE = frozenset({Phase.PREPARE, Phase.PRECOPY, Phase.CUTOVER})
+NEXT: Mapping[Phase, frozenset[Phase]] = {
+    Phase.PREPARE: frozenset({Phase.PRECOPY, Phase.ABORT}),
+    Phase.PRECOPY: frozenset({Phase.CUTOVER, Phase.ABORT}),
+    Phase.CUTOVER: frozenset({Phase.FINALIZE, Phase.ABORT}),
+    Phase.FINALIZE: frozenset({Phase.DONE}),
+    Phase.ABORT: frozenset({Phase.ABORTED}),
+    Phase.DONE: frozenset(),
+    Phase.ABORTED: frozenset(),
+}
+
+
+# --- records ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """Who owns a guest IP. ``node is None``: released (the epoch lives on, so a later
+    claim still needs the current epoch and fencing tokens never go backwards)."""
+
+    ip: IPv4Address
+    node: str | None
+    guest: str
+    epoch: int
+    since: float
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    name: str
+    tag: int
+    mac_prefix: str
+    pub_ip: IPv4Address
+    heartbeat: float
+
+
+@dataclass(frozen=True)
+class MigrationRecord:
+    """One migration of one guest. ``epoch_before`` holds each address's epoch when the
+    migration was created: the expected epochs of the cutover claim."""
+
+    id: str
+    guest: str
+    addresses: tuple[IPv4Address, ...]
+    src: str
+    dst: str
+    phase: Phase
+    started: float
+    updated: float
+    epoch_before: dict[IPv4Address, int] = field(default_factory=dict)
+    error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # phase -> milliseconds
+
+    @property
+    def active(self) -> bool:
+        return self.phase not in TERMINAL
+
+
+Record = Ownership | NodeRecord | MigrationRecord
+
+
+@dataclass(frozen=True)
+class Change:
+    """One changed record. ``record is None``: the key was deleted."""
+
+    revision: int
+    kind: Kind
+    key: str
+    record: Record | None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A consistent view: list it, then ``watch(after=snapshot.revision)``."""
+
+    revision: int
+    ownership: tuple[Ownership, ...]
+    nodes: tuple[NodeRecord, ...]
+    migrations: tuple[MigrationRecord, ...]  # active ones
+
+
+# --- errors -------------------------------------------------------------------------
+
+
+class EpochConflict(StoreError):
+    """A compare-and-swap saw a different epoch: someone else changed the address."""
+
+    def __init__(self, expected: Mapping[IPv4Address, int],
+                 current: Mapping[IPv4Address, Ownership | None]) -> None:
+        self.expected = dict(expected)
+        self.current = dict(current)
+        parts = [f"{ip} expected epoch {self.expected[ip]}, {describe(self.current.get(ip))}"
+                 for ip in sorted(self.expected)]
+        super().__init__("stale epoch: " + "; ".join(parts))
+
+
+class PhaseConflict(StoreError):
+    """A phase change expected another current phase."""
+
+
+class Compacted(StoreError):
+    """The changes after the requested revision are no longer kept: relist, then watch."""
+
+
+def describe(own: Ownership | None) -> str:
+    if own is None:
+        return "it was never claimed (epoch 0)"
+    if own.node is None:
+        return f"it is released at epoch {own.epoch} (last guest {own.guest})"
+    return f"it is owned by {own.node} (guest {own.guest}) at epoch {own.epoch}"
+
+
+# --- rules shared by backends -------------------------------------------------------
+
+
+def to_ip(value: Address) -> IPv4Address:
+    try:
+        return IPv4Address(value)
+    except (AddressValueError, ValueError):
+        raise StoreError(f"not an IPv4 address: {value!r}") from None
+
+
+def expected_epochs(expected: Mapping[Address, int]) -> dict[IPv4Address, int]:
+    out = {to_ip(a): e for a, e in expected.items()}
+    if not out:
+        raise StoreError("no addresses given")
+    if len(out) != len(expected):
+        raise StoreError(f"an address is listed twice: {sorted(map(str, expected))}")
+    if any(e < 0 for e in out.values()):
+        raise StoreError(f"epochs start at 0: {out}")
+    return out
+
+
+def check_epochs(expected: Mapping[IPv4Address, int],
+                 current: Mapping[IPv4Address, Ownership | None]) -> None:
+    """All or nothing: one stale address fails the whole claim."""
+    for ip, epoch in expected.items():
+        have = current.get(ip)
+        if (have.epoch if have else 0) != epoch:
+            raise EpochConflict(expected, current)
+
+
+def check_advance(mig: MigrationRecord, expected: Phase, to: Phase) -> bool:
+    """True if the phase must change; False if it already is ``to`` (idempotent)."""
+    if mig.phase == to:
+        return False
+    if mig.phase != expected:
+        raise PhaseConflict(f"migration {mig.id} of {mig.guest}: expected phase {expected}, "
+                            f"it is in {mig.phase}")
+    if to not in NEXT[mig.phase]:
+        allowed = ", ".join(sorted(NEXT[mig.phase])) or "nothing (finished)"
+        raise PhaseConflict(f"migration {mig.id} of {mig.guest}: cannot go from {mig.phase} "
+                            f"to {to}; allowed: {allowed}")
+    return True
+
+
+def finish_target(mig: MigrationRecord) -> Phase:
+    """finalize ends as done, abort as aborted; a finished migration stays as it is."""
+    if mig.phase in TERMINAL:
+        return mig.phase
+    if mig.phase == Phase.FINALIZE:
+        return Phase.DONE
+    if mig.phase == Phase.ABORT:
+        return Phase.ABORTED
+    raise PhaseConflict(f"migration {mig.id} of {mig.guest} is in {mig.phase}: only finalize "
+                        "or abort can finish")
+
+
+def check_migration_start(guest: str, src: str, dst: str, active: Iterable[MigrationRecord],
+                          known_nodes: set[str],
+                          owners: Mapping[IPv4Address, Ownership | None]) -> None:
+    if src == dst:
+        raise StoreError(f"migration of {guest}: source and destination are both {src}")
+    running = next(iter(active), None)
+    if running is not None:
+        raise StoreError(f"guest {guest} already has an active migration {running.id} "
+                         f"({running.src} -> {running.dst}, phase {running.phase})")
+    check_known_nodes(known_nodes, src, dst)
+    for ip, own in owners.items():
+        if own is not None and own.node not in (None, src):
+            raise StoreError(f"migration of {guest} from {src}: {ip} {describe(own)}")
+
+
+def check_known_nodes(known: set[str], *names: str) -> None:
+    """Before any node registers, everything goes (tests, first boot); after, no typos."""
+    unknown = [n for n in names if known and n not in known]
+    if unknown:
+        raise StoreError(f"unknown node {unknown[0]!r}; known: {', '.join(sorted(known))}")
+
+
+# --- one JSON shape for every backend -----------------------------------------------
+
+
+def to_dict(rec: Record) -> dict[str, Any]:
+    if isinstance(rec, Ownership):
+        return {"ip": str(rec.ip), "node": rec.node, "guest": rec.guest, "epoch": rec.epoch,
+                "since": rec.since}
+    if isinstance(rec, NodeRecord):
+        return {"name": rec.name, "tag": rec.tag, "mac_prefix": rec.mac_prefix,
+                "pub_ip": str(rec.pub_ip), "heartbeat": rec.heartbeat}
+    return {"id": rec.id, "guest": rec.guest, "addresses": [str(a) for a in rec.addresses],
+            "src": rec.src, "dst": rec.dst, "phase": rec.phase.value, "started": rec.started,
+            "updated": rec.updated,
+            "epoch_before": {str(k): v for k, v in rec.epoch_before.items()},
+            "error": rec.error, "timings": dict(rec.timings)}
+
+
+def from_dict(kind: Kind, d: Mapping[str, Any]) -> Record:
+    if kind == "ownership":
+        return Ownership(IPv4Address(d["ip"]), d["node"], d["guest"], d["epoch"], d["since"])
+    if kind == "node":
+        return NodeRecord(d["name"], d["tag"], d["mac_prefix"], IPv4Address(d["pub_ip"]),
+                          d["heartbeat"])
+    return MigrationRecord(
+        id=d["id"], guest=d["guest"], addresses=tuple(IPv4Address(a) for a in d["addresses"]),
+        src=d["src"], dst=d["dst"], phase=Phase(d["phase"]), started=d["started"],
+        updated=d["updated"],
+        epoch_before={IPv4Address(k): v for k, v in d["epoch_before"].items()},
+        error=d["error"], timings=dict(d["timings"]))
+
+
+# --- the interface ------------------------------------------------------------------
+
+
+class Store(abc.ABC):
+    """Async: the agent is asyncio. Reads return None for a missing key; writes raise
+    StoreError (or a subclass) with a message naming what is in the way."""
+
+    # ownership
+    @abc.abstractmethod
+    async def get_ownership(self, ip: Address) -> Ownership | None: ...
+
+    @abc.abstractmethod
+    async def list_ownership(self, *, node: str | None = None, guest: str | None = None,
+                             include_released: bool = False) -> list[Ownership]: ...
+
+    @abc.abstractmethod
+    async def claim_all(self, expected: Mapping[Address, int], node: str,
+                        guest: str) -> list[Ownership]:
+        """Give every address to ``node`` if each is still at its expected epoch (0 if
+        never claimed); all or nothing. Returns the new records sorted by address."""
+
+    @abc.abstractmethod
+    async def release_all(self, expected: Mapping[Address, int]) -> list[Ownership]:
+        """Leave the addresses unowned, under the same compare-and-swap as a claim."""
+
+    async def claim(self, ip: Address, node: str, guest: str, expected_epoch: int) -> Ownership:
+        return (await self.claim_all({ip: expected_epoch}, node, guest))[0]
+
+    async def release(self, ip: Address, expected_epoch: int) -> Ownership:
+        return (await self.release_all({ip: expected_epoch}))[0]
+
+    # nodes
+    @abc.abstractmethod
+    async def upsert_node(self, name: str, tag: int, mac_prefix: str,
+                          pub_ip: Address) -> NodeRecord:
+        """Create or update; also a heartbeat. Tags are unique across nodes."""
+
+    @abc.abstractmethod
+    async def heartbeat(self, name: str) -> NodeRecord:
+        """Liveness only: not a change, watchers see nothing (etcd: a lease keep-alive)."""
+
+    @abc.abstractmethod
+    async def get_node(self, name: str) -> NodeRecord | None: ...
+
+    @abc.abstractmethod
+    async def list_nodes(self) -> list[NodeRecord]: ...
+
+    # migrations
+    @abc.abstractmethod
+    async def create_migration(self, guest: str, addresses: Iterable[Address], src: str,
+                               dst: str, *, id: str | None = None) -> MigrationRecord:
+        """Start in phase prepare, recording each address's current epoch. Refused when
+        the guest already migrates, a node is unknown, or another node owns an address.
+        Creating again with the same ``id`` and arguments returns the existing record."""
+
+    @abc.abstractmethod
+    async def get_migration(self, id: str) -> MigrationRecord | None: ...
+
+    @abc.abstractmethod
+    async def list_migrations(self, *, active: bool = True,
+                              guest: str | None = None) -> list[MigrationRecord]: ...
+
+    @abc.abstractmethod
+    async def advance_phase(self, id: str, expected: Phase, to: Phase) -> MigrationRecord:
+        """Compare-and-swap on the phase; already in ``to`` is a no-op success."""
+
+    @abc.abstractmethod
+    async def record_timing(self, id: str, phase: Phase, ms: float) -> MigrationRecord: ...
+
+    @abc.abstractmethod
+    async def abort_migration(self, id: str, error: str) -> MigrationRecord:
+        """Move to abort from any abortable phase; no-op once abort or aborted."""
+
+    @abc.abstractmethod
+    async def finish_migration(self, id: str) -> MigrationRecord:
+        """finalize -> done, abort -> aborted; no-op once finished."""
+
+    # changes
+    @abc.abstractmethod
+    async def revision(self) -> int: ...
+
+    @abc.abstractmethod
+    async def snapshot(self) -> Snapshot: ...
+
+    @abc.abstractmethod
+    def watch(self, after: int = 0) -> AsyncIterator[Change]:
+        """Changes with a revision above ``after``, in order, forever. Raises Compacted
+        when they are no longer kept."""
+
+    @abc.abstractmethod
+    async def compact(self, revision: int) -> None:
+        """Forget the changes up to ``revision``; watches from before it raise Compacted."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
