@@ -1,0 +1,262 @@
+"""Reading and verifying a chain.
+
+Each line stores ``seq`` (one more than the line before) and ``prev`` (sha256 of the
+line before, exactly as stored). The writer always puts these two keys first, so the
+hot loop checks a line with one ``startswith`` against the prefix it must have and
+one sha256; JSON is parsed only for the last line (no later line vouches for it) and
+for the few lines around a break, to say what happened there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.audit.record import GENESIS, validate
+
+CHUNK = 1 << 22
+_SEQ = b'{"seq":'
+_PREV = b',"prev":"'
+
+
+def iter_lines(path: Path, start: int = 0) -> Iterator[tuple[int, bytes, bool]]:
+    """``(lineno, bytes without newline, ended by a newline)`` read in big chunks."""
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        rest = b""
+        lineno = 0
+        while chunk := fh.read(CHUNK):
+            parts = (rest + chunk).split(b"\n")
+            rest = parts.pop()
+            for part in parts:
+                lineno += 1
+                yield lineno, part, True
+        if rest:
+            yield lineno + 1, rest, False
+
+
+def parse_head(line: bytes) -> tuple[int, str] | None:
+    """``(seq, prev)`` from the fixed prefix of a line, or None if it has none."""
+    if not line.startswith(_SEQ):
+        return None
+    comma = line.find(b",", len(_SEQ))
+    if comma < 0 or line[comma : comma + len(_PREV)] != _PREV:
+        return None
+    start = comma + len(_PREV)
+    end = line.find(b'"', start)
+    try:
+        return int(line[len(_SEQ) : comma]), line[start:end].decode("ascii")
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def expected_prefix(seq: int, prev: str) -> bytes:
+    return b'%s%d%s%s"' % (_SEQ, seq, _PREV, prev.encode("ascii"))
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Where a chain breaks (or ends short) and why, as ``file:line: kind: why``."""
+
+    file: Path
+    line: int
+    kind: str  # edited | deleted | inserted | reordered | corrupt | restart | no-genesis |
+    #            anchor | truncated
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.kind}: {self.why}"
+
+
+@dataclass
+class Report:
+    files: list[Path]
+    records: int = 0
+    first_seq: int | None = None
+    last_seq: int = 0
+    head: str | None = None  # hash of the last good line: note it to anchor later checks
+    problem: Finding | None = None  # tampering or corruption
+    truncated: Finding | None = None  # a crash cut the last write short
+
+    @property
+    def exit_code(self) -> int:
+        """0 intact, 1 tampered or corrupt, 3 intact but the last write was cut short."""
+        if self.problem:
+            return 1
+        return 3 if self.truncated else 0
+
+
+@dataclass
+class _Good:
+    """The last line that checked out, and the one before it (for insert diagnosis)."""
+
+    seq: int = 0
+    hash: str = ""
+    before: str = ""
+    where: tuple[Path, int] | None = None
+    raw: bytes = b""
+
+
+@dataclass
+class _Line:
+    file: Path
+    lineno: int
+    raw: bytes
+    complete: bool
+
+
+@dataclass
+class Verifier:
+    """Walks one chain's files in order; ``partial`` accepts a chain whose older files
+    were removed (the first line need not be genesis); ``anchors`` maps seq -> hash
+    noted earlier (``audit verify`` prints the head), which catches a rewritten chain
+    or deleted last lines, the two things a bare hash chain cannot see."""
+
+    files: list[Path]
+    partial: bool = False
+    anchors: Mapping[int, str] = field(default_factory=dict)
+
+    def run(self) -> Report:
+        report = Report(list(self.files))
+        good = _Good()
+        stream = self._stream()
+        for cur in stream:
+            if (
+                cur.complete
+                and good.where
+                and cur.raw.startswith(expected_prefix(good.seq + 1, good.hash))
+            ):
+                self._accept(good, cur)
+                continue
+            if good.where is None and cur.complete and self._starts(cur):
+                self._accept(good, cur, first=True)
+                report.first_seq = good.seq
+                continue
+            found = self._diagnose(good, cur, next(stream, None))
+            if found.kind == "truncated":
+                report.truncated = found
+            else:
+                report.problem = found
+            break
+        return self._finish(report, good)
+
+    def _stream(self) -> Iterator[_Line]:
+        for path in self.files:
+            for lineno, raw, complete in iter_lines(path):
+                yield _Line(path, lineno, raw, complete)
+
+    def _starts(self, cur: _Line) -> bool:
+        head = parse_head(cur.raw)
+        return head is not None and (self.partial or head == (1, GENESIS))
+
+    def _accept(self, good: _Good, cur: _Line, first: bool = False) -> None:
+        good.seq = parse_head(cur.raw)[0] if first else good.seq + 1  # type: ignore[index]
+        good.before, good.hash = good.hash, hashlib.sha256(cur.raw).hexdigest()
+        good.where, good.raw = (cur.file, cur.lineno), cur.raw
+        if self.anchors and self.anchors.get(good.seq, good.hash) != good.hash:
+            raise _AnchorMismatch(Finding(cur.file, cur.lineno, "anchor", _anchor_why(good)))
+
+    def _diagnose(self, good: _Good, cur: _Line, nxt: _Line | None) -> Finding:
+        return diagnose(good, cur, nxt)
+
+    def _finish(self, report: Report, good: _Good) -> Report:
+        report.records = 0 if report.first_seq is None else good.seq - report.first_seq + 1
+        report.last_seq, report.head = good.seq, good.hash or None
+        if report.problem is None and good.where:
+            report.problem = _check_last(good)
+        if report.problem is None:
+            report.problem = self._missing_anchor(good)
+        if report.problem is None and good.where is None and report.truncated is None:
+            where = self.files[-1] if self.files else Path("-")
+            report.problem = Finding(where, 1, "corrupt", "no records")
+        return report
+
+    def _missing_anchor(self, good: _Good) -> Finding | None:
+        beyond = sorted(seq for seq in self.anchors if seq > good.seq)
+        if not beyond or good.where is None:
+            return None
+        why = f"chain ends at seq {good.seq} but seq {beyond[0]} was noted: last lines deleted"
+        return Finding(good.where[0], good.where[1], "anchor", why)
+
+
+class _AnchorMismatch(Exception):
+    def __init__(self, finding: Finding) -> None:
+        self.finding = finding
+
+
+def _anchor_why(good: _Good) -> str:
+    return f"seq {good.seq} does not hash to the noted anchor: chain rewritten from here"
+
+
+def verify(
+    files: list[Path], partial: bool = False, anchors: Mapping[int, str] | None = None
+) -> Report:
+    verifier = Verifier(files, partial, anchors or {})
+    try:
+        return verifier.run()
+    except _AnchorMismatch as exc:
+        return Report(list(files), problem=exc.finding)
+
+
+def _check_last(good: _Good) -> Finding | None:
+    """No later line vouches for the last one, so at least it must be a sound record."""
+    assert good.where is not None
+    try:
+        record = json.loads(good.raw)
+        why = validate(record) if isinstance(record, dict) else "not a JSON object"
+    except ValueError as exc:
+        why = f"not valid JSON ({exc})"
+    return Finding(*good.where, "edited", why) if why else None
+
+
+def diagnose(good: _Good, cur: _Line, nxt: _Line | None) -> Finding:
+    """Name the first bad line and the likeliest cause, looking one line each way."""
+    here = (cur.file, cur.lineno)
+    if not cur.complete and nxt is None:
+        return Finding(*here, "truncated", _truncated_why(cur))
+    head = parse_head(cur.raw)
+    if head is None or not cur.complete:
+        return Finding(*here, "corrupt", "not an audit record (no seq/prev prefix or no newline)")
+    seq, prev = head
+    if good.where is None:
+        why = f"chain starts at seq {seq}, not genesis: older files missing (or use --partial)"
+        return Finding(*here, "no-genesis", why)
+    if prev == GENESIS:
+        why = f"a second genesis after seq {good.seq}: the log before it was replaced"
+        return Finding(*here, "restart", why)
+    return _diagnose_link(good, cur, nxt, seq, prev)
+
+
+def _diagnose_link(good: _Good, cur: _Line, nxt: _Line | None, seq: int, prev: str) -> Finding:
+    assert good.where is not None
+    here = (cur.file, cur.lineno)
+    if prev == good.hash:
+        return Finding(*here, "edited", f"seq is {seq}, expected {good.seq + 1}")
+    nxt_head = parse_head(nxt.raw) if nxt else None
+    if nxt is not None and nxt_head and nxt_head[1] == good.hash:
+        if prev == hashlib.sha256(nxt.raw).hexdigest():
+            return Finding(*here, "reordered", "this line and the next are swapped")
+        return Finding(*here, "inserted", "the next line links to the line before this one")
+    if prev == good.before:
+        why = f"{cur.file}:{cur.lineno} links to the line before this one"
+        return Finding(*good.where, "inserted", why)
+    if seq == good.seq + 1:
+        why = f"its hash differs from the prev recorded by {cur.file}:{cur.lineno}"
+        return Finding(*good.where, "edited", why)
+    if seq > good.seq + 1:
+        gap = seq - good.seq - 1
+        why = f"seq {good.seq + 1}..{seq - 1} missing: {gap} line(s) deleted before this line"
+        if cur.lineno == 1:
+            why += " (a rotated file removed?)"
+        return Finding(*here, "deleted", why)
+    return Finding(*here, "reordered", f"seq {seq} after seq {good.seq}: inserted or moved line")
+
+
+def _truncated_why(cur: _Line) -> str:
+    return (
+        f"last line cut short ({len(cur.raw)} bytes, no newline): a crash during a write, "
+        "not tampering; the next write drops it and records the recovery"
+    )

@@ -1,0 +1,157 @@
+"""The fixed schema of one audit record and its exact encoding on disk.
+
+A record is one JSON object on one line. The key order is fixed and ``seq`` and
+``prev`` always come first, so readers can check the chain with byte comparisons
+instead of parsing JSON (see ``chain.py``). Optional fields are omitted when empty:
+the set of keys and their types is fixed, a missing key means null.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from collections.abc import Iterable
+from typing import Any, TypedDict
+
+from orchestrator.audit.errors import AuditError
+
+ACTIONS = frozenset(
+    {
+        "guest.start",
+        "guest.stop",
+        "migration.prepare",
+        "migration.precopy",
+        "migration.cutover",
+        "migration.finalize",
+        "migration.abort",
+        "ownership.claim",
+        "ownership.release",
+        "failover.begin",
+        "failover.commit",
+        "failover.end",
+        "ruleset.apply",
+        "sync.resync",
+        "hook.veto",
+        "hook.spooled",
+        "error",
+    }
+)
+ACTORS = frozenset({"hook", "agent", "cli", "user"})
+OUTCOMES = frozenset({"ok", "failed", "refused"})
+# Actions whose natural outcome is not "ok".
+DEFAULT_OUTCOME = {"hook.veto": "refused", "error": "failed"}
+
+# The on-disk key order. ``seq``/``prev`` are added by the writer, the rest by log.py.
+CHAIN_FIELDS = ("seq", "prev")
+EVENT_FIELDS = (
+    "time",
+    "node",
+    "actor",
+    "action",
+    "outcome",
+    "guest",
+    "addresses",
+    "from_node",
+    "to_node",
+    "epoch",
+    "entries",
+    "duration_ms",
+    "migration",
+    "detail",
+)
+FIELDS = CHAIN_FIELDS + EVENT_FIELDS
+REQUIRED = ("seq", "prev", "time", "node", "actor", "action", "outcome")
+
+# ``prev`` of the first line of a chain.
+GENESIS = "genesis"
+# Time format: fixed width, so string order is time order.
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+TIME_LEN = len("2024-01-01T00:00:00.000000Z")
+
+
+class AuditRecord(TypedDict, total=False):
+    seq: int
+    prev: str
+    time: str
+    node: str
+    actor: str
+    action: str
+    outcome: str
+    guest: str
+    addresses: list[str]
+    from_node: str
+    to_node: str
+    epoch: int
+    entries: int
+    duration_ms: float
+    migration: str
+    detail: str
+
+
+def encode(record: dict[str, Any]) -> bytes:
+    """The exact bytes of a line, without the newline. Compact and ASCII-only, so a
+    line never contains a raw newline and its hash does not depend on a locale."""
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def line_hash(line: bytes) -> str:
+    """What the next line stores in ``prev``: sha256 over this line's bytes, newline
+    excluded."""
+    return hashlib.sha256(line).hexdigest()
+
+
+def check_choice(name: str, value: Any, allowed: frozenset[str]) -> str:
+    if value not in allowed:
+        raise AuditError(f"audit: {name} {value!r} is not one of {', '.join(sorted(allowed))}")
+    return str(value)
+
+
+def normalize_addresses(value: str | Iterable[str] | None) -> list[str] | None:
+    """IP addresses in canonical text form, so ``--ip`` matches however they were
+    written (``10.5.5.201``, ``::ffff:1`` ...)."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else list(value)
+    try:
+        return [str(ipaddress.ip_address(str(item).split("/")[0])) for item in items]
+    except ValueError as exc:
+        raise AuditError(f"audit: bad address in {items!r}: {exc}") from exc
+
+
+def normalize_event(fields: dict[str, Any]) -> dict[str, Any]:
+    """Validated event fields in on-disk order, with empty ones dropped."""
+    unknown = set(fields) - set(EVENT_FIELDS)
+    if unknown:
+        raise AuditError(f"audit: unknown field(s) {', '.join(sorted(unknown))}")
+    out = dict(fields)
+    out["addresses"] = normalize_addresses(out.get("addresses"))
+    for key in ("epoch", "entries"):
+        if out.get(key) is not None:
+            out[key] = int(out[key])
+    if out.get("duration_ms") is not None:
+        out["duration_ms"] = round(float(out["duration_ms"]), 3)
+    for key in ("guest", "from_node", "to_node", "migration", "detail", "node"):
+        if out.get(key) is not None:
+            out[key] = str(out[key])
+    return {key: out[key] for key in EVENT_FIELDS if out.get(key) is not None}
+
+
+def validate(record: dict[str, Any]) -> str | None:
+    """Why a parsed record does not fit the schema, or None. Used for the one line a
+    hash chain cannot vouch for: the last one."""
+    missing = [key for key in REQUIRED if key not in record]
+    if missing:
+        return f"missing field(s) {', '.join(missing)}"
+    unknown = set(record) - set(FIELDS)
+    if unknown:
+        return f"unknown field(s) {', '.join(sorted(unknown))}"
+    if record["action"] not in ACTIONS:
+        return f"unknown action {record['action']!r}"
+    if record["actor"] not in ACTORS:
+        return f"unknown actor {record['actor']!r}"
+    if record["outcome"] not in OUTCOMES:
+        return f"unknown outcome {record['outcome']!r}"
+    if not isinstance(record["time"], str) or len(record["time"]) != TIME_LEN:
+        return f"bad time {record['time']!r}"
+    return None
