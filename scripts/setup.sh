@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install what convergent's lab and tests need on a fresh Debian machine (run as root):
+# Debian packages for the kernel data path and real peers, and a venv with the project.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(nftables conntrack conntrackd iproute2 socat tcpdump iputils-arping iputils-ping
+          openssh-server openssh-client procps psmisc kmod python3 python3-venv python3-pip)
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup: run as root (network namespaces, apt-get)" >&2
+    exit 1
+fi
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e '.[dev,plot]'
+echo "setup: ok ($(.venv/bin/python --version), $(nft --version))"
