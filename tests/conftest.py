@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.lab.netns import del_netns
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -51,14 +53,4 @@ def netns() -> Iterator[Callable[[str], str]]:
 
     yield make
     for name in made:
-        kill_netns(name)
-
-
-def kill_netns(name: str) -> None:
-    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout
-    for pid in pids.split():
-        try:
-            os.kill(int(pid), 9)
-        except (ProcessLookupError, ValueError):
-            pass
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        del_netns(name)
