@@ -21,7 +21,7 @@ import json
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
@@ -110,10 +110,10 @@ class SqliteCore:
         self._idx = 0
         try:
             self._db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._setup()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {path}: {exc}") from None
-        self._db.row_factory = sqlite3.Row
-        self._setup()
 
     def _setup(self) -> None:
         db = self._db
@@ -121,15 +121,20 @@ class SqliteCore:
         db.execute("PRAGMA synchronous=FULL")
         if db.execute("PRAGMA journal_mode=WAL").fetchone()[0] != "wal":
             raise StoreError(f"store {self.path}: cannot switch to WAL (network filesystem?)")
+        if self._schema_version() == SCHEMA_VERSION:
+            return  # the usual case: no write lock needed to open
         with self._write():
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"store {self.path} has schema {version}; this convergent "
-                                 f"knows up to {SCHEMA_VERSION}: upgrade convergent")
             for stmt in SCHEMA.split(";"):
                 if stmt.strip():
                     db.execute(stmt)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _schema_version(self) -> int:
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"store {self.path} has schema {version}; this convergent "
+                             f"knows up to {SCHEMA_VERSION}: upgrade convergent")
+        return version
 
     def close(self) -> None:
         self._db.close()
@@ -455,7 +460,7 @@ class SqliteStore(Store):
     async def changes_since(self, after: int) -> list[Change]:
         return await self._call(self._core.changes_since, after)
 
-    async def watch(self, after: int = 0) -> AsyncIterator[Change]:
+    async def watch(self, after: int = 0) -> AsyncGenerator[Change, None]:
         # polling a primary-key range is cheap; other processes' commits show up here
         while True:
             batch = await self.changes_since(after)

@@ -1,0 +1,627 @@
+"""Contract suite for the ownership store (DESIGN §3).
+
+Every test taking ``new_url`` runs against each backend: a fresh, isolated store per call
+(SQLite: a new file; etcd: a new key prefix). The etcd backend plugs in by being reachable
+at ``CONVERGENT_TEST_ETCD`` (e.g. ``etcd://127.0.0.1:2379``); without it those runs skip.
+Tests at the bottom poke SQLite internals (a writer killed mid-transaction) and run there only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import sqlite3
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from orchestrator.errors import StoreError
+from orchestrator.store import (
+    Change,
+    Compacted,
+    EpochConflict,
+    Phase,
+    PhaseConflict,
+    Store,
+    open_store,
+    sqlite_path,
+)
+from orchestrator.store.sqlite import SqliteCore
+
+A, B, C = "10.5.5.10", "10.5.5.11", "10.5.5.12"
+IPS = (A, B, C)
+ETCD = os.environ.get("CONVERGENT_TEST_ETCD")
+MP = multiprocessing.get_context("spawn")  # no SQLite state inherited across fork
+
+Body = Callable[[Store], Awaitable[None]]
+
+
+# --- fixtures -------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def new_url(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], str]:
+    """A factory of fresh store URLs for one backend."""
+    if request.param == "etcd":
+        if not ETCD:
+            pytest.skip("etcd backend: set CONVERGENT_TEST_ETCD=etcd://host:port to run")
+        return lambda: f"{ETCD}/convergent-test-{uuid.uuid4().hex[:8]}"
+    return lambda: f"sqlite://{tmp_path}/store-{uuid.uuid4().hex[:8]}.db"
+
+
+def run(coro: Awaitable[Any], timeout: float = 15) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def opened(url: str, body: Body) -> None:
+    async with await open_store(url) as store:
+        await body(store)
+
+
+def contract(body: Body) -> Callable[[Callable[[], str]], None]:
+    """Turn ``async def body(store)`` into a test run on a fresh store of each backend.
+    Each test gets its own event loop, as an async client bound to a loop needs."""
+
+    def test(new_url: Callable[[], str]) -> None:
+        run(opened(new_url(), body))
+
+    test.__name__, test.__doc__ = body.__name__, body.__doc__
+    return test
+
+
+async def take(store: Store, after: int, n: int, timeout: float = 5) -> list[Change]:
+    async def collect() -> list[Change]:
+        out: list[Change] = []
+        async with aclosing(store.watch(after)) as changes:
+            async for change in changes:
+                out.append(change)
+                if len(out) == n:
+                    break
+        return out
+
+    return await asyncio.wait_for(collect(), timeout)
+
+
+async def three_nodes(store: Store) -> None:
+    for i in (1, 2, 3):
+        await store.upsert_node(f"n{i}", i, f"0{2 * i}:00", f"192.168.122.1{i}")
+
+
+# --- ownership: compare-and-swap on the epoch -----------------------------------------
+
+
+@contract
+async def test_first_claim_starts_at_epoch_one(store: Store) -> None:
+    assert await store.get_ownership(A) is None
+    before = time.time()
+    own = await store.claim(A, "n1", "web", 0)
+    assert (own.ip, own.node, own.guest, own.epoch) == (IPv4Address(A), "n1", "web", 1)
+    assert before <= own.since <= time.time()
+    assert await store.get_ownership(IPv4Address(A)) == own
+
+
+@contract
+async def test_cas_advances_epoch_by_exactly_one(store: Store) -> None:
+    for epoch in range(5):
+        own = await store.claim(A, f"n{epoch % 2 + 1}", "web", epoch)
+        assert own.epoch == epoch + 1
+    assert (await store.get_ownership(A)).epoch == 5  # type: ignore[union-attr]
+
+
+@contract
+async def test_stale_epoch_fails_naming_owner_and_epoch(store: Store) -> None:
+    await store.claim(A, "n1", "web", 0)
+    own = await store.claim(A, "n2", "web", 1)
+    rev = await store.revision()
+    with pytest.raises(EpochConflict, match=r"10\.5\.5\.10 expected epoch 1.*owned by n2 "
+                       r"\(guest web\) at epoch 2") as err:
+        await store.claim(A, "n3", "web", 1)
+    assert err.value.current[IPv4Address(A)] == own
+    assert isinstance(err.value, StoreError)
+    assert await store.get_ownership(A) == own  # nothing changed
+    assert await store.revision() == rev  # and no change was published
+
+
+@contract
+async def test_claim_of_unclaimed_address_needs_epoch_zero(store: Store) -> None:
+    with pytest.raises(EpochConflict, match="never claimed"):
+        await store.claim(A, "n1", "web", 1)
+    assert await store.get_ownership(A) is None
+
+
+@contract
+async def test_multi_address_claim_is_all_or_nothing(store: Store) -> None:
+    first = await store.claim_all({A: 0, B: 0, C: 0}, "n1", "web")
+    assert [o.epoch for o in first] == [1, 1, 1]
+    assert [str(o.ip) for o in first] == sorted(IPS)
+    await store.claim(B, "n3", "web", 1)  # someone moved one address
+    with pytest.raises(EpochConflict, match=r"10\.5\.5\.11 expected epoch 1.*owned by n3"):
+        await store.claim_all({A: 1, B: 1, C: 1}, "n2", "web")
+    owners = {str(o.ip): (o.node, o.epoch) for o in await store.list_ownership()}
+    assert owners == {A: ("n1", 1), B: ("n3", 2), C: ("n1", 1)}
+    moved = await store.claim_all({A: 1, B: 2, C: 1}, "n2", "web")
+    assert {(str(o.ip), o.node, o.epoch) for o in moved} == {(A, "n2", 2), (B, "n2", 3),
+                                                             (C, "n2", 2)}
+
+
+@contract
+async def test_release_keeps_the_epoch_going(store: Store) -> None:
+    await store.claim(A, "n1", "web", 0)
+    with pytest.raises(EpochConflict):
+        await store.release(A, 0)
+    released = await store.release(A, 1)
+    assert (released.node, released.guest, released.epoch) == (None, "web", 2)
+    assert await store.list_ownership() == []
+    assert await store.list_ownership(include_released=True) == [released]
+    with pytest.raises(EpochConflict, match="released at epoch 2"):
+        await store.claim(A, "n2", "web", 0)  # a fencing token never goes back
+    assert (await store.claim(A, "n2", "web", 2)).epoch == 3
+
+
+@contract
+async def test_release_of_unclaimed_address_is_refused(store: Store) -> None:
+    with pytest.raises(StoreError, match="never claimed"):
+        await store.release(A, 0)
+
+
+@contract
+async def test_list_ownership_filters(store: Store) -> None:
+    await store.claim_all({A: 0, B: 0}, "n1", "web")
+    await store.claim(C, "n2", "db", 0)
+    assert [str(o.ip) for o in await store.list_ownership(node="n1")] == [A, B]
+    assert [str(o.ip) for o in await store.list_ownership(guest="db")] == [C]
+    assert await store.list_ownership(node="n2", guest="web") == []
+
+
+@contract
+async def test_bad_claims_are_refused_clearly(store: Store) -> None:
+    with pytest.raises(StoreError, match=r"not an IPv4 address: '10\.5\.5\.300'"):
+        await store.claim("10.5.5.300", "n1", "web", 0)
+    with pytest.raises(StoreError, match="listed twice"):
+        await store.claim_all({A: 0, IPv4Address(A): 0}, "n1", "web")
+    with pytest.raises(StoreError, match="no addresses"):
+        await store.claim_all({}, "n1", "web")
+    await three_nodes(store)
+    with pytest.raises(StoreError, match="unknown node 'n9'; known: n1, n2, n3"):
+        await store.claim(A, "n9", "web", 0)
+    assert await store.list_ownership(include_released=True) == []
+
+
+@st.composite
+def operations(draw: st.DrawFn) -> list[tuple[str, str, str, int]]:
+    op = st.tuples(st.sampled_from(["claim", "release"]), st.sampled_from(IPS[:2]),
+                   st.sampled_from(["n1", "n2"]), st.integers(-1, 1))
+    return draw(st.lists(op, max_size=12))
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=operations())
+def test_random_claims_match_a_model(new_url: Callable[[], str],
+                                     ops: list[tuple[str, str, str, int]]) -> None:
+    """Any mix of claims and releases, with right and stale epochs, agrees with a dict."""
+
+    async def body(store: Store) -> None:
+        model: dict[str, tuple[str | None, int]] = {}
+        for verb, ip, node, skew in ops:
+            epoch = model.get(ip, (None, 0))[1]
+            ok = skew == 0 and (verb == "claim" or ip in model)
+            try:
+                if verb == "claim":
+                    await store.claim(ip, node, "web", epoch + skew)
+                else:
+                    await store.release(ip, epoch + skew)
+            except StoreError:
+                assert not ok
+                continue
+            assert ok
+            model[ip] = (node if verb == "claim" else None, epoch + 1)
+        got = {str(o.ip): (o.node, o.epoch)
+               for o in await store.list_ownership(include_released=True)}
+        assert got == model
+
+    run(opened(new_url(), body))
+
+
+# --- several processes racing for one address -----------------------------------------
+
+
+def _racer(url: str, node: str, rounds: int, ready: Any, barrier: Any, out: Any) -> None:
+    """Round r: both processes claim with expected epoch r at once; one must win it."""
+
+    async def main() -> list[int]:
+        won = []
+        async with await open_store(url) as store:
+            ready.put(node)
+            for r in range(rounds):
+                barrier.wait(10)  # blocking is fine: nothing else runs in this loop
+                try:
+                    own = await store.claim(A, node, "web", r)
+                except EpochConflict as err:
+                    assert err.current[IPv4Address(A)].epoch == r + 1  # type: ignore[union-attr]
+                    continue
+                assert own.epoch == r + 1
+                won.append(r)
+        return won
+
+    out.put((node, asyncio.run(main())))
+
+
+def test_two_processes_race_for_one_address(new_url: Callable[[], str]) -> None:
+    rounds, url = 200, new_url()
+    ready, out, barrier = MP.Queue(), MP.Queue(), MP.Barrier(2)
+    procs = [MP.Process(target=_racer, args=(url, n, rounds, ready, barrier, out))
+             for n in ("n1", "n2")]
+
+    async def main() -> None:
+        async with await open_store(url) as store:
+            rev = await store.revision()
+            for p in procs:
+                p.start()
+            for _ in procs:
+                await asyncio.to_thread(ready.get, True, 10)
+            # a third process watches the race live
+            seen = await take(store, rev, rounds, timeout=20)
+            assert [c.record.epoch for c in seen] == list(range(1, rounds + 1))  # type: ignore[union-attr]
+            won = dict([await asyncio.to_thread(out.get, True, 10) for _ in procs])
+            assert sorted(won["n1"] + won["n2"]) == list(range(rounds))  # one winner each
+            assert won["n1"] and won["n2"], "no real race: one process won every round"
+            assert [c.record.node for c in seen] == [  # type: ignore[union-attr]
+                "n1" if r in won["n1"] else "n2" for r in range(rounds)]
+            assert (await store.get_ownership(A)).epoch == rounds  # type: ignore[union-attr]
+
+    try:
+        run(main(), timeout=30)
+    finally:
+        for p in procs:
+            p.join(10)
+    assert [p.exitcode for p in procs] == [0, 0]
+
+
+def _churn(url: str) -> None:
+    """Move three addresses between two nodes as fast as possible, until killed."""
+
+    async def main() -> None:
+        async with await open_store(url) as store:
+            epoch = 0
+            while True:
+                await store.claim_all(dict.fromkeys(IPS, epoch), f"n{epoch % 2 + 1}", "web")
+                epoch += 1
+
+    asyncio.run(main())
+
+
+def test_writer_killed_at_random_leaves_a_consistent_store(new_url: Callable[[], str]) -> None:
+    url = new_url()
+    proc = MP.Process(target=_churn, args=(url,))
+    proc.start()
+
+    async def main() -> None:
+        async with await open_store(url) as store:
+            while (own := await store.get_ownership(A)) is None or own.epoch < 20:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.013)  # lands anywhere in a transaction
+            assert proc.pid is not None
+            os.kill(proc.pid, signal.SIGKILL)
+            await asyncio.to_thread(proc.join, 10)
+        async with await open_store(url) as store:
+            owners = await store.list_ownership()
+            assert len({(o.node, o.epoch) for o in owners}) == 1 and len(owners) == 3
+            epoch = owners[0].epoch
+            changes = await take(store, 0, 3 * epoch)
+            assert [c.record.epoch for c in changes] == [  # type: ignore[union-attr]
+                e for e in range(1, epoch + 1) for _ in IPS]
+            assert await store.revision() == epoch  # one revision per claim, none half-done
+            await store.claim_all(dict.fromkeys(IPS, epoch), "n1", "web")  # not locked out
+
+    try:
+        run(main(), timeout=20)
+    finally:
+        proc.kill()
+        proc.join()
+    assert proc.exitcode == -signal.SIGKILL
+
+
+# --- nodes ----------------------------------------------------------------------------
+
+
+@contract
+async def test_nodes_upsert_heartbeat_list(store: Store) -> None:
+    await three_nodes(store)
+    n1 = await store.get_node("n1")
+    assert n1 is not None
+    assert (n1.tag, n1.mac_prefix, n1.pub_ip) == (1, "02:00", IPv4Address("192.168.122.11"))
+    assert [n.name for n in await store.list_nodes()] == ["n1", "n2", "n3"]
+    rev = await store.revision()
+    beat = await store.heartbeat("n1")
+    assert beat.heartbeat >= n1.heartbeat and beat.tag == 1
+    await store.upsert_node("n1", 1, "02:00", "192.168.122.11")  # a restart: same values
+    assert await store.revision() == rev  # liveness is not a change
+    moved = await store.upsert_node("n1", 1, "02:00", "192.168.122.99")
+    (change,) = await take(store, rev, 1)
+    assert (change.kind, change.key, change.record) == ("node", "n1", moved)
+    assert await store.get_node("n9") is None
+
+
+@contract
+async def test_node_errors(store: Store) -> None:
+    await three_nodes(store)
+    with pytest.raises(StoreError, match="tag 2 already belongs to node n2"):
+        await store.upsert_node("n4", 2, "0e:00", "192.168.122.14")
+    with pytest.raises(StoreError, match="heartbeat from unknown node 'n4'"):
+        await store.heartbeat("n4")
+
+
+# --- migrations -----------------------------------------------------------------------
+
+
+@contract
+async def test_migration_lifecycle(store: Store) -> None:
+    await three_nodes(store)
+    await store.claim_all({A: 0, B: 0}, "n1", "web")
+    mig = await store.create_migration("web", [B, A], "n1", "n2")
+    assert (mig.phase, mig.src, mig.dst, mig.active) == (Phase.PREPARE, "n1", "n2", True)
+    assert mig.addresses == (IPv4Address(A), IPv4Address(B))
+    assert mig.epoch_before == {IPv4Address(A): 1, IPv4Address(B): 1}
+    assert await store.list_migrations() == [mig]
+    for cur, nxt in [(Phase.PREPARE, Phase.PRECOPY), (Phase.PRECOPY, Phase.CUTOVER)]:
+        mig = await store.advance_phase(mig.id, cur, nxt)
+        await store.record_timing(mig.id, cur, 12.5)
+    await store.claim_all({str(ip): e for ip, e in mig.epoch_before.items()}, "n2", "web")
+    mig = await store.advance_phase(mig.id, Phase.CUTOVER, Phase.FINALIZE)
+    assert mig.timings == {"prepare": 12.5, "precopy": 12.5}
+    assert mig.updated >= mig.started
+    done = await store.finish_migration(mig.id)
+    assert done.phase == Phase.DONE and not done.active and done.error is None
+    assert await store.finish_migration(mig.id) == done  # idempotent
+    assert await store.list_migrations() == []
+    assert await store.list_migrations(active=False) == [done]
+    assert await store.get_migration(mig.id) == done
+    assert await store.get_migration("nope") is None
+    assert {o.node for o in await store.list_ownership(guest="web")} == {"n2"}
+
+
+@contract
+async def test_second_active_migration_is_refused(store: Store) -> None:
+    await three_nodes(store)
+    first = await store.create_migration("web", [A], "n1", "n2")
+    with pytest.raises(StoreError, match=f"web already has an active migration {first.id} "
+                       r"\(n1 -> n2, phase prepare\)"):
+        await store.create_migration("web", [A], "n1", "n3")
+    await store.create_migration("db", [B], "n1", "n3")  # another guest may move meanwhile
+    await store.abort_migration(first.id, "test")
+    await store.finish_migration(first.id)
+    again = await store.create_migration("web", [A], "n1", "n3")  # finished ones don't count
+    assert again.id != first.id and len(await store.list_migrations(guest="web")) == 1
+
+
+@contract
+async def test_create_migration_checks_nodes_and_owner(store: Store) -> None:
+    await store.create_migration("free", [C], "x", "y")  # no node registered yet: anything
+    await three_nodes(store)
+    with pytest.raises(StoreError, match="unknown node 'n9'"):
+        await store.create_migration("web", [A], "n1", "n9")
+    with pytest.raises(StoreError, match="source and destination are both n1"):
+        await store.create_migration("web", [A], "n1", "n1")
+    await store.claim(A, "n3", "web", 0)
+    with pytest.raises(StoreError, match=r"from n1: 10\.5\.5\.10 it is owned by n3"):
+        await store.create_migration("web", [A], "n1", "n2")
+    assert await store.list_migrations(guest="web") == []
+
+
+@contract
+async def test_create_migration_with_an_id_is_idempotent(store: Store) -> None:
+    mig = await store.create_migration("web", [A], "n1", "n2", id="m1")
+    assert await store.create_migration("web", [A], "n1", "n2", id="m1") == mig
+    with pytest.raises(StoreError, match="migration id m1 is already used by web"):
+        await store.create_migration("db", [B], "n1", "n2", id="m1")
+
+
+@contract
+async def test_phase_advance_is_idempotent_and_checked(store: Store) -> None:
+    mig = await store.create_migration("web", [A], "n1", "n2")
+    pre = await store.advance_phase(mig.id, Phase.PREPARE, Phase.PRECOPY)
+    rev = await store.revision()
+    assert await store.advance_phase(mig.id, Phase.PREPARE, Phase.PRECOPY) == pre
+    assert await store.revision() == rev  # a no-op publishes nothing
+    with pytest.raises(PhaseConflict, match="expected phase prepare, it is in precopy"):
+        await store.advance_phase(mig.id, Phase.PREPARE, Phase.ABORT)
+    with pytest.raises(PhaseConflict, match="cannot go from precopy to finalize; allowed: "
+                       "abort, cutover"):
+        await store.advance_phase(mig.id, Phase.PRECOPY, Phase.FINALIZE)
+    with pytest.raises(PhaseConflict, match="only finalize or abort can finish"):
+        await store.finish_migration(mig.id)
+    with pytest.raises(StoreError, match="no migration 'nope'"):
+        await store.advance_phase("nope", Phase.PREPARE, Phase.PRECOPY)
+    assert (await store.get_migration(mig.id)) == pre
+
+
+@contract
+async def test_abort_path(store: Store) -> None:
+    await store.claim(A, "n1", "web", 0)
+    mig = await store.create_migration("web", [A], "n1", "n2")
+    await store.advance_phase(mig.id, Phase.PREPARE, Phase.PRECOPY)
+    aborting = await store.abort_migration(mig.id, "destination refused the guest")
+    assert (aborting.phase, aborting.error) == (Phase.ABORT, "destination refused the guest")
+    assert aborting.active
+    assert await store.abort_migration(mig.id, "again") == aborting  # first reason kept
+    aborted = await store.finish_migration(mig.id)
+    assert aborted.phase == Phase.ABORTED and not aborted.active
+    assert await store.abort_migration(mig.id, "late") == aborted
+    assert (await store.get_ownership(A)).node == "n1"  # type: ignore[union-attr]
+
+
+@contract
+async def test_no_abort_after_cutover_completed(store: Store) -> None:
+    mig = await store.create_migration("web", [A], "n1", "n2")
+    for cur, nxt in [(Phase.PREPARE, Phase.PRECOPY), (Phase.PRECOPY, Phase.CUTOVER),
+                     (Phase.CUTOVER, Phase.FINALIZE)]:
+        await store.advance_phase(mig.id, cur, nxt)
+    with pytest.raises(PhaseConflict, match="cannot go from finalize to abort"):
+        await store.abort_migration(mig.id, "too late")
+
+
+# --- watch ----------------------------------------------------------------------------
+
+
+@contract
+async def test_watch_sees_changes_in_order_and_resumes(store: Store) -> None:
+    start = await store.revision()
+    await three_nodes(store)
+    await store.claim_all({A: 0, B: 0}, "n1", "web")
+    mig = await store.create_migration("web", [A, B], "n1", "n2")
+    await store.advance_phase(mig.id, Phase.PREPARE, Phase.PRECOPY)
+    await store.release(A, 1)
+    seen = await take(store, start, 8)
+    assert [(c.kind, c.key) for c in seen] == [
+        ("node", "n1"), ("node", "n2"), ("node", "n3"), ("ownership", A), ("ownership", B),
+        ("migration", mig.id), ("migration", mig.id), ("ownership", A)]
+    revs = [c.revision for c in seen]
+    assert revs == sorted(revs) and revs[3] == revs[4]  # one transaction, one revision
+    assert seen[-1].revision == await store.revision()
+    assert seen[6].record.phase == Phase.PRECOPY  # type: ignore[union-attr]
+    # resume from the middle: exactly the rest, nothing twice
+    assert await take(store, seen[4].revision, 3) == seen[5:]
+
+
+@contract
+async def test_watch_follows_live_changes(store: Store) -> None:
+    rev = await store.revision()
+    watcher = asyncio.create_task(take(store, rev, 4))
+    await asyncio.sleep(0.1)  # the watcher is now polling an idle store
+    for epoch in range(4):
+        await store.claim(A, "n1", "web", epoch)
+    assert [c.record.epoch for c in await watcher] == [1, 2, 3, 4]  # type: ignore[union-attr]
+
+
+@contract
+async def test_snapshot_then_watch(store: Store) -> None:
+    await store.claim_all({A: 0, B: 0}, "n1", "web")
+    mig = await store.create_migration("web", [A, B], "n1", "n2")
+    snap = await store.snapshot()
+    assert snap.revision == await store.revision()
+    assert [str(o.ip) for o in snap.ownership] == [A, B]
+    assert snap.migrations == (mig,) and snap.nodes == ()
+    await store.claim(C, "n2", "db", 0)
+    (change,) = await take(store, snap.revision, 1)
+    assert change.key == C
+
+
+@contract
+async def test_compacted_revisions_are_reported(store: Store) -> None:
+    for epoch in range(3):
+        await store.claim(A, "n1", "web", epoch)
+    await store.compact(2)
+    with pytest.raises(Compacted, match="relist"):
+        await take(store, 1, 1)
+    (change,) = await take(store, 2, 1)
+    assert change.record.epoch == 3  # type: ignore[union-attr]
+    with pytest.raises(StoreError, match="the store is at 3"):
+        await store.compact(9)
+
+
+def test_watch_resumes_after_reopening(new_url: Callable[[], str]) -> None:
+    url = new_url()
+
+    async def first(store: Store) -> None:
+        for epoch in range(3):
+            await store.claim(A, "n1", "web", epoch)
+
+    async def second(store: Store) -> None:
+        seen = await take(store, 0, 3)
+        await store.claim(A, "n2", "web", 3)
+        assert [c.record.epoch for c in await take(store, seen[-1].revision, 1)] == [4]  # type: ignore[union-attr]
+
+    run(opened(url, first))
+    run(opened(url, second))
+
+
+# --- open_store -----------------------------------------------------------------------
+
+
+def test_url_parsing() -> None:
+    assert sqlite_path("sqlite:///var/lib/convergent/store.db") == "/var/lib/convergent/store.db"
+    assert sqlite_path("sqlite://store.db") == "store.db"
+    assert sqlite_path("/tmp/s.db") == "/tmp/s.db"
+    assert sqlite_path("etcd://127.0.0.1:2379") is None
+    with pytest.raises(StoreError, match="names no file"):
+        sqlite_path("sqlite://")
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("etcd://127.0.0.1:2379/convergent", "etcd backend is not implemented yet"),
+    ("redis://x", "unknown scheme 'redis'"),
+])
+def test_open_store_refuses_clearly(url: str, message: str) -> None:
+    with pytest.raises(StoreError, match=message):
+        run(open_store(url))
+
+
+def test_open_store_in_a_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match=r"cannot open store .*/nope/s\.db"):
+        run(open_store(f"sqlite://{tmp_path}/nope/s.db"))
+
+
+# --- SQLite only ----------------------------------------------------------------------
+
+
+def test_sqlite_file_settings(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.db")
+    SqliteCore(path).close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.execute("PRAGMA user_version=99")
+    db.close()
+    with pytest.raises(StoreError, match=r"has schema 99.*upgrade convergent"):
+        SqliteCore(path)
+
+
+def _stalled_writer(path: str, stalled: Any) -> None:
+    """Claim three addresses but stop for good after writing two of them."""
+    core = SqliteCore(path)
+    log, calls = core._log, list[tuple[Any, ...]]()
+
+    def stall_on_third(*args: Any) -> None:
+        if len(calls) == 2:
+            stalled.set()
+            time.sleep(60)
+        calls.append(args)
+        log(*args)
+
+    core._log = stall_on_third  # type: ignore[method-assign,assignment]
+    core.claim_all(dict.fromkeys(IPS, 1), "n2", "web")
+
+
+def test_sqlite_writer_killed_mid_transaction(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.db")
+    core = SqliteCore(path)
+    core.claim_all(dict.fromkeys(IPS, 0), "n1", "web")
+    stalled = MP.Event()
+    proc = MP.Process(target=_stalled_writer, args=(path, stalled))
+    proc.start()
+    try:
+        assert stalled.wait(10), "the writer never reached its stall"
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            SqliteCore(path, busy_timeout=0.1).claim_all(dict.fromkeys(IPS, 1), "n3", "web")
+        os.kill(proc.pid or 0, signal.SIGKILL)
+        proc.join(10)
+    finally:
+        proc.kill()
+    core.close()
+    core = SqliteCore(path, busy_timeout=1)
+    assert {(o.node, o.epoch) for o in core.list_ownership()} == {("n1", 1)}
+    assert core.revision() == 1 and len(core.changes_since(0)) == 3
+    assert core._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    core.claim_all(dict.fromkeys(IPS, 1), "n3", "web")  # the lock died with the writer
+    assert {o.node for o in core.list_ownership()} == {"n3"}
+
