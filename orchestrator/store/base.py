@@ -17,7 +17,7 @@ the change log and a key-value backend store.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from ipaddress import AddressValueError, IPv4Address
@@ -134,8 +134,12 @@ class EpochConflict(StoreError):
         self.expected = dict(expected)
         self.current = dict(current)
         parts = [f"{ip} expected epoch {self.expected[ip]}, {describe(self.current.get(ip))}"
-                 for ip in sorted(self.expected)]
+                 for ip in sorted(self.stale)]
         super().__init__("stale epoch: " + "; ".join(parts))
+
+    @property
+    def stale(self) -> list[IPv4Address]:
+        return [ip for ip, e in self.expected.items() if epoch_of(self.current.get(ip)) != e]
 
 
 class PhaseConflict(StoreError):
@@ -155,6 +159,10 @@ def describe(own: Ownership | None) -> str:
 
 
 # --- rules shared by backends -------------------------------------------------------
+
+
+def epoch_of(own: Ownership | None) -> int:
+    return own.epoch if own else 0
 
 
 def to_ip(value: Address) -> IPv4Address:
@@ -178,10 +186,15 @@ def expected_epochs(expected: Mapping[Address, int]) -> dict[IPv4Address, int]:
 def check_epochs(expected: Mapping[IPv4Address, int],
                  current: Mapping[IPv4Address, Ownership | None]) -> None:
     """All or nothing: one stale address fails the whole claim."""
-    for ip, epoch in expected.items():
-        have = current.get(ip)
-        if (have.epoch if have else 0) != epoch:
-            raise EpochConflict(expected, current)
+    if any(epoch_of(current.get(ip)) != epoch for ip, epoch in expected.items()):
+        raise EpochConflict(expected, current)
+
+
+def to_phase(value: Phase | str) -> Phase:
+    try:
+        return Phase(value)
+    except ValueError:
+        raise StoreError(f"unknown phase {value!r}; phases: {', '.join(Phase)}") from None
 
 
 def check_advance(mig: MigrationRecord, expected: Phase, to: Phase) -> bool:
@@ -221,7 +234,7 @@ def check_migration_start(guest: str, src: str, dst: str, active: Iterable[Migra
                          f"({running.src} -> {running.dst}, phase {running.phase})")
     check_known_nodes(known_nodes, src, dst)
     for ip, own in owners.items():
-        if own is not None and own.node not in (None, src):
+        if own is not None and own.node is not None and (own.node, own.guest) != (src, guest):
             raise StoreError(f"migration of {guest} from {src}: {ip} {describe(own)}")
 
 
@@ -348,9 +361,9 @@ class Store(abc.ABC):
     async def snapshot(self) -> Snapshot: ...
 
     @abc.abstractmethod
-    def watch(self, after: int = 0) -> AsyncIterator[Change]:
-        """Changes with a revision above ``after``, in order, forever. Raises Compacted
-        when they are no longer kept."""
+    def watch(self, after: int = 0) -> AsyncGenerator[Change, None]:
+        """Changes with a revision above ``after``, in order, forever; close it with
+        ``contextlib.aclosing``. Raises Compacted when they are no longer kept."""
 
     @abc.abstractmethod
     async def compact(self, revision: int) -> None:

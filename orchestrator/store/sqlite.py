@@ -50,6 +50,7 @@ from orchestrator.store.base import (
     from_dict,
     to_dict,
     to_ip,
+    to_phase,
 )
 
 SCHEMA_VERSION = 1
@@ -316,12 +317,12 @@ class SqliteCore:
         return new
 
     def advance_phase(self, id: str, expected: Phase, to: Phase) -> MigrationRecord:
-        to = Phase(to)
+        was, to = to_phase(expected), to_phase(to)
         return self._update(id, lambda m: replace(m, phase=to)
-                            if check_advance(m, Phase(expected), to) else None)
+                            if check_advance(m, was, to) else None)
 
     def record_timing(self, id: str, phase: Phase, ms: float) -> MigrationRecord:
-        key = Phase(phase).value
+        key = to_phase(phase).value
         return self._update(id, lambda m: replace(m, timings={**m.timings, key: float(ms)}))
 
     def abort_migration(self, id: str, error: str) -> MigrationRecord:
@@ -385,6 +386,7 @@ class SqliteStore(Store):
     def __init__(self, path: str, *, poll_interval: float = 0.05, **core: Any) -> None:
         self.path = path
         self.poll_interval = poll_interval
+        self._closed = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="convergent-store")
         try:
             self._core = self._pool.submit(SqliteCore, path, **core).result()
@@ -474,5 +476,8 @@ class SqliteStore(Store):
         await self._call(self._core.compact, revision)
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         await self._call(self._core.close)
         self._pool.shutdown()

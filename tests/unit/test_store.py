@@ -66,6 +66,7 @@ def run(coro: Awaitable[Any], timeout: float = 15) -> Any:
 async def opened(url: str, body: Body) -> None:
     async with await open_store(url) as store:
         await body(store)
+    await store.close()  # closing twice is harmless
 
 
 def contract(body: Body) -> Callable[[Callable[[], str]], None]:
@@ -145,8 +146,9 @@ async def test_multi_address_claim_is_all_or_nothing(store: Store) -> None:
     assert [o.epoch for o in first] == [1, 1, 1]
     assert [str(o.ip) for o in first] == sorted(IPS)
     await store.claim(B, "n3", "web", 1)  # someone moved one address
-    with pytest.raises(EpochConflict, match=r"10\.5\.5\.11 expected epoch 1.*owned by n3"):
+    with pytest.raises(EpochConflict, match=r"10\.5\.5\.11 expected epoch 1.*owned by n3") as err:
         await store.claim_all({A: 1, B: 1, C: 1}, "n2", "web")
+    assert err.value.stale == [IPv4Address(B)] and A not in str(err.value)  # only the culprit
     owners = {str(o.ip): (o.node, o.epoch) for o in await store.list_ownership()}
     assert owners == {A: ("n1", 1), B: ("n3", 2), C: ("n1", 1)}
     moved = await store.claim_all({A: 1, B: 2, C: 1}, "n2", "web")
@@ -416,6 +418,9 @@ async def test_create_migration_checks_nodes_and_owner(store: Store) -> None:
     await store.claim(A, "n3", "web", 0)
     with pytest.raises(StoreError, match=r"from n1: 10\.5\.5\.10 it is owned by n3"):
         await store.create_migration("web", [A], "n1", "n2")
+    await store.claim(B, "n1", "db", 0)
+    with pytest.raises(StoreError, match=r"10\.5\.5\.11 it is owned by n1 \(guest db\)"):
+        await store.create_migration("web", [B], "n1", "n2")
     assert await store.list_migrations(guest="web") == []
 
 
@@ -443,6 +448,9 @@ async def test_phase_advance_is_idempotent_and_checked(store: Store) -> None:
         await store.finish_migration(mig.id)
     with pytest.raises(StoreError, match="no migration 'nope'"):
         await store.advance_phase("nope", Phase.PREPARE, Phase.PRECOPY)
+    with pytest.raises(StoreError, match="unknown phase 'warp'"):
+        await store.advance_phase(mig.id, Phase.PRECOPY, "warp")  # type: ignore[arg-type]
+    assert (await store.advance_phase(mig.id, "prepare", "precopy")) == pre  # type: ignore[arg-type]
     assert (await store.get_migration(mig.id)) == pre
 
 
