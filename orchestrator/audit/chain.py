@@ -244,7 +244,10 @@ def _diagnose_link(good: _Good, cur: _Line, nxt: _Line | None, seq: int, prev: s
         why = f"{cur.file}:{cur.lineno} links to the line before this one"
         return Finding(*good.where, "inserted", why)
     if seq == good.seq + 1:
-        why = f"its hash differs from the prev recorded by {cur.file}:{cur.lineno}"
+        why = (
+            f"its hash differs from the prev recorded by {cur.file}:{cur.lineno} "
+            "(this line, or that prev, was changed)"
+        )
         return Finding(*good.where, "edited", why)
     if seq > good.seq + 1:
         gap = seq - good.seq - 1

@@ -124,10 +124,17 @@ class AuditLog:
     ) -> AuditRecord:
         """Append one record (fsync'd unless in ``batch()``) and return it as written."""
         given = {
-            "outcome": outcome, "guest": guest, "addresses": addresses,
-            "from_node": from_node, "to_node": to_node, "epoch": epoch, "entries": entries,
-            "duration_ms": duration_ms, "migration": migration, "detail": detail,
-        }  # fmt: skip
+            "outcome": outcome,
+            "guest": guest,
+            "addresses": addresses,
+            "from_node": from_node,
+            "to_node": to_node,
+            "epoch": epoch,
+            "entries": entries,
+            "duration_ms": duration_ms,
+            "migration": migration,
+            "detail": detail,
+        }
         # None means "not given here", so bound context is not overwritten by it.
         fields = {key: value for key, value in given.items() if value is not None}
         return cast(AuditRecord, self._log.record(action, **fields))

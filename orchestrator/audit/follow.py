@@ -1,0 +1,68 @@
+"""``tail -f`` for a chain: new complete lines as they land, across rotations."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class Follower:
+    """Polls one live file. A rotation renames it away: the old file is drained
+    before the new one is opened, so no line is lost or shown twice; a file that
+    shrank (replaced or truncated) is read again from its start."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+        self._ino = -1
+        self._pos = 0
+        self._rest = b""
+        self._lineno = 0
+        self._open()
+
+    def _open(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        self.close()
+        self._fd = fd
+        self._ino = os.fstat(fd).st_ino
+        self._pos, self._rest, self._lineno = 0, b"", 0
+        return True
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
+
+    def poll(self) -> list[tuple[int, bytes]]:
+        """``(lineno, line)`` of the complete lines written since the last poll."""
+        lines = self._drain()
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return lines
+        if st.st_ino != self._ino or st.st_size < self._pos:
+            if st.st_ino != self._ino:
+                lines += self._drain()  # lines appended just before the rename
+            if self._open():
+                lines += self._drain()
+        return lines
+
+    def _drain(self) -> list[tuple[int, bytes]]:
+        if self._fd < 0:
+            return []
+        data = b""
+        while chunk := os.pread(self._fd, 1 << 20, self._pos + len(data)):
+            data += chunk
+        if not data:
+            return []
+        self._pos += len(data)
+        parts = (self._rest + data).split(b"\n")
+        self._rest = parts.pop()  # a line still being written waits for its newline
+        out = []
+        for part in parts:
+            self._lineno += 1
+            out.append((self._lineno, part))
+        return out
