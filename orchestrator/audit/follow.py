@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from orchestrator.audit.chain import iter_lines
+from orchestrator.audit.files import rotated
+
 
 class Follower:
     """Polls one live file. A rotation renames it away: the old file is drained
@@ -46,8 +49,23 @@ class Follower:
         if st.st_ino != self._ino or st.st_size < self._pos:
             if st.st_ino != self._ino:
                 lines += self._drain()  # lines appended just before the rename
+                lines += self._skipped_files()
             if self._open():
                 lines += self._drain()
+        return lines
+
+    def _skipped_files(self) -> list[tuple[int, bytes]]:
+        """Files rotated in and out again since the last poll (a burst of writes)."""
+        lines: list[tuple[int, bytes]] = []
+        newer = False
+        for _, path in rotated(self.path):
+            try:
+                if newer:
+                    lines += [(n, raw) for n, raw, _ in iter_lines(path)]
+                elif os.stat(path).st_ino == self._ino:
+                    newer = True
+            except FileNotFoundError:
+                continue
         return lines
 
     def _drain(self) -> list[tuple[int, bytes]]:

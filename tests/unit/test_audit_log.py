@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,7 +130,7 @@ def test_timed_records_duration_and_failure(log: AuditLog) -> None:
 
 
 def test_arecord_from_asyncio(log: AuditLog) -> None:
-    async def main() -> list[dict]:
+    async def main() -> list[Any]:
         return list(
             await asyncio.gather(*(log.arecord("sync.resync", entries=i) for i in range(20)))
         )
@@ -143,9 +144,14 @@ def test_each_record_is_fsynced_unless_batched(log: AuditLog, monkeypatch) -> No
     import orchestrator.audit.writer as writer
 
     log.record("guest.start")  # creates the file (and fsyncs its directory)
-    calls = []
+    calls: list[int] = []
     real = writer.os.fsync
-    monkeypatch.setattr(writer.os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+
+    def counting(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(writer.os, "fsync", counting)
     log.record("guest.stop")
     log.record("guest.stop")
     per_record = len(calls)
