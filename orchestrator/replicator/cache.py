@@ -1,0 +1,105 @@
+"""The external cache: what one sender (one stream) has told us, key -> Entry.
+
+Every entry carries the *version* of the record that set it: the datagram's seq for an
+original, the sender's next seq at rebuild time (``as_of``) for a resend. Seqs here are
+unbounded ints (see ``wire.unwrap``), so comparisons never wrap.
+
+The rule that keeps a stale record from overwriting newer state: a record is applied only
+if its version is >= the version stored for its key (or for the key's tombstone). The
+receiver applies datagrams in seq order, and a record's version is never below its
+datagram's seq, so versions only matter for keys a resend moved ahead of the frontier;
+tombstones are kept only while they are ahead of it and pruned as it passes.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator, Mapping
+from types import MappingProxyType
+
+from orchestrator.model.conntrack import Entry, Event, EventType
+
+from .wire import Key, Record
+
+Listener = Callable[[Event], None]
+
+
+class Outcome(enum.Enum):
+    APPLIED = "applied"
+    SUPERSEDED = "superseded"  # a newer version of the key is already here
+    DESTROY_UNKNOWN = "destroy_unknown"  # nothing to destroy (harmless)
+
+
+class ExternalCache:
+    """key -> Entry for one sender stream, with per-key versions and ahead-tombstones."""
+
+    def __init__(self, listener: Listener | None = None) -> None:
+        self._entries: dict[Key, Entry] = {}
+        self._versions: dict[Key, int] = {}
+        self._tombs: dict[Key, int] = {}
+        self._listener = listener
+        self.entries: Mapping[Key, Entry] = MappingProxyType(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self._entries)
+
+    def version(self, key: Key) -> int | None:
+        v = self._versions.get(key)
+        return self._tombs.get(key) if v is None else v
+
+    def apply(self, record: Record, version: int, frontier: int) -> Outcome:
+        """Apply one record of version ``version``; ``frontier`` is the lowest version a
+        later record can still have (the seq after the datagram being applied)."""
+        key = record.key
+        stored = self.version(key)
+        if stored is not None and version < stored:
+            return Outcome.SUPERSEDED
+        if record.entry is not None:
+            return self._upsert(key, record.entry, version)
+        return self._destroy(key, version, frontier)
+
+    def _upsert(self, key: Key, entry: Entry, version: int) -> Outcome:
+        self._tombs.pop(key, None)
+        known = key in self._entries
+        self._entries[key] = entry
+        self._versions[key] = version
+        if self._listener is not None:
+            self._listener(Event(EventType.UPDATE if known else EventType.NEW, entry))
+        return Outcome.APPLIED
+
+    def _destroy(self, key: Key, version: int, frontier: int) -> Outcome:
+        old = self._entries.pop(key, None)
+        self._versions.pop(key, None)
+        if version > frontier:
+            self._tombs[key] = version
+        else:
+            self._tombs.pop(key, None)
+        if old is None:
+            return Outcome.DESTROY_UNKNOWN
+        if self._listener is not None:
+            self._listener(Event(EventType.DESTROY, old))
+        return Outcome.APPLIED
+
+    def prune(self, frontier: int) -> None:
+        """Forget tombstones no later record can be older than."""
+        if self._tombs:
+            for key in [k for k, v in self._tombs.items() if v <= frontier]:
+                del self._tombs[key]
+
+    def sweep(self, begin: int) -> int:
+        """End of a resync whose snapshot was taken at seq ``begin``: every key the sender
+        still had got a record of version >= begin; drop the rest. Returns how many."""
+        gone = [k for k, v in self._versions.items() if v < begin]
+        for key in gone:
+            self._destroy(key, begin, begin)
+        return len(gone)
+
+    def forget_versions(self) -> None:
+        """The sender rebooted: its seqs mean nothing any more. Entries stay (a failover may
+        still need them) but any new record overrides them and the next resync sweeps them."""
+        for key in self._versions:
+            self._versions[key] = -1
+        self._tombs.clear()

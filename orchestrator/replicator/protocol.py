@@ -1,0 +1,69 @@
+"""The replication protocol core of one node: its sender streams and its receiver.
+
+conntrack-tools' split: this is the *mode* (ftfw-like: seq, NACK, backlog, resync); the
+channel (multicast or unicast UDP, later) only moves bytes, and the external cache lives in
+``cache``. A node is a sender (stream 0: its own conntrack table; stream n: a per-guest
+precopy to one peer) and a receiver of every other node, so one socket feeds one
+``Replicator``:
+
+    out = node.on_datagram(data, peer, now)   # -> [Outgoing(dest, bytes, type)]
+    out = node.on_tick(now)                   # every few ms: flush, ALIVE, retries, resync
+    out = node.sender().update(event, now)    # a conntrack event
+
+``dest`` None means every peer (the multicast group, or each unicast peer); otherwise the
+channel sends to that peer, which is how NACK answers and NACKs travel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .receiver import Receiver, ReceiverConfig
+from .sender import Sender, SenderConfig
+from .wire import Codec, DecodeError, MsgType, Outgoing, Peer
+
+__all__ = ["Receiver", "ReceiverConfig", "Replicator", "Sender", "SenderConfig"]
+
+
+class Replicator:
+    """Dispatches decoded datagrams: NACK and RESYNC_REQUEST aimed at us go to the sender
+    of that stream, the rest to the receiver. Decode failures count on the receiver."""
+
+    def __init__(self, codec: Codec, receiver: Receiver, senders: Iterable[Sender] = ()) -> None:
+        self.codec = codec
+        self.receiver = receiver
+        self.tag = receiver.tag
+        self._senders: dict[int, Sender] = {}
+        for sender in senders:
+            self.add_sender(sender)
+
+    def add_sender(self, sender: Sender) -> None:
+        if sender.tag != self.tag or sender.stream in self._senders:
+            raise ValueError(f"sender tag {sender.tag} stream {sender.stream} does not fit")
+        self._senders[sender.stream] = sender
+
+    def remove_sender(self, stream: int) -> Sender | None:
+        return self._senders.pop(stream, None)
+
+    def sender(self, stream: int = 0) -> Sender:
+        return self._senders[stream]
+
+    def on_datagram(self, data: bytes, peer: Peer, now: float) -> list[Outgoing]:
+        try:
+            msg = self.codec.decode(data)
+        except DecodeError as exc:
+            self.receiver.counters[exc.reason.value] += 1
+            return []
+        if msg.type not in (MsgType.NACK, MsgType.RESYNC_REQUEST):
+            return self.receiver.on_message(msg, peer, now)
+        sender = self._senders.get(msg.stream) if msg.target_tag == self.tag else None
+        if sender is None:
+            self.receiver.counters["not_for_me"] += 1  # another node's NACK, seen on multicast
+            return []
+        return sender.on_message(msg, peer, now)
+
+    def on_tick(self, now: float) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        for sender in self._senders.values():
+            out += sender.on_tick(now)
+        return out + self.receiver.on_tick(now)
