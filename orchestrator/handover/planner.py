@@ -318,7 +318,7 @@ def _resolve(t: Entry, d: _DestTable, c: _Ctx) -> _Resolution:
 
 def _homecoming(t: Entry, same: Entry | None, clashes: list[Entry], c: _Ctx) -> _Resolution | None:
     """The flow's public address is D's: D's own NAT binding for it wins over our copy."""
-    if same is not None and _snat_by(same, c.dst):
+    if same is not None and _snat_by(same, c.dst, c):
         merged = replace(same, status=same.status | REQUIRED, timeout=t.timeout, tcp=t.tcp)
         if _satisfies(same, merged, c.min_timeout):
             return DestKind.SKIP, Rule.D_HOMECOMING, merged, ()
@@ -328,8 +328,14 @@ def _homecoming(t: Entry, same: Entry | None, clashes: list[Entry], c: _Ctx) -> 
     return None
 
 
-def _snat_by(x: Entry, node: Node) -> bool:
-    return x.is_src_nat and not x.is_dst_nat and x.tuple_reply.dst == node.pub_ip
+def _snat_by(x: Entry, node: Node, c: _Ctx) -> bool:
+    """``x`` is ``node``'s SNAT binding of a guest-initiated flow."""
+    return (
+        x.is_src_nat
+        and not x.is_dst_nat
+        and x.tuple_orig.src in c.addrs
+        and x.tuple_reply.dst == node.pub_ip
+    )
 
 
 def _settable(x: Entry, t: Entry) -> bool:
