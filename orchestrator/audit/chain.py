@@ -22,20 +22,27 @@ _SEQ = b'{"seq":'
 _PREV = b',"prev":"'
 
 
-def iter_lines(path: Path, start: int = 0) -> Iterator[tuple[int, bytes, bool]]:
-    """``(lineno, bytes without newline, ended by a newline)`` read in big chunks."""
+def iter_blocks(path: Path) -> Iterator[tuple[int, list[bytes], bool]]:
+    """``(number of the first line, lines without newline, complete)`` in big chunks;
+    a last fragment that has no newline comes alone, with ``complete`` False."""
     with open(path, "rb") as fh:
-        fh.seek(start)
         rest = b""
-        lineno = 0
+        lineno = 1
         while chunk := fh.read(CHUNK):
             parts = (rest + chunk).split(b"\n")
             rest = parts.pop()
-            for part in parts:
-                lineno += 1
-                yield lineno, part, True
+            if parts:
+                yield lineno, parts, True
+                lineno += len(parts)
         if rest:
-            yield lineno + 1, rest, False
+            yield lineno, [rest], False
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
+    """``(lineno, bytes without newline, ended by a newline)``."""
+    for first, block, complete in iter_blocks(path):
+        for offset, raw in enumerate(block):
+            yield first + offset, raw, complete
 
 
 def parse_head(line: bytes) -> tuple[int, str] | None:
@@ -122,20 +129,17 @@ class Verifier:
     def run(self) -> Report:
         report = Report(list(self.files))
         good = _Good()
-        stream = self._stream()
-        for cur in stream:
-            if (
-                cur.complete
-                and good.where
-                and cur.raw.startswith(expected_prefix(good.seq + 1, good.hash))
-            ):
-                self._accept(good, cur)
+        blocks = self._blocks()
+        for path, first, block, complete in blocks:
+            start = 0
+            if good.where is None and complete and self._starts(block[0]):
+                self._accept_first(good, path, first, block[0])
+                report.first_seq, start = good.seq, 1
+            bad = self._fast(good, path, first, block, start) if complete and good.where else 0
+            if bad < 0:
                 continue
-            if good.where is None and cur.complete and self._starts(cur):
-                self._accept(good, cur, first=True)
-                report.first_seq = good.seq
-                continue
-            found = self._diagnose(good, cur, next(stream, None))
+            cur = _Line(path, first + bad, block[bad], complete)
+            found = diagnose(good, cur, _after(block, bad, path, first, blocks))
             if found.kind == "truncated":
                 report.truncated = found
             else:
@@ -143,24 +147,48 @@ class Verifier:
             break
         return self._finish(report, good)
 
-    def _stream(self) -> Iterator[_Line]:
+    def _blocks(self) -> Iterator[tuple[Path, int, list[bytes], bool]]:
         for path in self.files:
-            for lineno, raw, complete in iter_lines(path):
-                yield _Line(path, lineno, raw, complete)
+            for first, block, complete in iter_blocks(path):
+                yield path, first, block, complete
 
-    def _starts(self, cur: _Line) -> bool:
-        head = parse_head(cur.raw)
+    def _starts(self, raw: bytes) -> bool:
+        head = parse_head(raw)
         return head is not None and (self.partial or head == (1, GENESIS))
 
-    def _accept(self, good: _Good, cur: _Line, first: bool = False) -> None:
-        good.seq = parse_head(cur.raw)[0] if first else good.seq + 1  # type: ignore[index]
-        good.before, good.hash = good.hash, hashlib.sha256(cur.raw).hexdigest()
-        good.where, good.raw = (cur.file, cur.lineno), cur.raw
-        if self.anchors and self.anchors.get(good.seq, good.hash) != good.hash:
-            raise _AnchorMismatch(Finding(cur.file, cur.lineno, "anchor", _anchor_why(good)))
+    def _accept_first(self, good: _Good, path: Path, lineno: int, raw: bytes) -> None:
+        good.seq = parse_head(raw)[0]  # type: ignore[index]  # _starts checked it
+        good.hash = hashlib.sha256(raw).hexdigest()
+        good.where, good.raw = (path, lineno), raw
+        self._check_anchor(good.seq, good.hash, path, lineno)
 
-    def _diagnose(self, good: _Good, cur: _Line, nxt: _Line | None) -> Finding:
-        return diagnose(good, cur, nxt)
+    def _fast(self, good: _Good, path: Path, first: int, block: list[bytes], start: int) -> int:
+        """The hot loop: accept lines while each carries the prefix it must have; the
+        index of the first that does not, or -1. Locals only, for speed."""
+        seq, digest, before = good.seq, good.hash, good.before
+        anchors, sha256 = self.anchors, hashlib.sha256
+        expect = expected_prefix(seq + 1, digest)
+        bad, last = -1, start - 1
+        for index in range(start, len(block)):
+            raw = block[index]
+            if not raw.startswith(expect):
+                bad = index
+                break
+            seq += 1
+            before, digest = digest, sha256(raw).hexdigest()
+            expect = b'{"seq":%d,"prev":"%s"' % (seq + 1, digest.encode())
+            if anchors:
+                self._check_anchor(seq, digest, path, first + index)
+            last = index
+        if last >= start:
+            good.seq, good.hash, good.before = seq, digest, before
+            good.where, good.raw = (path, first + last), block[last]
+        return bad
+
+    def _check_anchor(self, seq: int, digest: str, path: Path, lineno: int) -> None:
+        if self.anchors.get(seq, digest) != digest:
+            why = f"seq {seq} does not hash to the noted anchor: chain rewritten from here"
+            raise _AnchorMismatch(Finding(path, lineno, "anchor", why))
 
     def _finish(self, report: Report, good: _Good) -> Report:
         report.records = 0 if report.first_seq is None else good.seq - report.first_seq + 1
@@ -187,8 +215,21 @@ class _AnchorMismatch(Exception):
         self.finding = finding
 
 
-def _anchor_why(good: _Good) -> str:
-    return f"seq {good.seq} does not hash to the noted anchor: chain rewritten from here"
+def _after(
+    block: list[bytes],
+    index: int,
+    path: Path,
+    first: int,
+    blocks: Iterator[tuple[Path, int, list[bytes], bool]],
+) -> _Line | None:
+    """The line after ``block[index]``, for diagnosis."""
+    if index + 1 < len(block):
+        return _Line(path, first + index + 1, block[index + 1], True)
+    following = next(blocks, None)
+    if following is None:
+        return None
+    path, first, block, complete = following
+    return _Line(path, first, block[0], complete)
 
 
 def verify(

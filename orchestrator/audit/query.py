@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from orchestrator.audit.chain import iter_lines
+from orchestrator.audit.chain import iter_blocks
 from orchestrator.audit.errors import AuditError
 from orchestrator.audit.files import Chain
 from orchestrator.audit.record import TIME_FORMAT, TIME_LEN
@@ -150,7 +150,17 @@ class Scanner:
 
     def chain(self, chain: Chain) -> Iterator[Row]:
         for path in self._files_in_range(chain.files):
-            yield from self.lines(path, iter_lines(path))
+            for first, block, complete in iter_blocks(path):
+                if complete:  # a cut-short last line is verify's business
+                    yield from self._block(path, first, block)
+
+    def _block(self, path: Path, first: int, block: list[bytes]) -> Iterator[Row]:
+        match_raw, match = self.flt.match_raw, self.flt.match
+        for offset, raw in enumerate(block):
+            if match_raw(raw):
+                row = self.parse(raw, (path, first + offset))
+                if row is not None and match(row.record):
+                    yield row
 
     def lines(self, path: Path, lines: Iterable[tuple[int, bytes, bool]]) -> Iterator[Row]:
         flt = self.flt

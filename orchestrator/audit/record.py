@@ -8,6 +8,7 @@ the set of keys and their types is fixed, a missing key means null.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import json
@@ -89,10 +90,13 @@ class AuditRecord(TypedDict, total=False):
     detail: str
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+
+
 def encode(record: dict[str, Any]) -> bytes:
     """The exact bytes of a line, without the newline. Compact and ASCII-only, so a
     line never contains a raw newline and its hash does not depend on a locale."""
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return _ENCODER.encode(record).encode("ascii")
 
 
 def line_hash(line: bytes) -> str:
@@ -114,9 +118,14 @@ def normalize_addresses(value: str | Iterable[str] | None) -> list[str] | None:
         return None
     items = [value] if isinstance(value, str) else list(value)
     try:
-        return [str(ipaddress.ip_address(str(item).split("/")[0])) for item in items]
+        return [_canonical_ip(str(item)) for item in items]
     except ValueError as exc:
         raise AuditError(f"audit: bad address in {items!r}: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=4096)  # a node logs the same few hundred addresses
+def _canonical_ip(text: str) -> str:
+    return str(ipaddress.ip_address(text.split("/")[0]))
 
 
 def normalize_event(fields: dict[str, Any]) -> dict[str, Any]:

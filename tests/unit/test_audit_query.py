@@ -128,13 +128,13 @@ def test_time_filter_skips_whole_rotated_files(tmp_path: Path, monkeypatch) -> N
     opened: list[Path] = []
     import orchestrator.audit.query as query
 
-    real = query.iter_lines
+    real = query.iter_blocks
 
     def counting(p: Path):
         opened.append(p)
         return real(p)
 
-    monkeypatch.setattr(query, "iter_lines", counting)
+    monkeypatch.setattr(query, "iter_blocks", counting)
     rows = list(Scanner(Filter(since=last["time"])).chain(Chain(path, files)))
     assert rows[-1].record["seq"] == 60
     assert len(opened) <= 2 < len(files)
