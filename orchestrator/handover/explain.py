@@ -189,7 +189,7 @@ def _summary(plan: Plan) -> str:
 def _dest_line(a: DestAction) -> str:
     tag = "/".join(r.value for r in a.rules)
     line = f"D  {a.kind.value:<8} {tag:<26} {a.origin.tuple_orig}"
-    if a.entry is not None and a.kind.value != "skip":
+    if a.entry is not None and a.writes:
         line += f"\n     write  {a.entry}"
     line += "".join(f"\n     delete {x}" for x in a.delete)
     return line

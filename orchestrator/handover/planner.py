@@ -434,6 +434,22 @@ def _dest_action(
     return DestAction(kind_, (target.rule, rule), e, written, delete)
 
 
+def dest_key(
+    entry: Entry, topology: Topology, guest: str | Guest, src: str | Node, dst: str | Node
+) -> Key | None:
+    """Where D holds S's ``entry`` once handed over (None: D gets nothing). For precopy's
+    DESTROY events: D deletes that key (ENOENT counts as done)."""
+    g, s, d = _guest(topology, guest), _node(topology, src), _node(topology, dst)
+    c = _Ctx.of(topology, g, s, d, MIN_TIMEOUT)
+    kind = _classify(entry, c)
+    if kind is FlowKind.FOREIGN:
+        return None
+    # a DESTROY event may carry DYING or a closed state: translate the live flow it was
+    alive = replace(entry, status=entry.status & ~Status.DYING | Status.SEEN_REPLY, tcp=None)
+    target = _translate(alive, kind, c).entry
+    return None if target is None else target.key
+
+
 def abort_actions(*plans: Plan) -> list[AbortAction]:
     """What D deletes to undo a migration: every key any of its plans added (PUSH, or the add
     of a REPLACE). Pass every plan of the migration: a re-plan sees earlier pushes as D's and

@@ -18,6 +18,7 @@ from orchestrator.handover.planner import (
     SourceKind,
     abort_actions,
     classify,
+    dest_key,
     explain_abort,
     guest_entries,
     plan_handover,
@@ -436,3 +437,12 @@ def test_seed_config_plans_node1_to_node2():
     p = plan_handover([e], t, "guest1", "node1", "node2")
     assert p.dest[0].entry is not None and p.dest[0].entry.mark == 1
     assert p.dest[0].entry.tuple_reply == Tuple.of(PEER, G, TCP, 443, 40000)
+
+
+def test_dest_key_follows_the_translation_for_destroy_events():
+    e = snat(status=LIVE | SNAT_BITS | S.DYING, tcp=tcp(TcpState.CLOSE))
+    assert dest_key(e, T, "g1", "n1", "n2") == (e.tuple_orig, 0)
+    leg = dest_key(fullnat(1), T, "g1", "n1", "n2")
+    assert leg == (Tuple.of(GIP[1], G, TCP, 52000, 22), 0)
+    assert dest_key(snat(rport=1), T, "g1", "n1", "n2") is None
+    assert dest_key(flow(CLIENT, 1, H, 80), T, "g1", "n1", "n2") is None
