@@ -277,7 +277,9 @@ class Sender:
             self.counters["bad_nack"] += 1
             return []
         self.counters["nack"] += 1
-        out: list[Outgoing] = []
+        # flush first: then a rebuild at as_of n shows exactly the state after seq n-1, so
+        # equal versions mean equal content and a later rebuild always has a higher as_of
+        out = self._drain(now, force=True)
         oldest = self._backlog[0].seq if self._backlog else self._next
         if first < oldest:
             void_last = min(last, oldest - 1)

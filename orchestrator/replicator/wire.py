@@ -65,7 +65,8 @@ class Flag(enum.IntFlag):
     VOID = 0x02  # RESYNC_BEGIN: carries a range of seqs the sender can no longer serve
 
 
-_TYPE_FLAGS = {MsgType.DATA: Flag.RESEND, MsgType.RESYNC_BEGIN: Flag.VOID}
+# plain ints: ~ of an IntFlag member only flips the *defined* bits
+_TYPE_FLAGS: dict[int, int] = {MsgType.DATA: int(Flag.RESEND), MsgType.RESYNC_BEGIN: int(Flag.VOID)}
 
 RECORD_HAS_TCP = 0x01  # record flags: five bytes of TCP state follow
 
