@@ -69,3 +69,26 @@ def status(name: str) -> None:
     from orchestrator.lab.lab import Lab, dump_state
 
     click.echo(dump_state(Lab(name)))
+
+
+@lab.command("migrate")
+@LAB_NAME
+@click.argument("guest")
+@click.option("--to", "dst", required=True, help="destination node")
+@click.option("--control", is_flag=True, help="move the guest without any handover")
+@click.option("--json", "as_json", is_flag=True)
+def migrate(name: str, guest: str, dst: str, control: bool, as_json: bool) -> None:
+    """Live-migrate a lab guest to another node, handing its flows over."""
+    import asyncio
+
+    from orchestrator.lab.lab import Lab
+    from orchestrator.lab.migrate import migrate as do_migrate
+
+    report = asyncio.run(do_migrate(Lab(name), guest, dst, handover=not control))
+    if as_json:
+        click.echo(json.dumps(report.as_dict()))
+    else:
+        r = report.as_dict()
+        click.echo(f"{guest}: {r['from']} -> {r['to']} precopy {r['precopy_ms']} ms, "
+                   f"pause {r['pause_ms']} ms, cutover {r['cutover_ms']} ms, "
+                   f"{r['entries']} entries handed over")

@@ -1,0 +1,53 @@
+"""The lab's hypervisor: a guest is a namespace, its NIC a veth whose node end (the vif)
+moves between node namespaces. The guest keeps its sockets as a VM keeps its memory."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from orchestrator.errors import MigrationError
+from orchestrator.hypervisor import Callback, GuestInfo, Hypervisor
+from orchestrator.lab import netns as ns
+from orchestrator.lab.lab import Lab
+from orchestrator.lab.plan import GUEST_IFACE, vif_name
+
+
+class LabHypervisor(Hypervisor):
+    name = "lab"
+
+    def __init__(self, lab: Lab, keep_arp: bool = True) -> None:
+        self.lab = lab
+        self.topology = lab.topology()
+        # a real VM keeps carrier and its ARP cache across the move; the veth does not,
+        # so we put the old gateway entry back (the destination's gratuitous ARP must fix it)
+        self.keep_arp = keep_arp
+        self.last_pause_ms = 0.0
+
+    def describe(self, guest: str) -> GuestInfo:
+        g = self.topology.guest(guest)
+        return GuestInfo(g.name, tuple(g.macs), tuple(g.addresses),
+                         self.lab.guest_node(self.topology, guest))
+
+    async def migrate(self, guest: str, src: str, dst: str, *, on_paused: Callback,
+                      on_resumed: Callback) -> None:
+        where = self.lab.guest_node(self.topology, guest)
+        if where != src:
+            raise MigrationError(f"{guest} runs on {where}, not {src}")
+        start = time.monotonic()
+        await asyncio.to_thread(self.move_vif, guest, src, dst)
+        self.last_pause_ms = (time.monotonic() - start) * 1000
+        await on_paused()
+        await on_resumed()
+
+    def move_vif(self, guest: str, src: str, dst: str) -> None:
+        t, names = self.topology, self.lab.names
+        vif = vif_name(t, guest)
+        g_ns = names.guest(guest)
+        old_gw = ns.ip(g_ns, "neigh", "show", str(t.cluster.gateway), "dev", GUEST_IFACE)
+        ns.ip(names.node(src), "link", "set", vif, "netns", names.node(dst))
+        ns.enslave(names.node(dst), vif, t.cluster.guest_bridge)
+        if self.keep_arp and "lladdr" in old_gw:
+            mac = old_gw.split("lladdr")[1].split()[0]
+            ns.ip(g_ns, "neigh", "replace", str(t.cluster.gateway), "lladdr", mac, "dev",
+                  GUEST_IFACE, "nud", "stale")

@@ -1,0 +1,96 @@
+"""``convergent lab migrate``: the production coordinator driving the lab hypervisor."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.audit.log import AuditLog
+from orchestrator.errors import MigrationError
+from orchestrator.lab.hypervisor import LabHypervisor
+from orchestrator.lab.lab import Lab
+from orchestrator.migration.coordinator import Coordinator, NodeHandle
+from orchestrator.migration.nodeops import NodeOps
+from orchestrator.netfilter.conntrack import ConntrackTable
+from orchestrator.store import open_store
+from orchestrator.store.base import Store
+
+
+@dataclass
+class MigrationReport:
+    guest: str
+    src: str
+    dst: str
+    precopy_ms: float
+    cutover_ms: float
+    pause_ms: float
+    entries: int
+    total_ms: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"from": self.src, "to": self.dst, "precopy_ms": round(self.precopy_ms, 1),
+                "cutover_ms": round(self.cutover_ms, 1), "pause_ms": round(self.pause_ms, 1),
+                "entries": self.entries, "total_ms": round(self.total_ms, 1)}
+
+
+def store_url(lab: Lab) -> str:
+    return f"sqlite://{lab.dir / 'store.db'}"
+
+
+async def bootstrap_ownership(lab: Lab, store: Store) -> None:
+    """Register the nodes and let each guest's current node claim its addresses once."""
+    t = lab.topology()
+    for n in t.nodes:
+        await store.upsert_node(n.name, n.tag, n.mac_prefix, n.pub_ip)
+    for g in t.guests:
+        node = lab.guest_node(t, g.name)
+        owned = await store.list_ownership(guest=g.name, include_released=True)
+        if node is not None and not owned:
+            await store.claim_all({a: 0 for a in g.addresses}, node, g.name)
+
+
+def node_handles(lab: Lab) -> dict[str, NodeHandle]:
+    t = lab.topology()
+    return {
+        n.name: NodeHandle(n.name, ConntrackTable(lab.names.node(n.name)),
+                           NodeOps(n.name, lab.names.node(n.name), t.cluster.guest_bridge))
+        for n in t.nodes
+    }
+
+
+async def migrate(lab: Lab, guest: str, dst: str, handover: bool = True,
+                  before_move: Callable[[], Awaitable[None]] | None = None) -> MigrationReport:
+    t = lab.topology()
+    hv = LabHypervisor(lab)
+    src = hv.describe(guest).node
+    if src is None:
+        raise MigrationError(f"guest {guest} is not running on any node")
+    if dst not in {n.name for n in t.nodes}:
+        raise MigrationError(f"unknown node {dst!r}")
+    store = await open_store(store_url(lab))
+    nodes = node_handles(lab)
+    try:
+        await bootstrap_ownership(lab, store)
+        audit = AuditLog(lab.dir / "audit.log", node=dst, actor="cli")
+        coord = Coordinator(t, store, nodes, audit, handover=handover)
+        start = time.monotonic()
+
+        async def move(resumed: Callable[[], Awaitable[None]]) -> None:
+            if before_move is not None:
+                await before_move()
+            await hv.migrate(guest, src, dst, on_paused=_nothing, on_resumed=resumed)
+
+        h = await coord.run(guest, src, dst, move)
+        return MigrationReport(guest, src, dst, h.timings.get("precopy", 0.0),
+                               h.timings.get("cutover", 0.0), hv.last_pause_ms,
+                               h.entries_pushed, (time.monotonic() - start) * 1000)
+    finally:
+        for n in nodes.values():
+            n.table.close()
+        await store.close()
+
+
+async def _nothing() -> None:
+    return None
