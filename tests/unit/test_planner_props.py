@@ -34,7 +34,7 @@ OUTSIDE = ["192.168.122.1", "198.51.100.7", "203.0.113.9"]
 NAT = Status.SRC_NAT | Status.DST_NAT | Status.SRC_NAT_DONE | Status.DST_NAT_DONE
 LIB = TcpFlag.BE_LIBERAL
 
-PROPS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 protos = st.sampled_from([Proto.TCP, Proto.TCP, Proto.UDP, Proto.ICMP])
 tags = st.sampled_from([1, 2, 3])
