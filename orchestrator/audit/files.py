@@ -62,30 +62,28 @@ def chain_files(path: Path) -> list[Path]:
     return files
 
 
-def _is_log(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and not path.name.endswith(".lock")
-
-
 def _chains_in(directory: Path) -> list[Path]:
-    """Live paths of the chains under a directory (e.g. one subdirectory per node)."""
+    """Live paths of the chains under a directory (e.g. one subdirectory per node):
+    files named ``*.log`` or ``*.log.N``, so exports and lock files lying beside them
+    are not taken for logs."""
     bases = set()
-    for path in directory.rglob("*"):
-        if _is_log(path):
-            match = _ROTATED.match(path.name)
-            bases.add(path.with_name(match["base"]) if match else path)
+    for path in directory.rglob("*.log*"):
+        match = _ROTATED.match(path.name)
+        base = path.with_name(match["base"]) if match else path
+        if base.name.endswith(".log") and not base.name.startswith(".") and path.is_file():
+            bases.add(base)
     return sorted(bases)
 
 
 def discover(paths: Iterable[Path]) -> list[Chain]:
-    """Chains named by files or directories; a missing log is an error, not an empty
-    view, so a typo does not pass for a quiet night."""
-    chains: list[Chain] = []
+    """Chains named by files or directories, each once. A missing log is an error,
+    not an empty view, so a typo does not pass for a quiet night."""
+    chains: dict[Path, Chain] = {}
     for path in paths:
         lives = _chains_in(path) if path.is_dir() else [path]
-        for live in lives:
-            files = chain_files(live)
-            if files:
-                chains.append(Chain(live, files))
-        if not lives or not any(chain.live in lives for chain in chains):
+        found = [Chain(live, files) for live in lives if (files := chain_files(live))]
+        if not found:
             raise AuditError(f"no audit log at {path} (use --log or ${ENV_PATH})")
-    return chains
+        for chain in found:
+            chains.setdefault(chain.live.resolve(), chain)
+    return list(chains.values())

@@ -104,14 +104,31 @@ class ChainWriter:
             self._fd = self._lock_fd = -1
             self._tail = None
             self._pid = os.getpid()
-        if self._lock_fd < 0:
-            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-                self._lock_fd = os.open(lock_path(self.path), flags, 0o640)
-            except OSError as exc:
-                raise AuditError(f"audit: cannot lock {self.path}: {exc.strerror}") from exc
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        while True:
+            if self._lock_fd < 0:
+                self._lock_fd = self._open_lock()
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            if self._lock_is_current():
+                return
+            # The lock file was removed or replaced while we waited: a lock on the old
+            # inode no longer excludes anyone, so take the new one.
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _open_lock(self) -> int:
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            return os.open(lock_path(self.path), flags, 0o640)
+        except OSError as exc:
+            raise AuditError(f"audit: cannot lock {self.path}: {exc.strerror}") from exc
+
+    def _lock_is_current(self) -> bool:
+        try:
+            return os.stat(lock_path(self.path)).st_ino == os.fstat(self._lock_fd).st_ino
+        except FileNotFoundError:
+            return False
 
     def _release(self) -> None:
         try:

@@ -246,3 +246,11 @@ def test_discover_errors_on_a_missing_log(tmp_path: Path) -> None:
         discover([tmp_path / "nope.log"])
     with pytest.raises(AuditError, match="no audit log"):
         discover([tmp_path])  # an empty directory
+
+
+def test_discover_takes_each_chain_once_and_skips_non_logs(two_nodes: list[Chain]) -> None:
+    root = two_nodes[0].live.parent.parent
+    (root / "export.jsonl").write_text("{}\n")
+    (root / "notes.txt").write_text("hi\n")
+    chains = discover([root, root / "n1" / "audit.log", root / "n2"])
+    assert [c.live for c in chains] == [root / "n1" / "audit.log", root / "n2" / "audit.log"]
