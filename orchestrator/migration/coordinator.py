@@ -218,7 +218,7 @@ class Coordinator:
 
     async def _claim(self, h: Handover) -> None:
         try:
-            expected: dict[Address, int] = dict(h.record.epoch_before)
+            expected: dict[Address, int] = {ip: ep for ip, ep in h.record.epoch_before.items()}
             await self.store.claim_all(expected, h.record.dst, h.record.guest)
         except EpochConflict as exc:
             # a replayed cutover finds its own claim: that is success, anything else is not
