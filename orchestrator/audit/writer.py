@@ -133,7 +133,7 @@ class ChainWriter:
     def _release(self) -> None:
         try:
             if self._dirty and self.fsync:
-                os.fsync(self._fd)
+                self._sync(self._fd)
             self._dirty = False
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
@@ -150,7 +150,7 @@ class ChainWriter:
         self._tail = Tail(tail.ino, tail.size + len(line), tail.seq + 1, line_hash(line[:-1]))
         self._dirty = True
         if self._batch == 0 and self.fsync:
-            os.fsync(fd)
+            self._sync(fd)
             self._dirty = False
         return record
 
@@ -208,10 +208,16 @@ class ChainWriter:
     def _rotate(self, fd: int, tail: Tail) -> tuple[int, Tail]:
         """Rename the full file away; the new file's first line links to its last."""
         if self._dirty and self.fsync:
-            os.fsync(fd)
+            self._sync(fd)
         os.rename(self.path, next_rotated(self.path))
         fd = self._open()
         return fd, Tail(self._ino, 0, tail.seq, tail.hash)
+
+    def _sync(self, fd: int) -> None:
+        try:
+            os.fsync(fd)
+        except OSError as exc:  # the line may not be on disk: the caller must know
+            raise AuditError(f"audit: cannot fsync {self.path}: {exc.strerror}") from exc
 
     def _write(self, fd: int, line: bytes, size: int) -> None:
         try:

@@ -134,7 +134,9 @@ def audit() -> None:
 @audit.command()
 @log_option
 @filter_options
-@click.option("--migration", help="One migration's phases as a timeline (all nodes).")
+@click.option(
+    "--migration", help="One migration's phases as a timeline (all nodes); --json: its records."
+)
 @click.option("--json", "as_json", is_flag=True, help="JSON lines: each record as stored.")
 @click.option("-n", "--last", type=click.IntRange(min=1), help="Only the last N matches.")
 def show(logs: tuple[Path, ...], as_json: bool, last: int | None, **opts: Any) -> None:
@@ -205,9 +207,12 @@ def _poll(scanner: Scanner, followers: list[Follower]) -> Iterator[Row]:
 def verify(
     ctx: click.Context, logs: tuple[Path, ...], partial: bool, anchors: tuple[str, ...]
 ) -> None:
-    """Check each chain. Exit 0 intact; 1 edited, deleted, inserted or reordered lines
-    (the first bad line is named as file:line); 3 intact except a last line cut short
-    by a crash (not tampering)."""
+    """Check the hash chains: exit 0 intact, 1 tampered, 3 crash-truncated.
+
+    1: a line edited, deleted, inserted or reordered, or a rotated file missing; the
+    first bad line is named as file:line. 3: intact except a last line cut short by a
+    crash (not tampering). On success each chain's head is printed as SEQ:HASH, to pass
+    back later with --anchor."""
     chains = _chains(logs)
     noted = _anchors(anchors)
     if noted and len(chains) > 1:

@@ -14,8 +14,8 @@ from orchestrator.audit.writer import bulk_append
 
 def test_bench_reports_all_figures(tmp_path: Path) -> None:
     figures = run(records=20, lines=3000, directory=tmp_path)
-    for key in ("write_per_s", "write_batch_per_s", "verify_1m_s", "show_filter_1m_s"):
-        assert figures[key] > 0
+    assert figures["write_per_s"] > 0 and figures["write_batch_per_s"] > 0
+    assert figures["verify_1m_s"] >= 0 and figures["show_filter_1m_s"] >= 0
     assert figures["show_filter_matches"] == 3  # g-0042 every 1000 lines, all migration.*
     json.dumps(figures)
 
