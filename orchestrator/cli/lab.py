@@ -92,3 +92,22 @@ def migrate(name: str, guest: str, dst: str, control: bool, as_json: bool) -> No
         click.echo(f"{guest}: {r['from']} -> {r['to']} precopy {r['precopy_ms']} ms, "
                    f"pause {r['pause_ms']} ms, cutover {r['cutover_ms']} ms, "
                    f"{r['entries']} entries handed over")
+
+
+@lab.command("demo")
+@LAB_NAME
+@click.option("--nodes", default=3, show_default=True, type=click.IntRange(2, 16))
+@click.option("--control", is_flag=True, help="the same tour with the handover disabled")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--plot", type=click.Path(dir_okay=False), help="draw each flow's gaps (PNG)")
+@click.option("--tcp-loose", type=click.IntRange(0, 1), help="set nf_conntrack_tcp_loose")
+@click.option("--keep", is_flag=True, help="leave the lab up afterwards")
+def demo(name: str, nodes: int, control: bool, as_json: bool, plot: str | None,
+         tcp_loose: int | None, keep: bool) -> None:
+    """Real SSH, websocket, HTTP, UDP and guest-initiated flows while the guest tours the
+    cluster (n1 -> n2 -> n3 -> n1); reports which flows survived and their largest gap."""
+    from orchestrator.lab.demo import render_table, run_demo
+
+    result = run_demo(name, nodes, control, tcp_loose=tcp_loose,
+                      plot=Path(plot) if plot else None, keep=keep)
+    click.echo(json.dumps(result) if as_json else render_table(result))

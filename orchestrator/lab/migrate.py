@@ -61,9 +61,10 @@ def node_handles(lab: Lab) -> dict[str, NodeHandle]:
 
 
 async def migrate(lab: Lab, guest: str, dst: str, handover: bool = True,
-                  before_move: Callable[[], Awaitable[None]] | None = None) -> MigrationReport:
+                  before_move: Callable[[], Awaitable[None]] | None = None,
+                  keep_arp: bool = True) -> MigrationReport:
     t = lab.topology()
-    hv = LabHypervisor(lab)
+    hv = LabHypervisor(lab, keep_arp=keep_arp)
     src = hv.describe(guest).node
     if src is None:
         raise MigrationError(f"guest {guest} is not running on any node")
