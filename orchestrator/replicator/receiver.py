@@ -262,16 +262,22 @@ class Receiver:
         st.highest = max(st.highest, st.expected - 1)
 
     def _skip_to(self, st: _Stream, upto: int) -> None:
-        """Give up on every missing seq below ``upto``; apply what we hold, in order."""
+        """Give up on every missing seq below ``upto``; apply what we hold, in order. After
+        each hole ``since`` moves, so a held RESYNC_END spanning a hole does not sweep."""
         for seq in sorted(s for s in st.buffer if s < upto):
+            self._jump(st, seq)
             self._apply(st, st.buffer.pop(seq), seq)
-        if upto > st.expected:
-            self.counters["skipped"] += upto - st.expected
-            st.expected = st.since = upto
-            st.cache.prune(upto)
+            st.expected = seq + 1
+        self._jump(st, upto)
+        st.cache.prune(st.expected)
         st.highest = max(st.highest, upto - 1)
         st.nack_tries = 0
         self._drain(st)
+
+    def _jump(self, st: _Stream, to: int) -> None:
+        if to > st.expected:
+            self.counters["skipped"] += to - st.expected
+            st.expected = st.since = to
 
     def _apply(self, st: _Stream, msg: Message, seq: int) -> None:
         if msg.type == MsgType.RESYNC_END:
