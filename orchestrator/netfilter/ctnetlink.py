@@ -427,6 +427,7 @@ Buffer = bytes | bytearray | memoryview
 def walk(buf: Buffer, off: int, end: int) -> Iterator[tuple[int, int, int]]:
     """(type, payload start, payload end) of each attribute in ``buf[off:end]``."""
     unpack = _NLA_HDR.unpack_from
+    end = min(end, len(buf))
     while off + 4 <= end:
         alen, atype = unpack(buf, off)
         if alen < 4 or off + alen > end:
