@@ -24,7 +24,7 @@ GUEST = "guest1"
 def run_demo(name: str, nodes: int = 3, control: bool = False,
              tour: Sequence[str] | None = None, settle_s: float = 3.0,
              tcp_loose: int | None = None, plot: Path | None = None,
-             keep: bool = False) -> dict[str, Any]:
+             keep: bool = False, warmup_s: float | None = None) -> dict[str, Any]:
     lab = Lab(name)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "demo.toml"
@@ -38,7 +38,7 @@ def run_demo(name: str, nodes: int = 3, control: bool = False,
         names = [n.name for n in t.nodes]
         tour = list(tour or [*names[1:], names[0]])
         flows = start_flows(lab, t, GUEST, names)
-        time.sleep(settle_s)
+        time.sleep(settle_s if warmup_s is None else warmup_s)
         migrations: list[dict[str, Any]] = []
         marks: list[tuple[float, str]] = []
         for dst in tour:
