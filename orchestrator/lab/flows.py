@@ -1,0 +1,401 @@
+"""Live flows for ``convergent lab demo``: long-lived streams and what happened to each.
+
+:func:`start_flows` opens, for every entry node given, one stream of each inbound kind
+(real OpenSSH, websocket client-push and server-push, HTTP/1.1 keep-alive, UDP
+request/response) to the node's public address, plus one guest-initiated TCP stream
+(SNAT) to the workstation. Every stream carries a line every 50 ms and never reconnects.
+:meth:`FlowSet.stop` ends them and judges each: it survived if its connection was never
+closed or reset and lines still arrived at the end.
+
+Processes (all spawned inside the lab's namespaces, so ``lab down`` ends them too):
+sshd and :mod:`~orchestrator.lab.flow_servers` in the guest; one
+:mod:`~orchestrator.lab.flow_client` in the workstation (it drives the ``ssh`` clients and
+hosts the echo server of the guest-initiated stream) and one in the guest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import LabError
+from orchestrator.lab import netns as ns
+from orchestrator.lab.lab import Lab
+from orchestrator.lab.plan import GUEST_IFACE, default_config
+from orchestrator.model.cluster import Mode, Topology
+
+INTERVAL = 0.05
+SSH_PORT = 22
+WS_PORT = 8765
+HTTP_PORT = 8000
+UDP_PORT = 9123
+SNAT_PORT = 7001  # the workstation's echo server (7000 is the lab's own responder)
+INBOUND_KINDS = ("ssh", "ws-client-push", "ws-server-push", "http-keepalive", "udp")
+KIND_PORT = {"ssh": SSH_PORT, "ws-client-push": WS_PORT, "ws-server-push": WS_PORT,
+             "http-keepalive": HTTP_PORT, "udp": UDP_PORT}
+# (service name, port, proto): what demo_config publishes, stateless, to the guest
+DEMO_SERVICES = (("ssh", SSH_PORT, "tcp"), ("ws", WS_PORT, "tcp"),
+                 ("http-keepalive", HTTP_PORT, "tcp"), ("udp-echo", UDP_PORT, "udp"))
+SSHD_PRIVSEP_DIR = Path("/run/sshd")  # compiled into Debian's sshd; it refuses to start without
+
+
+def demo_config(nodes: int = 3, lab: str = "lab", guest: str = "guest1") -> str:
+    """The lab's default cluster plus the stateless services the demo's flows use."""
+    parts = [default_config(nodes, lab)]
+    for name, port, proto in DEMO_SERVICES:
+        parts.append(f'[[services]]\nname = "{name}"\nport = {port}\nproto = "{proto}"\n'
+                     f'guest = "{guest}"\nmode = "stateless"\n')
+    return "\n".join(parts)
+
+
+@dataclass
+class FlowResult:
+    name: str
+    kind: str
+    entry_node: str
+    survived: bool
+    max_gap_ms: float
+    gaps: list[tuple[float, float]]  # (wall-clock arrival time, ms since the previous line)
+    lines_sent: int  # ws-server-push: the lines that arrived (the server's count is unseen)
+    lines_received: int
+    error: str | None
+    died_at: float | None = None  # wall clock: the error, or the last line of a silent death
+
+
+@dataclass
+class _Proc:
+    pid: int
+    log: Path
+    result: Path | None = None
+
+
+@dataclass
+class FlowSet:
+    lab: Lab
+    run_dir: Path
+    clients: list[_Proc]
+    servers: list[_Proc]
+    guest_ns: str
+    responder: list[str]  # the lab's guest responder, stopped while the flows run
+    started_at: float = field(default_factory=time.time)
+    results: list[FlowResult] | None = None
+
+    def stop(self, alive_within: float = 2.0, timeout: float = 10.0) -> list[FlowResult]:
+        """End every stream and judge it: alive = no error and a line in ``alive_within``
+        seconds before the stop (so stop a few seconds after the last migration)."""
+        if self.results is None:
+            for proc in self.clients:
+                _signal(proc.pid, signal.SIGTERM)
+            try:
+                self.results = [r for proc in self.clients
+                                for r in _collect(proc, alive_within, timeout)]
+            finally:
+                self._stop_servers()
+        return self.results
+
+    def abort(self) -> None:
+        """Stop everything without judging (a start that failed half-way)."""
+        for proc in self.clients:
+            _signal(proc.pid, signal.SIGTERM)  # they end their ssh clients on the way out
+        self._stop_servers()
+
+    def _stop_servers(self) -> None:
+        for proc in self.servers:  # frees the ports for the next start_flows
+            _signal(proc.pid, signal.SIGTERM)
+        _wait_gone([proc.pid for proc in self.servers])
+        if self.responder:  # leave the lab as we found it: ``lab check`` passes again
+            log = self.run_dir / "responder.log"
+            ns.spawn(self.guest_ns, self.responder, log)
+            ns.wait_for_line(log, "ready")
+            self.responder = []
+
+
+def start_flows(lab: Lab, topology: Topology, guest: str,
+                entry_nodes: Sequence[str]) -> FlowSet:
+    """Open every stream (each inbound kind via each entry node, plus guest-initiated)."""
+    _require_services(topology, guest)
+    home = lab.guest_node(topology, guest)
+    if home is None:
+        raise LabError(f"guest {guest!r} is on no node")
+    inbound = _inbound_specs(topology, entry_nodes)
+    run_dir = _new_run_dir(lab)
+    g_ns, ws_ns = lab.names.guest(guest), lab.names.workstation
+    flows = FlowSet(lab, run_dir, [], [], g_ns, _free_guest_ports(lab, guest))
+    try:
+        flows.servers += [_start_sshd(g_ns, run_dir), _start_app_servers(g_ns, run_dir)]
+        ws_spec = {"flows": inbound, "echo_port": SNAT_PORT,
+                   "ssh_key": str(run_dir / "ssh" / "client_key")}
+        flows.clients.append(_start_client(ws_ns, run_dir, "workstation", ws_spec,
+                                           "listening"))
+        snat = {"name": "guest-snat", "kind": "guest-snat", "entry_node": home,
+                "host": str(topology.lab.workstation), "port": SNAT_PORT}
+        flows.clients.append(_start_client(g_ns, run_dir, "guest", {"flows": [snat]}))
+        failed = {k: v for c in flows.clients for k, v in _wait_ready(c).items()}
+        if failed:
+            raise LabError(f"flows failed to start: {failed}")
+    except BaseException:
+        flows.abort()
+        raise
+    return flows
+
+
+# preparation -------------------------------------------------------------------------
+def _require_services(t: Topology, guest: str) -> None:
+    published = {(s.port, s.target_port, s.proto) for s in t.services
+                 if s.guest == guest and s.mode is Mode.STATELESS}
+    missing = [n for n, p, proto in DEMO_SERVICES if (p, p, proto) not in published]
+    if missing:
+        raise LabError(f"the lab does not publish {missing} to {guest} statelessly: "
+                       "build it with flows.demo_config()")
+
+
+def _new_run_dir(lab: Lab) -> Path:
+    base = lab.dir / "flows"
+    for i in itertools.count(1):
+        run_dir = base / f"run{i}"
+        if not run_dir.exists():
+            run_dir.mkdir(parents=True)
+            return run_dir
+    raise AssertionError("unreachable")
+
+
+def _inbound_specs(t: Topology, entry_nodes: Sequence[str]) -> list[dict[str, Any]]:
+    unknown = [n for n in entry_nodes if n not in {node.name for node in t.nodes}]
+    if unknown:
+        raise LabError(f"unknown entry nodes: {unknown}")
+    specs = []
+    for node in map(t.node, entry_nodes):
+        for kind in INBOUND_KINDS:
+            specs.append({"name": f"{kind}@{node.name}", "kind": kind, "entry_node": node.name,
+                          "host": str(node.pub_ip), "port": KIND_PORT[kind]})
+    return specs
+
+
+def _free_guest_ports(lab: Lab, guest: str) -> list[str]:
+    """The lab's one-shot responder listens on every published port, the demo's too:
+    stop it while the flows run. Returns its arguments, to start it again at stop."""
+    demo = {(p, proto) for _, p, proto in DEMO_SERVICES}
+    found = [(pid, argv) for pid in _ns_pids(lab.names.guest(guest))
+             if (argv := _responder_argv(pid)) and _ports(argv) & demo]
+    for pid, _ in found:
+        _signal(pid, signal.SIGTERM)
+    _wait_gone([pid for pid, _ in found])
+    return found[0][1] if found else []
+
+
+def _responder_argv(pid: int) -> list[str]:
+    """The command line of a lab responder process; empty for anything else."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().rstrip("\0").split("\0")
+    except OSError:
+        return []
+    return argv if "orchestrator.lab.responder" in argv else []
+
+
+def _ports(argv: list[str]) -> set[tuple[int, str]]:
+    return {(int(v), k[2:]) for k, v in itertools.pairwise(argv) if k in ("--tcp", "--udp")}
+
+
+def _ns_pids(netns: str) -> list[int]:
+    return [int(p) for p in ns.sh(["ip", "netns", "pids", netns], check=False).split()]
+
+
+def _wait_gone(pids: list[int], timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (the lab spawns without reaping; a zombie holds no port)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# processes ---------------------------------------------------------------------------
+def _start_sshd(g_ns: str, run_dir: Path) -> _Proc:
+    sshd = shutil.which("sshd", path=os.pathsep.join(
+        [os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+    if sshd is None:
+        raise LabError("missing sshd (package openssh-server)")
+    config = _ssh_material(run_dir / "ssh")
+    SSHD_PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
+    log = run_dir / "sshd.log"
+    # -D: stays in the foreground (dies with the namespace); -e: logs to the log file
+    pid = ns.spawn(g_ns, [os.path.abspath(sshd), "-D", "-e", "-f", str(config)], log)
+    ns.wait_for_line(log, "Server listening")
+    return _Proc(pid, log)
+
+
+def _ssh_material(d: Path) -> Path:
+    """Host key, client key, authorized_keys and an sshd config, all in the lab dir."""
+    d.mkdir(mode=0o700)
+    for key in ("host_key", "client_key"):
+        ns.sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"convergent-{key}",
+               "-f", str(d / key)])
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+    config = d / "sshd_config"
+    config.write_text("\n".join([
+        f"Port {SSH_PORT}", "ListenAddress 0.0.0.0", f"HostKey {d / 'host_key'}",
+        f"AuthorizedKeysFile {d / 'authorized_keys'}", "PermitRootLogin prohibit-password",
+        "PubkeyAuthentication yes", "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no", "UseDNS no",
+        "PidFile none", "PrintMotd no", "PrintLastLog no", "Subsystem sftp internal-sftp",
+        # no keepalives: the harness must see breakage, not have it masked or caused
+        "ClientAliveInterval 0", "TCPKeepAlive no", "MaxStartups 64", "LogLevel INFO", "",
+    ]))
+    return config
+
+
+def _start_app_servers(g_ns: str, run_dir: Path) -> _Proc:
+    log = run_dir / "flow-servers.log"
+    pid = ns.spawn(g_ns, [sys.executable, "-m", "orchestrator.lab.flow_servers",
+                          "--ws", str(WS_PORT), "--http", str(HTTP_PORT),
+                          "--udp", str(UDP_PORT), "--interval", str(INTERVAL)], log)
+    ns.wait_for_line(log, "ready")
+    return _Proc(pid, log)
+
+
+def _start_client(netns: str, run_dir: Path, name: str, spec: dict[str, Any],
+                  wait_for: str | None = None) -> _Proc:
+    spec_path, result = run_dir / f"{name}-spec.json", run_dir / f"{name}-result.json"
+    spec_path.write_text(json.dumps({"interval": INTERVAL, **spec}))
+    log = run_dir / f"{name}-client.log"
+    pid = ns.spawn(netns, [sys.executable, "-m", "orchestrator.lab.flow_client",
+                           "--spec", str(spec_path), "--result", str(result)], log)
+    if wait_for:
+        ns.wait_for_line(log, wait_for)
+    return _Proc(pid, log, result)
+
+
+def _wait_ready(proc: _Proc) -> dict[str, str]:
+    """The client's connect failures ({} when every stream is up)."""
+    ns.wait_for_line(proc.log, "ready ", timeout=20)
+    line = next(ln for ln in proc.log.read_text().splitlines() if ln.startswith("ready "))
+    failed: dict[str, str] = json.loads(line.removeprefix("ready "))
+    return failed
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+# the hypervisor's part of a move ------------------------------------------------------
+# QEMU's announce-self (and Xen's netfront) broadcast a frame from the guest's MAC after a
+# move so switches relearn where it is. A bare vif move lacks it: the cluster switch keeps
+# the guest's MAC on the source's pipe, and everything entering via another node is lost.
+_ANNOUNCE = """
+import socket, sys, time
+mac = bytes.fromhex(sys.argv[1].replace(":", ""))
+rarp = bytes.fromhex("0001080006040003") + mac + bytes(4) + mac + bytes(4)
+frame = b"\\xff" * 6 + mac + b"\\x80\\x35" + rarp + bytes(60 - 14 - len(rarp))
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((sys.argv[2], 0))
+start = time.monotonic()
+for at in map(float, sys.argv[3:]):
+    time.sleep(max(0.0, start + at - time.monotonic()))
+    try:
+        s.send(frame)
+    except OSError as exc:
+        print("lost", at, exc, flush=True)
+print("announced", flush=True)
+"""
+# QEMU's rounds start at 50 ms; later ones cover the lab's ~1 s carrier hiccup
+ANNOUNCE_AT = (0.0, 0.05, 0.15, 0.35, 0.75, 1.5)
+
+
+def announce_guest(lab: Lab, topology: Topology, guest: str) -> None:
+    """Broadcast RARP from the guest's MAC (in the background), as a hypervisor does."""
+    mac = topology.guest(guest).macs[0]
+    argv = [sys.executable, "-c", _ANNOUNCE, mac, GUEST_IFACE, *map(str, ANNOUNCE_AT)]
+    ns.spawn(lab.names.guest(guest), argv, lab.dir / "logs" / f"announce-{guest}.log")
+
+
+# judging -----------------------------------------------------------------------------
+def _collect(proc: _Proc, alive_within: float, timeout: float) -> list[FlowResult]:
+    assert proc.result is not None
+    deadline = time.monotonic() + timeout
+    while not proc.result.exists():
+        if time.monotonic() > deadline:
+            tail = proc.log.read_text(errors="replace")[-400:] if proc.log.exists() else ""
+            raise LabError(f"flow client wrote no result ({proc.result}): {tail}")
+        time.sleep(0.05)
+    data = json.loads(proc.result.read_text())
+    return [judge(f, data["stopped_at"], alive_within) for f in data["flows"]]
+
+
+def judge(flow: dict[str, Any], stopped_at: float, alive_within: float) -> FlowResult:
+    """A flow survived if nothing ended it and its last line came within ``alive_within``."""
+    arrivals: list[float] = flow["arrivals"]
+    gaps = [(b, round((b - a) * 1000, 1)) for a, b in itertools.pairwise(arrivals)]
+    last = arrivals[-1] if arrivals else flow["connected_at"] or stopped_at
+    tail_s = max(0.0, stopped_at - last)
+    gaps.append((stopped_at, round(tail_s * 1000, 1)))  # the open gap counts too
+    error: str | None = flow["error"]
+    silent = tail_s > alive_within
+    if error is None and silent:
+        error = f"silent: nothing received in the last {tail_s:.1f} s"
+    died_at = flow["error_at"] if flow["error"] else (last if silent else None)
+    return FlowResult(
+        name=flow["name"], kind=flow["kind"], entry_node=flow["entry_node"],
+        survived=error is None, max_gap_ms=max(g for _, g in gaps), gaps=gaps,
+        lines_sent=flow["sent"], lines_received=flow["received"], error=error,
+        died_at=died_at,
+    )
+
+
+# plotting ----------------------------------------------------------------------------
+def plot_gaps(results: Sequence[FlowResult], migrations: Sequence[tuple[float, str]],
+              path: str | Path) -> None:
+    """One panel per kind, one line per entry node: the gap before each line (ms, log
+    scale) over time; migrations as vertical lines, deaths as crosses."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(r.kind for r in results))
+    t0 = min([t for r in results for t, _ in r.gaps[:1]] + [t for t, _ in migrations]
+             or [0.0])
+    fig, axes = plt.subplots(len(kinds), 1, sharex=True, squeeze=False,
+                             figsize=(11, 1.9 * len(kinds) + 1))
+    for ax, kind in zip(axes[:, 0], kinds, strict=True):
+        _plot_kind(ax, [r for r in results if r.kind == kind], migrations, t0)
+        ax.set_title(kind, loc="left", fontsize=9)
+    axes[-1, 0].set_xlabel("seconds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_kind(ax: Any, results: list[FlowResult], migrations: Sequence[tuple[float, str]],
+               t0: float) -> None:
+    for r in results:
+        xs = [t - t0 for t, _ in r.gaps]
+        ys = [max(g, 1.0) for _, g in r.gaps]
+        label = f"via {r.entry_node}" + ("" if r.survived else " (died)")
+        # a gap spans the time before its arrival: steps drawn backwards show that
+        (line,) = ax.step(xs, ys, where="pre", lw=0.9, label=label)
+        if r.died_at is not None:
+            ax.plot([r.died_at - t0], [ys[-1] if ys else 1.0], "x", ms=9, mew=2,
+                    color=line.get_color())
+    for t, label in migrations:
+        ax.axvline(t - t0, color="grey", ls="--", lw=0.8)
+        ax.annotate(label, (t - t0, 1), xycoords=("data", "axes fraction"), fontsize=7,
+                    ha="left", va="top", rotation=90, color="grey")
+    ax.set_yscale("log")
+    ax.set_ylabel("gap ms", fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", ncols=4)
