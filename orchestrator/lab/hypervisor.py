@@ -9,6 +9,7 @@ import time
 from orchestrator.errors import MigrationError
 from orchestrator.hypervisor import Callback, GuestInfo, Hypervisor
 from orchestrator.lab import netns as ns
+from orchestrator.lab.flows import announce_guest
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.plan import GUEST_IFACE, vif_name
 
@@ -47,6 +48,8 @@ class LabHypervisor(Hypervisor):
         old_gw = ns.ip(g_ns, "neigh", "show", str(t.cluster.gateway), "dev", GUEST_IFACE)
         ns.ip(names.node(src), "link", "set", vif, "netns", names.node(dst))
         ns.enslave(names.node(dst), vif, t.cluster.guest_bridge)
+        # as QEMU/Xen do after a move: RARP from the guest's MAC so the switches relearn it
+        announce_guest(self.lab, t, guest)
         if self.keep_arp and "lladdr" in old_gw:
             mac = old_gw.split("lladdr")[1].split()[0]
             ns.ip(g_ns, "neigh", "replace", str(t.cluster.gateway), "lladdr", mac, "dev",
