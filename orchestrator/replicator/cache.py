@@ -14,12 +14,11 @@ tombstones are kept only while they are ahead of it and pruned as it passes.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator, Mapping
-from types import MappingProxyType
+from collections.abc import Callable, Iterator, Mapping, ValuesView
 
 from orchestrator.model.conntrack import Entry, Event, EventType
 
-from .wire import Key, Record
+from .wire import EncodeError, Key, Record, WireKey, key_to_wire
 
 Listener = Callable[[Event], None]
 
@@ -30,47 +29,70 @@ class Outcome(enum.Enum):
     DESTROY_UNKNOWN = "destroy_unknown"  # nothing to destroy (harmless)
 
 
+class EntriesView(Mapping[Key, Entry]):
+    """Read-only ``Entry.key -> Entry`` over a dict kept by wire key."""
+
+    def __init__(self, entries: dict[WireKey, Entry]) -> None:
+        self._entries = entries
+
+    def __getitem__(self, key: Key) -> Entry:
+        try:
+            return self._entries[key_to_wire(key)]
+        except EncodeError:
+            raise KeyError(key) from None
+
+    def __iter__(self) -> Iterator[Key]:
+        return (e.key for e in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def values(self) -> ValuesView[Entry]:
+        return self._entries.values()
+
+
 class ExternalCache:
-    """key -> Entry for one sender stream, with per-key versions and ahead-tombstones."""
+    """key -> Entry for one sender stream, with per-key versions and ahead-tombstones.
+    Kept by wire key (bytes, hashed once) since every record touches these dicts."""
 
     def __init__(self, listener: Listener | None = None) -> None:
-        self._entries: dict[Key, Entry] = {}
-        self._versions: dict[Key, int] = {}
-        self._tombs: dict[Key, int] = {}
+        self._entries: dict[WireKey, Entry] = {}
+        self._versions: dict[WireKey, int] = {}
+        self._tombs: dict[WireKey, int] = {}
         self._listener = listener
-        self.entries: Mapping[Key, Entry] = MappingProxyType(self._entries)
+        self.entries: Mapping[Key, Entry] = EntriesView(self._entries)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def __iter__(self) -> Iterator[Key]:
-        return iter(self._entries)
+        return iter(self.entries)
 
-    def version(self, key: Key) -> int | None:
+    def version(self, key: WireKey) -> int | None:
         v = self._versions.get(key)
-        return self._tombs.get(key) if v is None else v
+        return self._tombs.get(key) if v is None and self._tombs else v
 
     def apply(self, record: Record, version: int, frontier: int) -> Outcome:
         """Apply one record of version ``version``; ``frontier`` is the lowest version a
         later record can still have (the seq after the datagram being applied)."""
-        key = record.key
+        key = record.wire_key()
         stored = self.version(key)
         if stored is not None and version < stored:
             return Outcome.SUPERSEDED
         if record.entry is not None:
-            return self._upsert(key, record.entry, version)
+            return self._upsert(key, record.entry, version, stored is not None)
         return self._destroy(key, version, frontier)
 
-    def _upsert(self, key: Key, entry: Entry, version: int) -> Outcome:
-        self._tombs.pop(key, None)
-        known = key in self._entries
+    def _upsert(self, key: WireKey, entry: Entry, version: int, known: bool) -> Outcome:
+        if self._tombs:
+            known = self._tombs.pop(key, None) is None and known
         self._entries[key] = entry
         self._versions[key] = version
         if self._listener is not None:
             self._listener(Event(EventType.UPDATE if known else EventType.NEW, entry))
         return Outcome.APPLIED
 
-    def _destroy(self, key: Key, version: int, frontier: int) -> Outcome:
+    def _destroy(self, key: WireKey, version: int, frontier: int) -> Outcome:
         old = self._entries.pop(key, None)
         self._versions.pop(key, None)
         if version > frontier:

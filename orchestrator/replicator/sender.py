@@ -32,7 +32,6 @@ from typing import NamedTuple
 from orchestrator.model.conntrack import Entry, Event, EventType
 
 from .wire import (
-    DESTROY_SIZE,
     HEADER_SIZE,
     MAC_SIZE,
     SEQ_MOD,
@@ -45,8 +44,11 @@ from .wire import (
     MsgType,
     Outgoing,
     Peer,
-    encode_destroy,
+    WireKey,
+    destroy_record,
     encode_upsert,
+    key_of_record,
+    key_to_wire,
     unwrap,
 )
 
@@ -74,14 +76,14 @@ class _Slot(NamedTuple):
 
 class _Sent(NamedTuple):
     seq: int
-    keys: tuple[Key, ...] | None  # None: a RESYNC_END
+    keys: tuple[WireKey, ...] | None  # None: a RESYNC_END
     begin: int = 0
 
 
 @dataclass(slots=True)
 class _Resync:
     begin: int  # first seq that can carry snapshot records
-    keys: list[Key]
+    keys: list[WireKey]
     last: float
     pos: int = 0
     budget: float = 0.0
@@ -108,8 +110,9 @@ class Sender:
         self.counters: Counter[str] = Counter()
         self._scope, self._dest = scope, dest
         self._room = self.config.mtu - HEADER_SIZE - MAC_SIZE
-        self._table: dict[Key, _Slot] = {}
-        self._queue: dict[Key, tuple[EventType, int]] = {}  # key -> (op hint, record size)
+        # keyed by wire key (bytes: hashed once, in C) rather than Entry.key
+        self._table: dict[WireKey, _Slot] = {}
+        self._queue: dict[WireKey, tuple[EventType, int]] = {}  # -> (op hint, record size)
         self._queued = 0  # bytes
         self._deadline: float | None = None
         self._next = initial_seq % SEQ_MOD
@@ -128,7 +131,8 @@ class Sender:
         return self._resync is not None
 
     def state(self) -> Mapping[Key, Entry]:
-        return {k: slot.entry for k, slot in self._table.items()}
+        """The current table (a copy, keyed by Entry.key)."""
+        return {slot.entry.key: slot.entry for slot in self._table.values()}
 
     # --- inputs -------------------------------------------------------------------------
 
@@ -140,18 +144,18 @@ class Sender:
         """A conntrack change (an Event, or an Entry meaning 'it is now this')."""
         entry = item.entry if isinstance(item, Event) else item
         op = item.type if isinstance(item, Event) else EventType.UPDATE
-        if op == EventType.DESTROY or (self._scope is not None and not self._scope(entry)):
-            return self._remove(entry.key, now)
         try:
+            if op == EventType.DESTROY or (self._scope is not None and not self._scope(entry)):
+                return self._remove(key_to_wire(entry.key), now)
             wire = encode_upsert(entry)
         except EncodeError:
             self.counters["unencodable"] += 1
             return []
-        key = entry.key
-        if key not in self._table:
+        key = key_of_record(wire)
+        if self._table.get(key) is None:
             op = EventType.NEW
         self._table[key] = _Slot(entry, wire)
-        self._enqueue(key, op, now)
+        self._enqueue(key, op, len(wire), now)
         return self._flush_full(now)
 
     def on_datagram(self, data: bytes, peer: Peer, now: float) -> list[Outgoing]:
@@ -189,16 +193,14 @@ class Sender:
 
     # --- tx queue and datagrams ---------------------------------------------------------
 
-    def _remove(self, key: Key, now: float) -> list[Outgoing]:
+    def _remove(self, key: WireKey, now: float) -> list[Outgoing]:
         if self._table.pop(key, None) is None:
             self.counters["destroy_unknown"] += 1
             return []
-        self._enqueue(key, EventType.DESTROY, now)
+        self._enqueue(key, EventType.DESTROY, len(key) + 2, now)
         return self._flush_full(now)
 
-    def _enqueue(self, key: Key, op: EventType, now: float) -> None:
-        slot = self._table.get(key)
-        size = len(slot.wire) if slot else DESTROY_SIZE[key[0].family]
+    def _enqueue(self, key: WireKey, op: EventType, size: int, now: float) -> None:
         old = self._queue.get(key)
         if old is not None:
             self._queued -= old[1]
@@ -209,10 +211,10 @@ class Sender:
         if self._deadline is None:
             self._deadline = now + self.config.flush_after
 
-    def _record(self, key: Key, op: EventType) -> bytes:
+    def _record(self, key: WireKey, op: EventType) -> bytes:
         slot = self._table.get(key)
         if slot is None:
-            return encode_destroy(key)
+            return destroy_record(key)
         return _NEW + slot.wire[1:] if op == EventType.NEW else slot.wire
 
     def _flush_full(self, now: float) -> list[Outgoing]:
@@ -221,7 +223,7 @@ class Sender:
     def _drain(self, now: float, force: bool) -> list[Outgoing]:
         """Pack the queue into datagrams; without ``force`` keep the last partial one."""
         out: list[Outgoing] = []
-        keys: list[Key] = []
+        keys: list[WireKey] = []
         parts: list[bytes] = []
         size = 0
         for key, (op, _) in self._queue.items():
@@ -240,7 +242,7 @@ class Sender:
         self._deadline = self._deadline if keys else None
         return out
 
-    def _emit(self, keys: list[Key], parts: list[bytes], now: float) -> Outgoing:
+    def _emit(self, keys: list[WireKey], parts: list[bytes], now: float) -> Outgoing:
         seq = self._next
         self._next += 1
         self._backlog.append(_Sent(seq, tuple(keys)))
@@ -303,7 +305,7 @@ class Sender:
         for key in sent.keys:
             rec = self._record(key, EventType.UPDATE)
             if size + len(rec) > self._room:  # grew since (a DESTROY is now an entry)
-                self._enqueue(key, EventType.UPDATE, now)
+                self._enqueue(key, EventType.UPDATE, len(rec), now)
                 continue
             parts.append(rec)
             size += len(rec)
@@ -338,8 +340,9 @@ class Sender:
         r.pos += len(chunk)
         r.budget -= len(chunk)
         for key in chunk:
-            if key in self._table:  # gone ones already had their DESTROY sent
-                self._enqueue(key, EventType.UPDATE, now)
+            slot = self._table.get(key)
+            if slot is not None:  # gone ones already had their DESTROY sent
+                self._enqueue(key, EventType.UPDATE, len(slot.wire), now)
         self.counters["resync_records"] += len(chunk)
         out = self._flush_full(now)
         if r.pos >= len(r.keys):

@@ -18,7 +18,7 @@ import hashlib
 import hmac
 import struct
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
@@ -45,6 +45,7 @@ SEQ_MOD = 1 << 32
 _HALF = 1 << 31
 
 Key = tuple[Tuple, int]  # Entry.key: (tuple_orig, zone)
+WireKey = bytes  # the same key as it travels: family proto zone orig-tuple; hashes in C
 Peer = Hashable  # whatever the channel uses to name a peer, e.g. ("10.0.0.2", 3780)
 
 
@@ -124,10 +125,14 @@ class Record:
     tuple_orig: Tuple
     zone: int = 0
     entry: Entry | None = None
+    wkey: WireKey = field(default=b"", compare=False)  # set by the decoder
 
     @property
     def key(self) -> Key:
         return (self.tuple_orig, self.zone)
+
+    def wire_key(self) -> WireKey:
+        return self.wkey or key_to_wire(self.key)
 
     @classmethod
     def upsert(cls, entry: Entry, op: EventType = EventType.UPDATE) -> Record:
@@ -183,6 +188,8 @@ _UPSERT = {
     for tcp in (False, True)
 }
 DESTROY_SIZE = {f: s.size for f, s in _DESTROY.items()}
+_TUPLE_SIZE = {f: struct.calcsize("!" + t) for f, t in _TUPLE.items()}
+_DESTROY_OP = bytes([EventType.DESTROY])
 MIN_RECORD = DESTROY_SIZE[4]
 _PROTOS = frozenset({1, 6, 17, 33, 47, 58, 132, 136})  # icmp tcp udp dccp gre icmpv6 sctp udplite
 _ICMP: dict[int, int] = {Proto.ICMP: 4, Proto.ICMPV6: 6}  # proto -> the family it lives in
@@ -249,6 +256,20 @@ def encode_destroy(key: Key) -> bytes:
         return _DESTROY[family].pack(EventType.DESTROY, family, t.proto, 0, zone, *_tuple_fields(t))
     except struct.error as exc:
         raise EncodeError(f"{t}: {exc}") from None
+
+
+def key_of_record(record: bytes) -> WireKey:
+    """The key part of an encoded NEW, UPDATE or DESTROY record."""
+    return record[1:3] + record[4 : 6 + _TUPLE_SIZE[record[1]]]
+
+
+def key_to_wire(key: Key) -> WireKey:
+    return key_of_record(encode_destroy(key))
+
+
+def destroy_record(wkey: WireKey) -> bytes:
+    """The DESTROY record for a wire key (it is the key plus op and flags bytes)."""
+    return _DESTROY_OP + wkey[:2] + b"\0" + wkey[2:]
 
 
 def encode_record(record: Record) -> bytes:
@@ -356,6 +377,8 @@ class Codec:
             raise DecodeError(DecodeReason.INTERNAL, repr(exc)) from None
 
     def _decode(self, data: bytes) -> Message:
+        if type(data) is not bytes:  # bytearray, memoryview: keys must be hashable bytes
+            data = bytes(data)
         n = len(data)
         if n > self.max_size:
             raise DecodeError(DecodeReason.OVERSIZED, str(n))
@@ -411,16 +434,17 @@ class Codec:
             kind = _KINDS.get(data[off : off + 4])  # op family proto rflags, all checked at once
             if kind is None:
                 raise DecodeError(_short(data, off, end) or DecodeReason.BAD_RECORD)
-            layout, op, icmp = kind
+            layout, op, icmp, tsize = kind
             if off + layout.size > end:
                 raise DecodeError(DecodeReason.RECORD_BOUNDS)
-            out.append(self._record(layout.unpack_from(data, off), op, icmp))
+            wkey = data[off + 1 : off + 3] + data[off + 4 : off + 6 + tsize]
+            out.append(self._record(layout.unpack_from(data, off), op, icmp, wkey))
             off += layout.size
         if off != end:
             raise DecodeError(DecodeReason.BAD_LENGTH, f"{end - off} trailing bytes")
         return tuple(out)
 
-    def _record(self, f: tuple[Any, ...], op: EventType, icmp: bool) -> Record:
+    def _record(self, f: tuple[Any, ...], op: EventType, icmp: bool, wkey: bytes) -> Record:
         family, proto, zone = f[1], f[2], f[4]
         addr = self._addr
         known = (self._v4 if family == 4 else self._v6).get
@@ -431,14 +455,14 @@ class Codec:
         src, dst = known(f[5]) or addr(f[5], family), known(f[6]) or addr(f[6], family)
         orig = Tuple(src, dst, proto, f[7], f[8], f[9], f[10])
         if op == EventType.DESTROY:
-            return Record(op, orig, zone)
+            return Record(op, orig, zone, None, wkey)
         src, dst = known(f[11]) or addr(f[11], family), known(f[12]) or addr(f[12], family)
         reply = Tuple(src, dst, proto, f[13], f[14], f[15], f[16])
         status = self._status.get(f[17])
         if status is None:
             status = self._status_of(f[17])
         tcp = _tcp(f) if len(f) > 20 else None
-        return Record(op, orig, zone, Entry(orig, reply, status, f[18], f[19], zone, tcp))
+        return Record(op, orig, zone, Entry(orig, reply, status, f[18], f[19], zone, tcp), wkey)
 
     def _addr(self, packed: Any, family: int) -> IPAddress:
         cache = self._v4 if family == 4 else self._v6
@@ -467,8 +491,9 @@ def _tcp(f: tuple[int, ...]) -> TcpInfo:
     return TcpInfo(_TCP_STATES[state], ws_o, ws_r, _TCP_FLAGS[fl_o], _TCP_FLAGS[fl_r])
 
 
-def _kinds() -> dict[bytes, tuple[struct.Struct, EventType, bool]]:
-    """Every valid (op, family, proto, rflags) record head -> (layout, op, is icmp)."""
+def _kinds() -> dict[bytes, tuple[struct.Struct, EventType, bool, int]]:
+    """Every valid (op, family, proto, rflags) record head -> (layout, op, is icmp, tuple
+    size)."""
     kinds = {}
     for op in EventType:
         for family in _TUPLE:
@@ -482,7 +507,7 @@ def _kinds() -> dict[bytes, tuple[struct.Struct, EventType, bool]]:
                 for tcp in has_tcp:
                     head = bytes([op, family, proto, RECORD_HAS_TCP if tcp else 0])
                     layout = _DESTROY[family] if op == EventType.DESTROY else _UPSERT[family, tcp]
-                    kinds[head] = (layout, op, icmp)
+                    kinds[head] = (layout, op, icmp, _TUPLE_SIZE[family])
     return kinds
 
 
