@@ -107,6 +107,11 @@ class Receiver:
         """(tag, stream, boot) of every sender stream heard of."""
         return [(s.tag, s.stream, s.boot) for s in self._streams.values()]
 
+    def forget(self, tag: int, stream: int) -> Mapping[Key, Entry]:
+        """Drop a sender stream (a finished precopy); returns its last cache."""
+        st = self._streams.pop((tag, stream), None)
+        return _EMPTY if st is None else st.cache.entries
+
     def position(self, tag: int, stream: int = 0) -> int | None:
         """The next seq this receiver will apply from that sender (unbounded int)."""
         st = self._streams.get((tag, stream))

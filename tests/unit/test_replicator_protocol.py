@@ -668,6 +668,8 @@ def test_scope_selects_a_guest_for_precopy() -> None:
     rx_side = [node.on_datagram(o.data, "S", 0.1) for o in out]
     assert rx_side and dict(node.receiver.cache(1, 7)) == {entry(2).key: entry(2)}
     assert node.receiver.cache(1) == {}
+    assert dict(node.receiver.forget(1, 7)) == {entry(2).key: entry(2)}
+    assert node.receiver.senders() == [] and node.receiver.forget(1, 7) == {}
 
 
 def test_unencodable_entries_are_counted_not_sent() -> None:
@@ -950,6 +952,22 @@ def test_replicator_dispatch() -> None:
 
 
 # --- the external cache ----------------------------------------------------------------------
+
+
+def test_cache_view_is_keyed_by_entry_key() -> None:
+    cache = ExternalCache()
+    a, b = entry(0, 1), entry(1, 2, v6=True)
+    for e in (a, b):
+        cache.apply(Record.upsert(e), 1, 2)
+    view = cache.entries
+    assert view[a.key] == a and view.get(b.key) == b and len(view) == 2
+    assert set(view) == {a.key, b.key} and set(cache) == set(view)
+    assert sorted(e.mark for e in view.values()) == [1, 2]
+    assert entry(2).key not in view and view.get(entry(2).key) is None
+    odd = (Tuple.of("1.1.1.1", "2.2.2.2", 6), 1 << 20)  # a zone the wire cannot carry
+    assert odd not in view
+    with pytest.raises(KeyError):
+        view[odd]
 
 
 def test_cache_versions_tombstones_and_sweep() -> None:
