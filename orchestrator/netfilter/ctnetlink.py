@@ -445,6 +445,7 @@ def _shadow(cls: type) -> type:
 
 _TupleShadow: Final = _shadow(Tuple)
 _EntryShadow: Final = _shadow(Entry)
+_EventShadow: Final = _shadow(Event)
 
 
 def make_tuple(src: IPAddress, dst: IPAddress, proto: int, sport: int, dport: int,
@@ -465,6 +466,13 @@ def make_entry(orig: Tuple, reply: Tuple, status: Status, mark: int, timeout: in
     return e
 
 
+def make_event(kind: EventType, entry: Entry) -> Event:
+    ev: Any = object.__new__(_EventShadow)
+    ev.type, ev.entry = kind, entry
+    ev.__class__ = Event
+    return ev
+
+
 def _check_makers() -> None:
     """Fail at import, not with wrong data, if the model's fields change."""
     a = IPv4Address("192.0.2.1")
@@ -474,6 +482,7 @@ def _check_makers() -> None:
         make_tuple(a, a, 1, 2, 3, 4, 5) != t
         or make_entry(t, t, Status.CONFIRMED, 6, 7, 8, TcpInfo(), 9) != e
         or make_entry(t, t, Status.CONFIRMED, 6, 7, 8, TcpInfo(), 9).id != e.id
+        or make_event(EventType.NEW, e) != Event(EventType.NEW, e)
     ):
         raise TypeError("Tuple/Entry fields changed: update ctnetlink.make_tuple/make_entry")
 
@@ -751,7 +760,26 @@ def decode_event(buf: Buffer, mtype: int, flags: int, start: int, end: int) -> E
         kind = EventType.DESTROY
     else:
         return None
-    return Event(kind, decode_entry(buf, start, end))
+    return make_event(kind, decode_entry(buf, start, end))
+
+
+def decode_events(buf: Buffer, n: int, out: list[Event]) -> None:
+    """Append the conntrack events in one ``recv`` (the kernel sends one per datagram)."""
+    off = 0
+    unpack = NLMSG_HDR.unpack_from
+    while off + 16 <= n:
+        mlen, mtype, flags, _seq, _pid = unpack(buf, off)
+        if mlen < 16 or off + mlen > n:
+            raise ValueError(f"malformed netlink message at {off}: len {mlen}")
+        if mtype == MSG_NEW:
+            kind = _NEW if flags & (NLM_F_CREATE | NLM_F_EXCL) else _UPDATE
+            out.append(make_event(kind, decode_entry(buf, off, off + mlen)))
+        elif mtype == MSG_DELETE:
+            out.append(make_event(_DESTROY, decode_entry(buf, off, off + mlen)))
+        off += (mlen + 3) & ~3
+
+
+_NEW, _UPDATE, _DESTROY = EventType.NEW, EventType.UPDATE, EventType.DESTROY
 
 
 def decode_stats_entries(buf: Buffer, start: int, end: int) -> int:

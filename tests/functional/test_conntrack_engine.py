@@ -362,3 +362,21 @@ def test_async_stream_yields_overrun_marker(table: ConntrackTable) -> None:
 
     got = asyncio.run(asyncio.wait_for(scenario(), 10))
     assert OVERRUN in got
+
+
+def test_helper_and_thread_dumps_agree(
+    table: ConntrackTable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import orchestrator.netfilter.conntrack as engine
+
+    pushed = [
+        tcp(f"10.4.{i // 250}.{i % 250}", "198.51.100.7", 46000 + i % 1000) for i in range(3000)
+    ]
+    table.push(pushed)
+    monkeypatch.setattr(engine, "HELPER_MIN_ENTRIES", 1)  # unfiltered: the helper process
+    via_helper = table.dump()
+    monkeypatch.setattr(engine, "HELPER_MIN_ENTRIES", 10**9)  # the receiver thread
+    via_thread = table.dump()
+    assert keys(via_helper) == keys(via_thread) == keys(pushed)
+    assert len(via_helper) == len(via_thread) == 3000
+    assert table.count() == 3000  # the socket is still usable after the helper's dump
