@@ -61,7 +61,9 @@ class Lab:
             subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
         return dev_a, dev_b
 
-    def spawn(self, ns: str, cmd: Sequence[str], log: IO[Any] | None = None) -> subprocess.Popen[Any]:
+    def spawn(
+        self, ns: str, cmd: Sequence[str], log: IO[Any] | None = None
+    ) -> subprocess.Popen[Any]:
         """A long-running process in ``ns`` (``ip netns exec`` execs it: same pid)."""
         proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, *cmd],

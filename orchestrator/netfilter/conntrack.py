@@ -55,7 +55,7 @@ _CLONE_NEWNET: Final = 0x40000000
 CMD_RCVBUF: Final = 16 << 20  # holds every error report of one chunk, and dump skbs
 CMD_SNDBUF: Final = 4 << 20  # one send may not exceed the send buffer
 EVENTS_RCVBUF: Final = 64 << 20  # ~100k queued events before an overrun
-CHUNK_BYTES: Final = 256 << 10  # per send: ~1300 entries, their errors fit CMD_RCVBUF
+CHUNK_BYTES: Final = 64 << 10  # per send: ~320 entries; smaller chunks start the kernel sooner
 DUMP_RECV: Final = 64 << 10  # the kernel fills dump skbs of at most 32 KiB
 HELPER_MIN_ENTRIES: Final = 20_000  # unfiltered dumps of bigger tables use the helper process
 
