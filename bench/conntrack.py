@@ -41,7 +41,16 @@ from bench._common import (
     run_in,
     timed,
 )
-from orchestrator.model.conntrack import Entry, EventType, Status, TcpFlag, TcpInfo, TcpState, Tuple
+from orchestrator.model.conntrack import (
+    Entry,
+    Event,
+    EventType,
+    Status,
+    TcpFlag,
+    TcpInfo,
+    TcpState,
+    Tuple,
+)
 from orchestrator.netfilter.conntrack import OVERRUN, ConntrackTable
 
 MARK = 0x5
@@ -214,9 +223,9 @@ class Conntrackd:
     def start(self, deadline: float = 60) -> None:
         """A loads its kernel table at start-up; B asks A for a resync into its cache."""
         for side, ns in (("a", self.a), ("b", self.b)):
-            log = (self.dir / f"{side}.out").open("w")
-            self.lab.spawn(ns, ["conntrackd", "-C", str(self.conf[side])], log)
-            self._wait(lambda s=side: (self.dir / f"{s}.ctl").exists(), 10, f"{side} socket")
+            with (self.dir / f"{side}.out").open("w") as log:  # the daemon keeps its own fd
+                self.lab.spawn(ns, ["conntrackd", "-C", str(self.conf[side])], log)
+            self._wait((self.dir / f"{side}.ctl").exists, 10, f"{side}'s control socket")
         self._wait(lambda: self._cache("a", "internal") >= self.n, deadline, "A's cache")
         self.ctl("b", "-n")
         self._wait(lambda: self._cache("b", "external") >= self.n, deadline, "B's cache")
@@ -312,7 +321,7 @@ async def _listen(table: ConntrackTable, n: int, rcvbuf: int | None) -> dict[str
                 break  # quiet for 3 s: the rest is lost
             last = time.time()
             overruns += batch.count(OVERRUN)
-            seen += sum(1 for ev in batch if ev is not OVERRUN and ev.type == EventType.NEW)
+            seen += sum(1 for ev in batch if isinstance(ev, Event) and ev.type == EventType.NEW)
         out, _ = await proc.communicate()
     pushed = json.loads(out)
     return {"seen": seen, "overruns": overruns, "last": last, **pushed}
