@@ -7,8 +7,10 @@ Fast paths, measured in ``bench/conntrack.py``:
   chunk is queued on our socket: a non-blocking drain after each chunk collects them all.
   Encoding of the next chunk overlaps the kernel's work on the previous one (a sender thread:
   ``send`` releases the GIL while the kernel inserts);
-- dumps: a receiver thread pulls the kernel's dump (``recv`` releases the GIL while the kernel
-  fills the next skb) while the caller's thread decodes;
+- dumps: the kernel fills dump skbs only inside ``recv``, so receiving runs beside decoding:
+  for big unfiltered tables in a helper interpreter that pipes the raw skbs (no GIL between
+  them), otherwise in a receiver thread (``recv`` releases the GIL). Decoding uses layouts
+  learned per message shape (``ctnetlink.learn_layout``) with the cyclic GC paused;
 - events: a non-blocking socket on the ctnetlink groups read from the asyncio loop, with a
   large forced receive buffer; an overrun (ENOBUFS) is yielded as ``OVERRUN`` so the caller
   resyncs with a dump.
@@ -24,9 +26,11 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import gc
 import os
 import queue
+import select
 import socket
 import struct
 import subprocess
@@ -37,7 +41,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequenc
 from dataclasses import dataclass, field, replace
 from ipaddress import ip_address
 from types import TracebackType
-from typing import Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from orchestrator.errors import NetlinkError
 from orchestrator.model.conntrack import Entry, Event, IPAddress, Proto, TcpFlag, Tuple
@@ -194,6 +198,26 @@ def open_socket(
 
 # --- the table -----------------------------------------------------------------------------
 
+_F = TypeVar("_F", bound=Callable[..., object])
+
+
+def _netlink_op(action: str) -> Callable[[_F], _F]:
+    """Socket errors leave a public method as a readable ``NetlinkError``."""
+
+    def wrap(method: _F) -> _F:
+        @functools.wraps(method)
+        def run(self: ConntrackTable, *args: object, **kwargs: object) -> object:
+            try:
+                return method(self, *args, **kwargs)
+            except NetlinkError:
+                raise
+            except OSError as exc:
+                raise self._error(exc.errno or errno.EIO, action) from exc
+
+        return run  # type: ignore[return-value]
+
+    return wrap
+
 
 class ConntrackTable:
     """The conntrack table of one namespace (``None``: the caller's).
@@ -256,10 +280,14 @@ class ConntrackTable:
             raise self._error(errno.ENOBUFS, "batch (error reports lost)")
         return run
 
+    @_netlink_op("push")
     def push(self, entries: Iterable[Entry], policy: Policy = "update") -> PushResult:
         """Create ``entries`` (``NLM_F_CREATE|NLM_F_EXCL``). For those that exist: ``update``
         changes them in place (``set``), ``replace`` deletes and re-creates those pointing the
-        other way (reply tuple differs) and updates the rest, ``fail`` reports EEXIST."""
+        other way (reply tuple differs) and updates the rest, ``fail`` reports EEXIST.
+        An ``update`` whose reply tuple is held by another entry is reported as EEXIST."""
+        if policy not in ("update", "replace", "fail"):
+            raise ValueError(f"unknown push policy {policy!r}")
         items = list(entries)
         result = PushResult()
         with self._lock:
@@ -307,6 +335,7 @@ class ConntrackTable:
         result.replaced += len(recreate) - len(run.errors)
         self._update(same, result)
 
+    @_netlink_op("batch")
     def _batch(
         self, entries: Iterable[Entry | Key], encode: Callable[[Key, int], bytes], ignore: int = 0
     ) -> BatchResult:
@@ -332,6 +361,7 @@ class ConntrackTable:
     def delete(self, entries: Iterable[Entry | Key], missing_ok: bool = True) -> BatchResult:
         return self._batch(entries, nl.encode_delete, errno.ENOENT if missing_ok else 0)
 
+    @_netlink_op("get")
     def get(self, entry: Entry | Key) -> Entry | None:
         with self._lock:
             run = self._run([_key(entry)], nl.encode_get)
@@ -339,6 +369,7 @@ class ConntrackTable:
             raise self._error(run.errors[0], "get")
         return run.replies.get(0)
 
+    @_netlink_op("flush")
     def flush(self, mark: int | None = None, mark_mask: int = 0xFFFFFFFF) -> None:
         """Delete every entry (or those whose mark matches) of this namespace."""
         with self._lock:
@@ -347,6 +378,7 @@ class ConntrackTable:
         if run.errors.get(0):
             raise self._error(run.errors[0], "flush")
 
+    @_netlink_op("count")
     def count(self) -> int:
         """Entries in this namespace's table (``IPCTNL_MSG_CT_GET_STATS``)."""
         with self._lock:
@@ -358,6 +390,7 @@ class ConntrackTable:
 
     # --- dumps -----------------------------------------------------------------------------
 
+    @_netlink_op("dump")
     def dump(
         self,
         addresses: Iterable[str | IPAddress] = (),
@@ -462,11 +495,15 @@ class ConntrackTable:
         after this call misses nothing). ``addresses``: keep only events naming one of them."""
         return EventStream(self.netns, rcvbuf, groups, addresses)
 
-    def subscribe_and_dump(self, **dump_filters: object) -> tuple[EventStream, list[Entry]]:
-        """Subscribe, then dump: the dump plus the stream's events cover every change."""
-        stream = self.events(addresses=dump_filters.get("addresses", ()))  # type: ignore[arg-type]
+    def subscribe_and_dump(
+        self, addresses: Iterable[str | IPAddress] = (), **filters: Any
+    ) -> tuple[EventStream, list[Entry]]:
+        """Subscribe, then dump (``dump``'s filters): the dump and the stream's events
+        together miss no change. The stream keeps only events naming ``addresses``."""
+        addrs = list(addresses)
+        stream = self.events(addresses=addrs)
         try:
-            return stream, self.dump(**dump_filters)  # type: ignore[arg-type]
+            return stream, self.dump(addrs, **filters)
         except BaseException:
             stream.close()
             raise
@@ -797,8 +834,6 @@ class EventStream:
     def read(self, timeout: float | None = None, limit: int = 65536) -> list[Event | Overrun]:
         """Sync: what is available now, waiting up to ``timeout`` for the first message."""
         if not self._pending:
-            import select
-
             ready, _, _ = select.select([self._sock], [], [], timeout)
             if ready:
                 self._read_available(limit)

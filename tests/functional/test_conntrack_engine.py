@@ -380,3 +380,23 @@ def test_helper_and_thread_dumps_agree(
     assert keys(via_helper) == keys(via_thread) == keys(pushed)
     assert len(via_helper) == len(via_thread) == 3000
     assert table.count() == 3000  # the socket is still usable after the helper's dump
+
+
+def test_subscribe_and_dump_misses_nothing_for_a_guest(table: ConntrackTable) -> None:
+    guest = "10.5.5.2"
+    before = [tcp(guest, "198.51.100.7", 47000 + i) for i in range(5)]
+    unrelated = tcp("10.5.5.3", "198.51.100.7", 47100)
+    table.push([*before, unrelated])
+    stream, entries = table.subscribe_and_dump(iter([guest]))  # an iterator: used twice
+    with stream:
+        assert keys(entries) == keys(before)
+        later = tcp(guest, "198.51.100.8", 47200)
+        table.push([later, tcp("10.5.5.3", "198.51.100.8", 47201)])
+        events = stream.read(timeout=2)
+    assert [(ev.type, ev.entry.key) for ev in events] == [(EventType.NEW, later.key)]  # type: ignore[union-attr]
+
+
+def test_unknown_policy_is_refused(table: ConntrackTable) -> None:
+    with pytest.raises(ValueError, match="policy"):
+        table.push([tcp("10.5.5.2", "198.51.100.7", 1)], policy="merge")  # type: ignore[arg-type]
+    assert table.count() == 0
