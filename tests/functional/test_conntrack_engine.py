@@ -225,6 +225,9 @@ def test_filtered_dumps_return_exactly_the_matching_entries(live: tuple[str, lis
     assert keys(table.dump(addresses=["10.60.0.3", "10.77.0.5"])) == expect(
         lambda e: bool({s3, a5} & e.addresses())
     )
+    many = ["10.60.0.0", "10.60.0.1", "10.60.0.2", "10.77.0.5", "10.99.9.9"]  # > 3: full dump
+    want = {ip_address(a) for a in many}
+    assert keys(table.dump(addresses=many)) == expect(lambda e: bool(want & e.addresses()))
     assert keys(table.dump(mark=2)) == expect(lambda e: e.mark == 2)
     assert keys(table.dump(mark=0, mark_mask=1)) == expect(lambda e: e.mark & 1 == 0)
     assert keys(table.dump(zone=5)) == expect(lambda e: e.zone == 5)
