@@ -44,8 +44,8 @@ class Lab:
 
     def netns(self, tag: str) -> str:
         name = f"cvb-{self.run}-{tag}"
+        self.namespaces.append(name)  # first: a signal during ``add`` still cleans it up
         subprocess.run(["ip", "netns", "add", name], check=True)
-        self.namespaces.append(name)
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
         return name
 
