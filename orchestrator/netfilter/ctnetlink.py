@@ -752,17 +752,6 @@ def decode_dump(buf: Buffer, n: int, seq: int, out: list[Entry]) -> int:
     return DUMP_MORE
 
 
-def decode_event(buf: Buffer, mtype: int, flags: int, start: int, end: int) -> Event | None:
-    """A ctnetlink event (one broadcast message), or ``None`` if it is not a conntrack one."""
-    if mtype == MSG_NEW:
-        kind = EventType.NEW if flags & (NLM_F_CREATE | NLM_F_EXCL) else EventType.UPDATE
-    elif mtype == MSG_DELETE:
-        kind = EventType.DESTROY
-    else:
-        return None
-    return make_event(kind, decode_entry(buf, start, end))
-
-
 def decode_events(buf: Buffer, n: int, out: list[Event]) -> None:
     """Append the conntrack events in one ``recv`` (the kernel sends one per datagram)."""
     off = 0

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from orchestrator.model.conntrack import (
     Entry,
+    Event,
     EventType,
     Proto,
     Status,
@@ -262,14 +263,15 @@ def test_tcp_flags_change_is_flags_and_mask() -> None:
 
 def test_events_by_type_and_flags() -> None:
     entry = kernel_entries()[2]
-    msg = nl.encode_create(entry, 1)
-    new = nl.decode_event(msg, nl.MSG_NEW, nl.NLM_F_CREATE | nl.NLM_F_EXCL, 0, len(msg))
-    upd = nl.decode_event(msg, nl.MSG_NEW, 0, 0, len(msg))
-    gone = nl.decode_event(msg, nl.MSG_DELETE, 0, 0, len(msg))
-    assert [e.type for e in (new, upd, gone) if e] == [
-        EventType.NEW,
-        EventType.UPDATE,
-        EventType.DESTROY,
-    ]
-    assert new is not None and new.entry == entry
-    assert nl.decode_event(msg, nl.NLMSG_DONE, 0, 0, len(msg)) is None
+    msg = nl.encode_create(entry, 1)  # flags REQUEST|CREATE|EXCL: how the kernel flags NEW
+    update = bytearray(msg)
+    struct.pack_into("=H", update, 6, 0)  # no CREATE|EXCL: an UPDATE
+    destroy = bytearray(msg)
+    struct.pack_into("=H", destroy, 4, nl.MSG_DELETE)
+    done = struct.pack("=IHHIIi", 20, nl.NLMSG_DONE, 0, 0, 0, 0)  # not an event: skipped
+    events: list[Event] = []
+    for raw in (msg, bytes(update), done, bytes(destroy)):
+        nl.decode_events(raw, len(raw), events)
+    assert [ev.type for ev in events] == [EventType.NEW, EventType.UPDATE, EventType.DESTROY]
+    assert all(ev.entry == entry for ev in events)
+    assert events[0] == Event(EventType.NEW, entry)
