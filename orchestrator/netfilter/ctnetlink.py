@@ -9,8 +9,11 @@ Python work on the common shapes:
   byte strings; everything else goes through the readable ``nla``/``nest`` builders, which
   also serve as the reference the fast path is tested against;
 - decoding: the kernel sends every entry of one shape with the same attribute layout, so the
-  first message of a shape is walked once to learn where each field sits (``learn_layout``);
-  later messages are checked against the learned header words and read with one unpack.
+  first message of a shape is walked once to learn where each field sits (``learn_layout``)
+  and a decoder is generated for it (as ``dataclasses`` generates ``__init__``): it checks
+  the header words of each following message with one unpack, reads the fields with another
+  and decodes whole runs of same-shaped messages in one call. ``decode_entry_ref`` is the
+  plain walk-and-construct reference it is tested against.
 
 Sequence numbers travel in network byte order (``wire_seq``): the kernel only echoes them, and
 a fixed byte order lets the whole message be one big-endian ``struct``.
@@ -613,32 +616,39 @@ def decode_entry_ref(buf: Buffer, start: int, end: int) -> Entry:
     )  # fmt: skip
 
 
-# The decoder generated per layout: straight-line code, one unpack for the shape check, one
-# for the fields, objects built on shadow classes. ``{...}`` are field names or defaults.
+# The decoder generated per layout: it decodes consecutive messages of its shape (a dump is
+# mostly one shape) in straight-line code: one unpack checks the shape (nlmsghdr length and
+# type/flags words and the attribute headers), one reads the fields, objects are built on
+# shadow classes. ``{...}`` are field names or defaults.
 _DECODER_SRC: Final = """\
-def decode(buf, start):
-    if headers(buf, start) != expect:
-        return None
-    {names} = fields(buf, start)
-    o = new(TupleShadow)
-    o.src = addrs.get({o_src}) or addr({o_src})
-    o.dst = addrs.get({o_dst}) or addr({o_dst})
-    o.proto, o.sport, o.dport = {o_proto}, {o_sport}, {o_dport}
-    o.icmp_type, o.icmp_code = {o_itype}, {o_icode}
-    o.__class__ = Tuple
-    r = new(TupleShadow)
-    r.src = addrs.get({r_src}) or addr({r_src})
-    r.dst = addrs.get({r_dst}) or addr({r_dst})
-    r.proto, r.sport, r.dport = {r_proto}, {r_sport}, {r_dport}
-    r.icmp_type, r.icmp_code = {r_itype}, {r_icode}
-    r.__class__ = Tuple
-    e = new(EntryShadow)
-    e.tuple_orig, e.tuple_reply = o, r
-    e.status = statuses.get({status}) or status_of({status})
-    e.mark, e.timeout, e.zone, e.id = {mark}, {timeout}, {zone}, {id}
-    e.tcp = {tcp_expr}
-    e.__class__ = Entry
-    return e
+def decode(buf, off, end, out):
+    append = out.append
+    while off + size <= end and headers(buf, off) == expect:
+        {names} = fields(buf, off)
+        {body}
+        append(e)
+        off += step
+    return off
+"""
+_BUILD_SRC: Final = """\
+o = new(TupleShadow)
+o.src = addrs.get({o_src}) or addr({o_src})
+o.dst = addrs.get({o_dst}) or addr({o_dst})
+o.proto, o.sport, o.dport = {o_proto}, {o_sport}, {o_dport}
+o.icmp_type, o.icmp_code = {o_itype}, {o_icode}
+o.__class__ = Tuple
+r = new(TupleShadow)
+r.src = addrs.get({r_src}) or addr({r_src})
+r.dst = addrs.get({r_dst}) or addr({r_dst})
+r.proto, r.sport, r.dport = {r_proto}, {r_sport}, {r_dport}
+r.icmp_type, r.icmp_code = {r_itype}, {r_icode}
+r.__class__ = Tuple
+e = new(EntryShadow)
+e.tuple_orig, e.tuple_reply = o, r
+e.status = statuses.get({status}) or status_of({status})
+e.mark, e.timeout, e.zone, e.id = {mark}, {timeout}, {zone}, {id}
+e.tcp = {tcp_expr}
+e.__class__ = Entry
 """
 _ROLES: Final = (
     "o_src", "o_dst", "o_proto", "o_sport", "o_dport", "o_itype", "o_icode",
@@ -646,18 +656,21 @@ _ROLES: Final = (
     "status", "mark", "timeout", "id", "zone", "tcp",
 )  # fmt: skip
 
-Decoder = Callable[[Buffer, int], "Entry | None"]
+# (buf, offset, end, out) -> offset after the run of messages it decoded into ``out``
+Decoder = Callable[[Buffer, int, int, list[Entry]], int]
 
 
 def learn_layout(buf: Buffer, start: int, end: int) -> Decoder:
-    """A decoder for every message shaped like this one (``None`` for other shapes)."""
+    """A decoder for every message shaped like this one."""
     headers, fields = entry_fields(buf, start, end)
-    hdr_struct = _struct_at("=", [(off, "I") for off in headers])
+    hdr_struct = _struct_at("=", [(0, "I"), (4, "I"), *((off, "I") for off in headers)])
     ordered = sorted(fields, key=lambda role: fields[role][0])
     subst = {r: (f"v_{r}" if r in fields else ("None" if r == "id" else "0")) for r in _ROLES}
     subst["tcp_expr"] = "tcpinfos.get(v_tcp) or tcpinfo_of(v_tcp)" if "tcp" in fields else "None"
     subst["names"] = ", ".join(f"v_{r}" for r in ordered) + ","
+    body = _BUILD_SRC.format(**subst).strip().replace("\n", "\n        ")
     namespace: dict[str, Any] = {
+        "size": end - start, "step": (end - start + 3) & ~3,
         "headers": hdr_struct.unpack_from,
         "expect": hdr_struct.unpack_from(buf, start),
         "fields": _struct_at(">", [fields[r] for r in ordered]).unpack_from,
@@ -666,7 +679,8 @@ def learn_layout(buf: Buffer, start: int, end: int) -> Decoder:
         "statuses": _STATUSES, "status_of": _status, "tcpinfos": _TCPINFOS,
         "tcpinfo_of": _tcpinfo,
     }  # fmt: skip
-    exec(_DECODER_SRC.format(**subst), namespace)  # trusted template: names from _ROLES only
+    # trusted templates: the substituted names come from _ROLES only
+    exec(_DECODER_SRC.format(names=subst["names"], body=body), namespace)
     decoder: Decoder = namespace["decode"]
     return decoder
 
@@ -683,23 +697,23 @@ def _struct_at(order: str, specs: list[tuple[int, str]]) -> struct.Struct:
 _DECODERS: dict[int, list[Decoder]] = {}  # by message length; shapes are few
 
 
-def _learn(buf: Buffer, start: int, end: int) -> Entry:
+def _learn(buf: Buffer, start: int, end: int, out: list[Entry]) -> int:
+    """Learn the layout of the message at ``start``, decode from there; the new offset."""
     decoder = learn_layout(buf, start, end)
     if sum(map(len, _DECODERS.values())) > 256:  # bounds odd input
         _DECODERS.clear()
     _DECODERS.setdefault(end - start, []).append(decoder)
-    entry = decoder(buf, start)
-    assert entry is not None  # the layout was learned from this very message
-    return entry
+    return decoder(buf, start, end, out)
 
 
 def decode_entry(buf: Buffer, start: int, end: int) -> Entry:
     """One ctnetlink entry message at ``buf[start:end]`` (from its ``nlmsghdr``)."""
+    out: list[Entry] = []
     for decoder in _DECODERS.get(end - start, ()):
-        entry = decoder(buf, start)
-        if entry is not None:
-            return entry
-    return _learn(buf, start, end)
+        if decoder(buf, start, end, out) != start:
+            return out[0]
+    _learn(buf, start, end, out)
+    return out[0]
 
 
 def iter_messages(buf: Buffer, n: int | None = None) -> Iterator[tuple[int, int, int, int, int]]:
@@ -729,7 +743,6 @@ def decode_dump(buf: Buffer, n: int, seq: int, out: list[Entry]) -> int:
     wseq = wire_seq(seq)
     off = 0
     unpack = NLMSG_HDR.unpack_from
-    append = out.append
     decoders = _DECODERS
     while off + 16 <= n:
         mlen, mtype, _flags, mseq, _pid = unpack(buf, off)
@@ -737,14 +750,16 @@ def decode_dump(buf: Buffer, n: int, seq: int, out: list[Entry]) -> int:
             raise ValueError(f"malformed netlink message at {off}: len {mlen}")
         if mseq == wseq:
             if mtype in (MSG_NEW, MSG_GET):
-                for decoder in decoders.get(mlen, ()):  # decode_entry, inlined
-                    entry = decoder(buf, off)
-                    if entry is not None:
+                # a run of same-shaped messages (the socket is ours alone during a dump)
+                for decoder in decoders.get(mlen, ()):
+                    after = decoder(buf, off, n, out)
+                    if after != off:
+                        off = after
                         break
                 else:
-                    entry = _learn(buf, off, off + mlen)
-                append(entry)
-            elif mtype == NLMSG_DONE:
+                    off = _learn(buf, off, off + mlen, out)
+                continue
+            if mtype == NLMSG_DONE:
                 return 0
             elif mtype == NLMSG_ERROR:
                 return error_code(buf, off)
