@@ -95,6 +95,22 @@ def test_fast_decoder_agrees_with_reference_on_kernel_bytes() -> None:
         assert nl.decode_entry(KERNEL_DUMP, start, end) == ref  # second time: learned layout
 
 
+def test_dump_buffer_with_runs_of_shapes() -> None:
+    """Runs of same-shaped messages, shapes changing in between, then DONE: all decoded in
+    order (as a dump recv delivers them)."""
+    tcp = [Entry(Tuple.of("10.0.0.1", "10.0.0.2", Proto.TCP, p, 80),
+                 Tuple.of("10.0.0.2", "10.0.0.1", Proto.TCP, 80, p),
+                 Status(14), p, 60, 0, TcpInfo()) for p in range(1, 6)]  # fmt: skip
+    udp = [Entry(Tuple.of("10.0.0.1", "10.0.0.3", Proto.UDP, p, 53),
+                 Tuple.of("10.0.0.3", "10.0.0.1", Proto.UDP, 53, p)) for p in range(1, 4)]  # fmt: skip
+    entries = [*tcp[:3], *udp, *tcp[3:]]
+    done = struct.pack("=IHHIIi", 20, nl.NLMSG_DONE, 2, nl.wire_seq(9), 0, 0)
+    buf = b"".join(nl.encode_create(e, 9) for e in entries) + done
+    out: list[Entry] = []
+    assert nl.decode_dump(buf, len(buf), 9, out) == 0
+    assert out == entries
+
+
 def test_error_message() -> None:
     msg = struct.pack("=IHHIIi", 36, nl.NLMSG_ERROR, 0, nl.wire_seq(7), 0, -17) + bytes(16)
     [(mtype, _flags, seq, start, _end)] = nl.iter_messages(msg)
