@@ -46,8 +46,8 @@ def netns() -> Iterator[Callable[[str], str]]:
 
     def make(prefix: str = "t") -> str:
         name = unique(f"cvt-{prefix}")
+        made.append(name)  # first: a signal right after the add must not leak it
         subprocess.run(["ip", "netns", "add", name], check=True)
-        made.append(name)
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
         return name
 

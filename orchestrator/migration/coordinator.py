@@ -133,7 +133,7 @@ class Coordinator:
         if current is not None and current.phase not in (Phase.ABORT, Phase.ABORTED):
             await self.store.abort_migration(h.record.id, error)
         await self.store.finish_migration(h.record.id)
-        self._audit("migration.abort", h, outcome="failed", detail=error,
+        await self._audit("migration.abort", h, outcome="failed", detail=error,
                     entries=len(undo), duration_ms=_ms(start))
 
     async def run(self, guest: str, src: str, dst: str,
@@ -234,15 +234,16 @@ class Coordinator:
     async def _phase_done(self, h: Handover, phase: Phase, ms: float, **fields: Any) -> None:
         h.timings[phase.value] = ms
         h.record = await self.store.record_timing(h.record.id, phase, ms)
-        self._audit(f"migration.{phase.value}", h, duration_ms=round(ms, 3), **fields)
+        await self._audit(f"migration.{phase.value}", h, duration_ms=round(ms, 3), **fields)
         log.info(f"migration.{phase.value}", guest=h.record.guest, ms=round(ms, 1), **fields)
 
-    def _audit(self, action: str, h: Handover, **fields: Any) -> None:
+    async def _audit(self, action: str, h: Handover, **fields: Any) -> None:
         if self.audit is None:
             return
-        self.audit.record(action, guest=h.record.guest, migration=h.record.id,
-                          from_node=h.record.src, to_node=h.record.dst,
-                          addresses=[str(a) for a in h.record.addresses], **fields)
+        # arecord: the log's lock and fsync stay off the event loop
+        await self.audit.arecord(action, guest=h.record.guest, migration=h.record.id,
+                                 from_node=h.record.src, to_node=h.record.dst,
+                                 addresses=[str(a) for a in h.record.addresses], **fields)
 
 
 def _ms(start: float) -> float:

@@ -49,16 +49,16 @@ class ApplyResult:
 def apply(topology: Topology, node: str, netns: str | None = None) -> ApplyResult:
     changed_sysctls = ensure_sysctls(NODE_SYSCTLS, netns)
     ruleset = render(topology, node)
-    current = [nft.table_digest(fam, name, netns) for fam, name in table_names()]
-    if all(d == ruleset.digest for d in current):
+    current = {name: nft.table_digest(fam, name, netns) for fam, name in table_names()}
+    if all(d == ruleset.digest for d in current.values()):
         return ApplyResult(node, ruleset.digest, False, changed_sysctls)
-    nft.run(replace_script(ruleset.script(), _kept_elements(netns)), netns)
+    kept = _kept_elements(netns) if current[IP_TABLE] is not None else {}
+    nft.run(replace_script(ruleset.script(), kept), netns)
     return ApplyResult(node, ruleset.digest, True, changed_sysctls)
 
 
 def _kept_elements(netns: str | None) -> dict[str, list[str]]:
-    if nft.table_digest("ip", IP_TABLE, netns) is None:
-        return {}
+    """The agent's set elements in the running ip table (which the caller saw exists)."""
     return {s: nft.set_elements("ip", IP_TABLE, s, netns) for s in DYNAMIC_SETS}
 
 

@@ -172,7 +172,8 @@ class AddressMatch:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _setns(netns: str) -> None:
+def enter_netns(netns: str) -> None:
+    """Move the calling thread (only) into ``netns``; sockets it opens stay there."""
     try:
         fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -216,7 +217,7 @@ def open_socket(
 
     def run() -> None:
         try:
-            _setns(netns)
+            enter_netns(netns)
             box.append(_new_socket(groups, rcvbuf, sndbuf))
         except BaseException as exc:
             box.append(exc)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 
-from orchestrator.netfilter.conntrack import _setns
+from orchestrator.netfilter.conntrack import enter_netns
 
 
 def socket_in(netns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
@@ -14,7 +14,7 @@ def socket_in(netns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_
 
     def make() -> None:
         try:
-            _setns(netns)  # this thread only
+            enter_netns(netns)  # this thread only
             box.append(socket.socket(family, kind))
         except BaseException as exc:  # handed to the caller
             box.append(exc)
