@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterator
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -44,6 +45,9 @@ class Cluster(_Strict):
     guest_bridge: IFNAME = "guestbr0"
     uplink: IFNAME = "xenbr0"
     tag_mask: int = Field(0xFF, ge=1, le=0xFFFFFFFF)
+    # ct mark bit on entries a migration pushed to its destination: outside tag_mask so the
+    # rules ignore it; an abort (even after a crash) finds exactly those entries by it
+    handover_bit: int = Field(0x40000000, ge=1, le=0xFFFFFFFF)
 
     @field_validator("tag_mask")
     @classmethod
@@ -51,6 +55,11 @@ class Cluster(_Strict):
         if v & (v + 1):
             raise _error("tag_mask", "must be contiguous low bits such as 0xff, got {v:#x}", v=v)
         return v
+
+    @field_validator("handover_bit")
+    @classmethod
+    def _one_bit(cls, v: int) -> int:
+        return _single_bit(v)
 
     @model_validator(mode="after")
     def _gateway_in_subnet(self) -> Cluster:
@@ -71,6 +80,12 @@ class Node(_Strict):
     pub_ip: IPv4Address
     guest_ip: IPv4Address
     pipes: list[IFNAME] = Field(min_length=1)
+    # where the other agents reach this one (peer channel, unicast sync); pub_ip if unset
+    sync_ip: IPv4Address | None = None
+
+    @property
+    def peer_ip(self) -> IPv4Address:
+        return self.sync_ip or self.pub_ip
 
     @field_validator("mac_prefix")
     @classmethod
@@ -152,6 +167,51 @@ class Lab(_Strict):
     uplink_prefix: int = Field(24, ge=8, le=30)
 
 
+class Agent(_Strict):
+    """Where one node's agent keeps its state and how it reaches its peers."""
+
+    run_dir: Path = Path("/run/convergent")  # the API socket: run_dir/agent-<node>.sock
+    store: str = "sqlite:////var/lib/convergent/store.db"
+    audit_log: Path = Path("/var/log/convergent/audit.log")
+    spool_dir: Path = Path("/var/spool/convergent")
+    key_file: Path = Path("/etc/convergent/cluster.key")  # the cluster's HMAC key
+    peer_port: int = Field(7404, ge=1, le=65535)
+    reconcile_interval_s: float = Field(10.0, gt=0, le=3600)
+    # a migration with no progress for this long is aborted by its destination
+    migration_timeout_s: float = Field(900.0, gt=0)
+    # how long a destination keeps retrying a source agent that went away mid-migration
+    peer_retry_s: float = Field(5.0, ge=0, le=300)
+
+    def socket(self, node: str) -> Path:
+        return self.run_dir / f"agent-{node}.sock"
+
+
+class Sync(_Strict):
+    """The replicator's channel and scope (DESIGN §4)."""
+
+    transport: Literal["multicast", "unicast"] = "multicast"
+    group: IPv4Address = IPv4Address("239.255.77.1")
+    port: int = Field(7405, ge=1, le=65535)
+    interface: IFNAME = "sync0"
+    ttl: int = Field(1, ge=1, le=255)
+    mark_bit: int = Field(0x80000000, ge=1, le=0xFFFFFFFF)  # ct_sync's cmarkbit
+    backlog: int = Field(4096, ge=16, le=1 << 20)  # datagrams kept for NACKed resends
+    flush_ms: float = Field(5.0, gt=0, le=1000)
+    resync_rate: int = Field(50_000, ge=100)  # entries/s a full resync may send
+
+    @field_validator("mark_bit")
+    @classmethod
+    def _one_bit(cls, v: int) -> int:
+        return _single_bit(v)
+
+    @field_validator("group")
+    @classmethod
+    def _multicast(cls, v: IPv4Address) -> IPv4Address:
+        if not v.is_multicast:
+            raise _error("group", "{v} is not an IPv4 multicast address", v=str(v))
+        return v
+
+
 class Topology(_Strict):
     """One file describes the whole cluster."""
 
@@ -160,6 +220,8 @@ class Topology(_Strict):
     services: list[Service] = []
     guests: list[Guest] = []
     lab: Lab = Field(default_factory=Lab)
+    agent: Agent = Field(default_factory=Agent)
+    sync: Sync = Field(default_factory=Sync)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Topology:
@@ -193,6 +255,12 @@ class Topology(_Strict):
         return svc.address or self.guest(svc.guest).addresses[0]
 
 
+def _single_bit(v: int) -> int:
+    if v & (v - 1):
+        raise _error("bit", "must be a single bit such as 0x40000000, got {v:#x}", v=v)
+    return v
+
+
 def _dupes(values: list[Any]) -> set[Any]:
     seen: set[Any] = set()
     return {v for v in values if v in seen or seen.add(v)}  # type: ignore[func-returns-value]
@@ -219,6 +287,11 @@ def cross_check(t: Topology) -> Iterator[tuple[str, str]]:
                 yield f"nodes[{j}].mac_prefix", f"{m.mac_prefix} overlaps {n.name}'s {n.mac_prefix}"
         for dup in _dupes(n.pipes):
             yield f"nodes[{i}].pipes", f"pipe {dup} listed twice"
+    for key, bit in (("cluster.handover_bit", c.handover_bit), ("sync.mark_bit", t.sync.mark_bit)):
+        if bit & c.tag_mask:
+            yield key, f"bit {bit:#x} overlaps tag_mask {c.tag_mask:#x}"
+    if c.handover_bit == t.sync.mark_bit:
+        yield "sync.mark_bit", f"bit {t.sync.mark_bit:#x} is also cluster.handover_bit"
     node_names = {n.name for n in t.nodes}
     reserved = {c.gateway, *(n.guest_ip for n in t.nodes), c.guest_subnet.network_address,
                 c.guest_subnet.broadcast_address}

@@ -68,6 +68,19 @@ CASES = [
                                       'guest = "guest1"\naddress = "10.5.5.77"\n\n'
                                       '[[services]]\nname = "ntp"'),
      "services[0].address", "not an address of guest"),
+    ("handover bit not single", ("tag_mask = 0xff", "tag_mask = 0xff\nhandover_bit = 0x300"),
+     "cluster.handover_bit", "single bit"),
+    ("handover bit inside tag mask", ("tag_mask = 0xff", "tag_mask = 0xff\nhandover_bit = 0x80"),
+     "cluster.handover_bit", "overlaps tag_mask"),
+    ("sync group not multicast", ("tag_mask = 0xff", 'tag_mask = 0xff\n[sync]\ngroup = "10.1.1.1"'),
+     "sync.group", "not an IPv4 multicast"),
+    ("sync bit equals handover bit", ("tag_mask = 0xff",
+                                      "tag_mask = 0xff\n[sync]\nmark_bit = 0x40000000"),
+     "sync.mark_bit", "also cluster.handover_bit"),
+    ("agent port out of range", ("tag_mask = 0xff", "tag_mask = 0xff\n[agent]\npeer_port = 0"),
+     "agent.peer_port", "greater than or equal to 1"),
+    ("agent unknown key", ("tag_mask = 0xff", "tag_mask = 0xff\n[agent]\nsocket = 'x'"),
+     "agent.socket", "unknown key"),
 ]
 
 
