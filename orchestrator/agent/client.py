@@ -34,15 +34,15 @@ async def acall(socket: str | Path, op: str, timeout: float = 30.0, **args: Any)
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_unix_connection(str(socket), limit=MAX_LINE), timeout)
-    except (OSError, asyncio.TimeoutError) as exc:
-        raise AgentUnavailable(f"no agent on {socket}: {exc or 'timed out'}") from None
+    except OSError as exc:  # TimeoutError included
+        raise AgentUnavailable(f"no agent on {socket}: {str(exc) or 'timed out'}") from None
     try:
         writer.write(encode({"op": op, "args": args}))
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), timeout)
-    except (OSError, asyncio.TimeoutError) as exc:
+    except OSError as exc:  # TimeoutError included
         raise AgentUnavailable(f"agent on {socket} did not answer {op}: "
-                               f"{exc or 'timed out'}") from None
+                               f"{str(exc) or 'timed out'}") from None
     finally:
         writer.close()
     if not line:

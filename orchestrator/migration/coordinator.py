@@ -1,9 +1,12 @@
 """The migration coordinator: prepare -> precopy -> cutover -> finalize, or abort (DESIGN §2).
 
-Each phase is idempotent and recorded (store phase, timing, audit line), so a phase replayed
-after a crash changes nothing it already did. The source's entries reach the destination
-through an :class:`EntryFeed` (here: the source's conntrack table directly; the replicator
-carries the same feed between agents), so the coordinator does not care where S is.
+The coordinator runs next to the destination's kernel. Each phase is idempotent and
+recorded (store phase, timing, audit line), so a phase replayed after a crash changes
+nothing it already did. The source's entries arrive through a :class:`SourceFeed` (S's
+table in this process, or S's agent over the peer channel), so the coordinator does not
+care where S is. Every entry it adds on D carries ``cluster.handover_bit`` until finalize:
+an abort, even one replayed by a restarted agent that remembers nothing, deletes exactly
+what was pushed by asking D's kernel for that bit.
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import structlog
@@ -22,19 +25,24 @@ from orchestrator.errors import MigrationError
 from orchestrator.handover.planner import (
     DestKind,
     Plan,
-    SourceKind,
     abort_actions,
     dest_key,
     plan_handover,
 )
+from orchestrator.migration.feed import FeedBatch, FeedLost, LocalFeed, SourceFeed, SourceSide
 from orchestrator.migration.nodeops import NodeOps
 from orchestrator.model.cluster import Topology
-from orchestrator.model.conntrack import Entry, Event, EventType
-from orchestrator.netfilter.conntrack import ConntrackTable, EventStream, Overrun
+from orchestrator.model.conntrack import Entry, EventType
+from orchestrator.netfilter.conntrack import ConntrackTable, Key
 from orchestrator.store.base import Address, EpochConflict, MigrationRecord, Phase, Store
 
 log = structlog.get_logger("convergent.migration")
 T = TypeVar("T")
+
+
+FeedFactory = Callable[[MigrationRecord], SourceFeed]
+# test seam: awaited at named points (orchestrator.agent.failpoints in the agent)
+Failpoint = Callable[[str], Awaitable[None]]
 
 
 @dataclass
@@ -48,93 +56,123 @@ class NodeHandle:
 
 @dataclass
 class Handover:
-    """Live state of one migration on the coordinating side."""
+    """Live state of one migration on the coordinating (destination) side."""
 
     record: MigrationRecord
     plans: list[Plan] = field(default_factory=list)
-    stream: EventStream | None = None
+    feed: SourceFeed | None = None
     follower: asyncio.Task[None] | None = None
     entries_pushed: int = 0
     announce: asyncio.Task[int] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    source_lost: bool = False  # S's entries could not be fetched at some point
 
 
 class Coordinator:
+    """Drives migrations into the nodes in ``nodes``; the source may be any cluster node.
+
+    In-process (lab, benchmarks) ``nodes`` holds every node and the feed reads S's table
+    directly; in an agent ``nodes`` holds the agent's own node and ``feed_factory`` reaches
+    S's agent."""
+
     def __init__(self, topology: Topology, store: Store, nodes: dict[str, NodeHandle],
-                 audit: AuditLog | None = None, handover: bool = True) -> None:
+                 audit: AuditLog | None = None, handover: bool = True,
+                 feed_factory: FeedFactory | None = None,
+                 failpoint: Failpoint | None = None) -> None:
         self.topology = topology
         self.store = store
         self.nodes = nodes
         self.audit = audit
         self.handover_enabled = handover  # False: the control run (what breaks without us)
+        self.feed_factory = feed_factory or self._local_feed
+        self.failpoint = failpoint or _no_failpoint
+        self.bit = topology.cluster.handover_bit
 
     # phases -------------------------------------------------------------------------
     async def prepare(self, guest: str, src: str, dst: str) -> Handover:
+        known = {n.name for n in self.topology.nodes}
         for node in (src, dst):
-            if node not in self.nodes:
-                raise MigrationError(f"unknown node {node!r}")
-        g = self.topology.guest(guest)
+            if node not in known:
+                raise MigrationError(f"unknown node {node!r} (cluster nodes: "
+                                     f"{', '.join(sorted(known))})")
+        if dst not in self.nodes:
+            raise MigrationError(f"this coordinator drives {', '.join(self.nodes)}, not {dst}")
+        if src == dst:
+            raise MigrationError(f"{guest} is already on {dst}")
+        try:
+            g = self.topology.guest(guest)
+        except KeyError:
+            raise MigrationError(f"unknown guest {guest!r}") from None
         record = await self.store.create_migration(guest, g.addresses, src, dst)
         h = Handover(record)
         if self.handover_enabled:
-            await self.nodes[dst].ops.gate(g.addresses, closed=True)
+            await self._dst(h).ops.gate(g.addresses, closed=True)
         await self._phase_done(h, Phase.PREPARE, 0.0)
         return h
 
     async def precopy(self, h: Handover) -> None:
-        """Stream G's entries S -> D while G still runs on S: subscribe, dump, push."""
+        """Stream G's entries S -> D while G still runs on S: subscribe, dump, push, follow.
+        Replayable: a restarted agent calls it again and re-plans against D's table."""
         start = time.monotonic()
         await self._advance(h, Phase.PREPARE, Phase.PRECOPY)
         if self.handover_enabled:
-            src = self.nodes[h.record.src]
-            addrs = list(h.record.addresses)
-            h.stream, entries = await asyncio.to_thread(
-                src.table.subscribe_and_dump, addresses=addrs)
-            await self._sync(h, entries)
-            await self._liberal_on_source(h, entries)
-            h.follower = asyncio.create_task(self._follow(h))
+            await self._dst(h).ops.gate(h.record.addresses, closed=True)
+            await self._open_feed(h)
+            await self.failpoint("precopy.synced")
+            if h.feed is not None:
+                h.follower = asyncio.create_task(self._follow(h))
         await self._phase_done(h, Phase.PRECOPY, _ms(start), entries=h.entries_pushed)
 
     async def cutover(self, h: Handover) -> None:
-        """G runs on D now: last delta, ownership flip, ARP, gate open."""
+        """G runs on D now: last delta, ownership flip, gate open, ARP. Replayable."""
         start = time.monotonic()
         await self._advance(h, Phase.PRECOPY, Phase.CUTOVER)
-        g = self.topology.guest(h.record.guest)
-        dst, src = self.nodes[h.record.dst], self.nodes[h.record.src]
+        dst = self._dst(h)
         if self.handover_enabled:
-            await self._stop_follower(h, drain=True)
+            await self._final_delta(h)
+        await self.failpoint("cutover.drained")
         await self._claim(h)
-        await dst.ops.host(g.addresses, hosted=True)
-        await src.ops.host(g.addresses, hosted=False)
+        await self.failpoint("cutover.claimed")
+        await dst.ops.host(h.record.addresses, hosted=True)
+        src = self.nodes.get(h.record.src)
+        if src is not None:
+            await src.ops.host(h.record.addresses, hosted=False)
+        if h.feed is not None:
+            await h.feed.close(released=True)  # S reconciles its sets now, not at next poll
+            h.feed = None
         if self.handover_enabled:
-            await dst.ops.gate(g.addresses, closed=False)
+            await dst.ops.gate(h.record.addresses, closed=False)
             h.announce = await dst.ops.announce_gateway(self.topology.cluster.gateway)
-        await self._phase_done(h, Phase.CUTOVER, _ms(start), entries=h.entries_pushed)
+        await self._phase_done(h, Phase.CUTOVER, _ms(start), entries=h.entries_pushed,
+                               epoch=max(h.record.epoch_before.values(), default=-1) + 1,
+                               **({"outcome": "degraded"} if h.source_lost else {}))
 
     async def finalize(self, h: Handover) -> None:
         start = time.monotonic()
         await self._advance(h, Phase.CUTOVER, Phase.FINALIZE)
         if h.announce is not None:
             await h.announce
+        await self._clear_bits(h)
         await self.store.finish_migration(h.record.id)
         await self._phase_done(h, Phase.FINALIZE, _ms(start))
 
     async def abort(self, h: Handover, error: str) -> None:
-        """Ownership stays with S; D forgets what we pushed and reopens its gate."""
+        """Ownership stays with S; D forgets what we pushed and reopens its gate. Replayable:
+        what was pushed is found by the handover bit, not remembered."""
         start = time.monotonic()
-        await self._stop_follower(h, drain=False)
-        dst = self.nodes[h.record.dst]
-        undo = [a.key for a in abort_actions(*h.plans)]
+        await self._close_feed(h)
+        dst = self._dst(h)
+        undo = {a.key for a in abort_actions(*h.plans)}
+        undo |= {e.key for e in await self._pushed(h)}
         if undo:
-            await asyncio.to_thread(dst.table.delete, undo)
-        g = self.topology.guest(h.record.guest)
-        await dst.ops.gate(g.addresses, closed=False)
+            await asyncio.to_thread(dst.table.delete, list(undo))
+        await dst.ops.gate(h.record.addresses, closed=False)
         current = await self.store.get_migration(h.record.id)
         if current is not None and current.phase not in (Phase.ABORT, Phase.ABORTED):
             await self.store.abort_migration(h.record.id, error)
-        await self.store.finish_migration(h.record.id)
+        h.record = await self.store.finish_migration(h.record.id)
         await self._audit("migration.abort", h, outcome="failed", detail=error,
-                    entries=len(undo), duration_ms=_ms(start))
+                          entries=len(undo), duration_ms=_ms(start))
 
     async def run(self, guest: str, src: str, dst: str,
                   move: Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]) -> Handover:
@@ -151,21 +189,64 @@ class Coordinator:
         return h
 
     # handover mechanics -------------------------------------------------------------
+    def _local_feed(self, record: MigrationRecord) -> SourceFeed:
+        src = self.nodes[record.src]
+        return LocalFeed(SourceSide(src.table, self.topology, record.guest, record.src,
+                                    record.dst, record.addresses))
+
+    def _dst(self, h: Handover) -> NodeHandle:
+        return self.nodes[h.record.dst]
+
+    async def _open_feed(self, h: Handover) -> None:
+        """Open the feed and sync its snapshot; an unreachable S costs the handover of
+        this phase, never the migration (the hypervisor moves the guest regardless)."""
+        await self._close_feed(h)
+        feed = self.feed_factory(h.record)
+        try:
+            entries = await feed.open()
+        except FeedLost as exc:
+            h.source_lost = True
+            await feed.close()
+            log.warning("migration.source_lost", guest=h.record.guest, error=str(exc))
+            return
+        h.feed = feed
+        await self._sync(h, entries)
+
+    async def _final_delta(self, h: Handover) -> None:
+        if h.follower is not None and h.follower.done() and h.feed is not None:
+            await self._close_feed(h)  # the follower died with the feed: reopen below
+        await self._stop_follower(h)
+        if h.feed is None:
+            await self._open_feed(h)  # replayed cutover, or S was lost: a fresh snapshot
+            return
+        try:
+            for batch in await h.feed.drain():
+                await self._apply_batch(h, batch)
+        except FeedLost:
+            await self._close_feed(h)
+            await self._open_feed(h)
+
     async def _sync(self, h: Handover, entries: list[Entry]) -> None:
         """Plan against D's current entries and write what differs."""
-        dst = self.nodes[h.record.dst]
+        dst = self._dst(h)
         existing = await asyncio.to_thread(dst.table.dump, addresses=list(h.record.addresses))
-        plan = plan_handover(entries, self.topology, h.record.guest, h.record.src,
-                             h.record.dst, existing)
-        await self._apply(h, plan)
+        ours = {e.key for e in existing if e.mark & self.bit}
+        plan = plan_handover(self._strip(entries), self.topology, h.record.guest,
+                             h.record.src, h.record.dst, self._strip(existing))
+        await self._apply(h, plan, ours)
 
-    async def _apply(self, h: Handover, plan: Plan) -> None:
+    async def _apply(self, h: Handover, plan: Plan, ours: set[Key]) -> None:
         h.plans.append(plan)
-        dst = self.nodes[h.record.dst]
+        dst = self._dst(h)
         doomed = [d for a in plan.dest if a.kind is DestKind.REPLACE for d in a.delete]
         if doomed:
             await asyncio.to_thread(dst.table.delete, doomed)
-        writes = [a.entry for a in plan.writes if a.entry is not None]
+        writes = []
+        for a in plan.writes:
+            if a.entry is None:
+                continue
+            pushed = a.kind in (DestKind.PUSH, DestKind.REPLACE) or a.entry.key in ours
+            writes.append(replace(a.entry, mark=a.entry.mark | self.bit) if pushed else a.entry)
         if writes:
             result = await asyncio.to_thread(dst.table.push, writes, "update")
             if result.errors:
@@ -173,48 +254,57 @@ class Coordinator:
                             first=str(result.errors[0]))
             h.entries_pushed += len(writes) - len(result.errors)
 
-    async def _liberal_on_source(self, h: Handover, entries: list[Entry]) -> None:
-        plan = plan_handover(entries, self.topology, h.record.guest, h.record.src, h.record.dst)
-        liberal = [a.origin for a in plan.source if a.kind is SourceKind.MAKE_LIBERAL]
-        if liberal:
-            await asyncio.to_thread(self.nodes[h.record.src].table.set_liberal, liberal)
+    def _strip(self, entries: Iterable[Entry]) -> list[Entry]:
+        bit = self.bit
+        return [replace(e, mark=e.mark & ~bit) if e.mark & bit else e for e in entries]
 
     async def _follow(self, h: Handover) -> None:
-        """Precopy's live part: S's events for G become D's writes until cutover."""
-        assert h.stream is not None
-        async for batch in h.stream.batches():
-            await self._apply_events(h, batch)
+        """Precopy's live part: S's changes for G become D's writes until cutover. A lost
+        feed ends it; the cutover then starts over from a fresh snapshot."""
+        assert h.feed is not None
+        try:
+            async for batch in h.feed.batches():
+                await self._apply_batch(h, batch)
+        except FeedLost as exc:
+            log.warning("migration.feed_lost", guest=h.record.guest, error=str(exc))
 
-    async def _apply_events(self, h: Handover, batch: list[Event | Overrun]) -> None:
-        if any(isinstance(e, Overrun) for e in batch):
-            # events were lost: the dump is the truth again
-            src = self.nodes[h.record.src]
-            entries = await asyncio.to_thread(src.table.dump, addresses=list(h.record.addresses))
-            await self._sync(h, entries)
-            return
-        live = [e.entry for e in batch if isinstance(e, Event) and e.type != EventType.DESTROY]
-        gone = [e.entry for e in batch if isinstance(e, Event) and e.type == EventType.DESTROY]
+    async def _apply_batch(self, h: Handover, batch: FeedBatch) -> None:
+        if batch.snapshot is not None:
+            await self._sync(h, batch.snapshot)
+        live = [e.entry for e in batch.events if e.type != EventType.DESTROY]
+        gone = [e.entry for e in batch.events if e.type == EventType.DESTROY]
         if live:
             await self._sync(h, live)
-            await self._liberal_on_source(h, live)
         keys = [k for e in gone if (k := dest_key(e, self.topology, h.record.guest,
                                                    h.record.src, h.record.dst)) is not None]
         if keys:
-            await asyncio.to_thread(self.nodes[h.record.dst].table.delete, keys)
+            await asyncio.to_thread(self._dst(h).table.delete, keys)
 
-    async def _stop_follower(self, h: Handover, drain: bool) -> None:
+    async def _stop_follower(self, h: Handover) -> None:
         if h.follower is not None:
             h.follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await h.follower
             h.follower = None
-        if h.stream is not None:
-            if drain:  # the final delta: whatever S reported until now
-                pending = await asyncio.to_thread(h.stream.read, 0.0)
-                if pending:
-                    await self._apply_events(h, pending)
-            h.stream.close()
-            h.stream = None
+
+    async def _close_feed(self, h: Handover) -> None:
+        await self._stop_follower(h)
+        if h.feed is not None:
+            await h.feed.close()
+            h.feed = None
+
+    async def _pushed(self, h: Handover) -> list[Entry]:
+        """D's entries of G that a handover added (and finalize has not yet made D's own)."""
+        dst = self._dst(h)
+        return await asyncio.to_thread(dst.table.dump, addresses=list(h.record.addresses),
+                                       mark=self.bit, mark_mask=self.bit)
+
+    async def _clear_bits(self, h: Handover) -> None:
+        by_mark: dict[int, list[Key]] = {}
+        for e in await self._pushed(h):
+            by_mark.setdefault(e.mark & ~self.bit, []).append(e.key)
+        for mark, keys in by_mark.items():
+            await asyncio.to_thread(self._dst(h).table.set_mark, keys, mark)
 
     async def _claim(self, h: Handover) -> None:
         try:
@@ -248,3 +338,7 @@ class Coordinator:
 
 def _ms(start: float) -> float:
     return (time.monotonic() - start) * 1000
+
+
+async def _no_failpoint(name: str) -> None:
+    return None

@@ -1,0 +1,126 @@
+"""How a guest's entries flow from the source's kernel to the destination's coordinator.
+
+The coordinator on D only sees a :class:`SourceFeed`: an initial snapshot, then batches of
+changes, then a drain up to "now". :class:`SourceSide` is the part that runs where S's
+kernel is (subscribe before dumping, make S's entries liberal, turn an event overrun into a
+fresh snapshot). :class:`LocalFeed` is SourceSide used in-process (lab, benchmarks); the
+agents carry the same batches over their authenticated peer channel
+(``orchestrator.agent.peer``), and the replicator can carry them the same way.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+
+from orchestrator.handover.planner import SourceKind, plan_handover
+from orchestrator.model.cluster import Topology
+from orchestrator.model.conntrack import Entry, Event, EventType
+from orchestrator.netfilter.conntrack import ConntrackTable, EventStream, Overrun
+
+
+@dataclass
+class FeedBatch:
+    """Live changes, or (``snapshot`` set) the whole truth again after a loss or reconnect."""
+
+    events: list[Event] = field(default_factory=list)
+    snapshot: list[Entry] | None = None
+
+
+class FeedLost(Exception):
+    """The source cannot be reached any more (its agent is gone past the retry budget)."""
+
+
+class SourceFeed(abc.ABC):
+    @abc.abstractmethod
+    async def open(self) -> list[Entry]:
+        """Subscribe on S, then dump G's entries there: nothing changes unseen from here."""
+
+    @abc.abstractmethod
+    def batches(self) -> AsyncIterator[FeedBatch]:
+        """S's changes as they happen, until closed."""
+
+    @abc.abstractmethod
+    async def drain(self) -> list[FeedBatch]:
+        """Every change S has seen until now (the cutover's final delta)."""
+
+    @abc.abstractmethod
+    async def close(self, released: bool = False) -> None:
+        """Stop; ``released``: D owns the guest now, so S should reconcile at once."""
+
+
+class SourceSide:
+    """The source's half: runs next to S's conntrack table."""
+
+    def __init__(self, table: ConntrackTable, topology: Topology, guest: str, src: str,
+                 dst: str, addresses: Iterable[IPv4Address]) -> None:
+        self.table = table
+        self.topology = topology
+        self.guest, self.src, self.dst = guest, src, dst
+        self.addresses = list(addresses)
+        self.stream: EventStream | None = None
+
+    async def open(self) -> list[Entry]:
+        self.stream, entries = await asyncio.to_thread(
+            self.table.subscribe_and_dump, addresses=self.addresses)
+        await self.make_liberal(entries)
+        return entries
+
+    async def make_liberal(self, entries: list[Entry]) -> None:
+        """S stays on the return path of G's SNAT flows; its tracker must not judge the
+        segments it now sees only half of (FACTS: without it the SNAT flow dies)."""
+        if not entries:
+            return
+        plan = plan_handover(entries, self.topology, self.guest, self.src, self.dst)
+        liberal = [a.origin for a in plan.source if a.kind is SourceKind.MAKE_LIBERAL]
+        if liberal:
+            await asyncio.to_thread(self.table.set_liberal, liberal)
+
+    async def batches(self) -> AsyncIterator[FeedBatch]:
+        assert self.stream is not None, "open() first"
+        async for raw in self.stream.batches():
+            yield await self._convert(raw)
+
+    async def drain(self) -> list[FeedBatch]:
+        if self.stream is None:
+            return []
+        pending = await asyncio.to_thread(self.stream.read, 0.0)
+        return [await self._convert(pending)] if pending else []
+
+    async def _convert(self, raw: list[Event | Overrun]) -> FeedBatch:
+        if any(isinstance(e, Overrun) for e in raw):
+            # events were lost: the dump is the truth again
+            entries = await asyncio.to_thread(self.table.dump, addresses=self.addresses)
+            await self.make_liberal(entries)
+            return FeedBatch(snapshot=entries)
+        events = [e for e in raw if isinstance(e, Event)]
+        await self.make_liberal([e.entry for e in events if e.type != EventType.DESTROY])
+        return FeedBatch(events=events)
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+
+class LocalFeed(SourceFeed):
+    """SourceSide in the coordinator's own process (both kernels reachable from here)."""
+
+    def __init__(self, side: SourceSide) -> None:
+        self.side = side
+
+    async def open(self) -> list[Entry]:
+        return await self.side.open()
+
+    async def batches(self) -> AsyncIterator[FeedBatch]:
+        async for batch in self.side.batches():
+            yield batch
+
+    async def drain(self) -> list[FeedBatch]:
+        return await self.side.drain()
+
+    async def close(self, released: bool = False) -> None:
+        self.side.close()
