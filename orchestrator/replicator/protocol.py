@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 from .receiver import Receiver, ReceiverConfig
 from .sender import Sender, SenderConfig
-from .wire import Codec, DecodeError, MsgType, Outgoing, Peer
+from .wire import Codec, DecodeError, Message, MsgType, Outgoing, Peer
 
 __all__ = ["Receiver", "ReceiverConfig", "Replicator", "Sender", "SenderConfig"]
 
@@ -54,6 +54,10 @@ class Replicator:
         except DecodeError as exc:
             self.receiver.counters[exc.reason.value] += 1
             return []
+        return self.on_message(msg, peer, now)
+
+    def on_message(self, msg: Message, peer: Peer, now: float) -> list[Outgoing]:
+        """A datagram the caller decoded itself (to attribute decode failures to a peer)."""
         if msg.type not in (MsgType.NACK, MsgType.RESYNC_REQUEST):
             return self.receiver.on_message(msg, peer, now)
         sender = self._senders.get(msg.stream) if msg.target_tag == self.tag else None

@@ -74,6 +74,21 @@ class _Stream:
     resync_from: int | None = None  # waiting for a resync whose snapshot is at or after this
     resync_at: float = -math.inf
     retired: deque[int] = field(default_factory=deque)
+    counters: Counter[str] = field(default_factory=Counter)  # this stream's share
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    tag: int
+    stream: int
+    boot: int
+    peer: Peer
+    expected: int  # next seq to apply
+    lag: int  # seqs known to exist, not applied yet
+    entries: int
+    last_heard: float
+    resync_pending: bool
+    counters: Counter[str]
 
 
 class Receiver:
@@ -116,6 +131,19 @@ class Receiver:
         """The next seq this receiver will apply from that sender (unbounded int)."""
         st = self._streams.get((tag, stream))
         return None if st is None else st.expected
+
+    def stream_info(self) -> list[StreamInfo]:
+        """Per sender stream: where we are in its sequence space and what it cost."""
+        return [
+            StreamInfo(s.tag, s.stream, s.boot, s.peer, s.expected,
+                       max(s.highest - s.expected + 1, 0), len(s.cache), s.last_heard,
+                       s.resync_from is not None, Counter(s.counters))
+            for s in self._streams.values()
+        ]  # fmt: skip
+
+    def _count(self, st: _Stream, name: str, n: int = 1) -> None:
+        self.counters[name] += n
+        st.counters[name] += n
 
     # --- inputs -------------------------------------------------------------------------
 
@@ -169,15 +197,15 @@ class Receiver:
             cache = ExternalCache(self._bind(msg.tag, msg.stream))
             st = _Stream(msg.tag, msg.stream, msg.boot, peer, cache, now)
             self._streams[msg.tag, msg.stream] = st
-            self.counters["new_sender"] += 1
+            self._count(st, "new_sender")
             return st, self._first_contact(st, msg, now)
         if msg.boot == st.boot:
             return st, []
         older_alive = msg.boot < st.boot and now - st.last_heard < self.config.dead_after
         if msg.boot in st.retired or older_alive:
-            self.counters["stale_boot"] += 1  # a replay of an earlier life
+            self._count(st, "stale_boot")  # a replay of an earlier life
             return None, []
-        self.counters["new_boot"] += 1
+        self._count(st, "new_boot")
         st.retired.append(st.boot)
         while len(st.retired) > self.config.boot_memory:
             st.retired.popleft()
@@ -203,14 +231,14 @@ class Receiver:
     def _on_sequenced(self, st: _Stream, msg: Message, now: float) -> list[Outgoing]:
         seq = unwrap(msg.seq, st.expected)
         if seq < st.expected:
-            self.counters["old"] += 1  # applied already: duplicate or replay
+            self._count(st, "old")  # applied already: duplicate or replay
             return []
         if seq in st.buffer:
-            self.counters["duplicate"] += 1
+            self._count(st, "duplicate")
             return []
         out: list[Outgoing] = []
         if seq - st.expected >= self.config.window:
-            self.counters["overrun"] += 1
+            self._count(st, "overrun")
             self._skip_to(st, seq)
             out += self._want_resync(st, seq, now)
         st.buffer[seq] = msg
@@ -222,12 +250,12 @@ class Receiver:
         """ALIVE, HELLO, RESYNC_BEGIN: seq is the sender's last sent seq."""
         out: list[Outgoing] = []
         if msg.type == MsgType.RESYNC_BEGIN:
-            self.counters["resync_begin"] += 1
+            self._count(st, "resync_begin")
             if msg.void:
                 self._on_void(st, msg, now)
         last = unwrap(msg.seq, st.expected)
         if last - st.expected >= self.config.window:
-            self.counters["overrun"] += 1
+            self._count(st, "overrun")
             self._skip_to(st, last + 1)
             out += self._want_resync(st, last + 1, now)
         elif last >= st.expected:
@@ -238,9 +266,9 @@ class Receiver:
         """The sender cannot serve first..last any more; a resync from last+1 is running."""
         first, last = unwrap(msg.first, st.expected), unwrap(msg.last, st.expected)
         if last < st.expected or first > last:
-            self.counters["void_ignored"] += 1
+            self._count(st, "void_ignored")
             return
-        self.counters["void"] += 1
+        self._count(st, "void")
         self._skip_to(st, last + 1)
         st.resync_from = max(st.resync_from or last + 1, last + 1)
         st.resync_at = now  # the sender started it; ask again only if no END comes
@@ -250,7 +278,7 @@ class Receiver:
         out: list[Outgoing] = []
         lo = max(st.highest + 1, st.expected)
         if lo <= missing_upto:
-            self.counters["gap"] += 1
+            self._count(st, "gap")
             out.append(self._nack(st, lo, missing_upto))
             st.nack_at = now
         st.highest = max(st.highest, highest)
@@ -281,7 +309,7 @@ class Receiver:
 
     def _jump(self, st: _Stream, to: int) -> None:
         if to > st.expected:
-            self.counters["skipped"] += to - st.expected
+            self._count(st, "skipped", to - st.expected)
             st.expected = st.since = to
 
     def _apply(self, st: _Stream, msg: Message, seq: int) -> None:
@@ -295,10 +323,10 @@ class Receiver:
 
     def _on_end(self, st: _Stream, begin: int) -> None:
         if begin < st.since:
-            self.counters["sweep_skipped"] += 1  # we missed part of that resync
+            self._count(st, "sweep_skipped")  # we missed part of that resync
             return
-        self.counters["swept"] += st.cache.sweep(begin)
-        self.counters["resync_end"] += 1
+        self._count(st, "swept", st.cache.sweep(begin))
+        self._count(st, "resync_end")
         if st.resync_from is not None and begin >= st.resync_from:
             st.resync_from = None
 
@@ -308,13 +336,13 @@ class Receiver:
         if st.expected > st.highest or now - st.nack_at < self.config.nack_retry:
             return []
         if st.nack_tries >= self.config.nack_retries:
-            self.counters["gave_up"] += 1
+            self._count(st, "gave_up")
             upto = st.highest + 1
             self._skip_to(st, upto)
             return self._want_resync(st, upto, now)
         st.nack_tries += 1
         st.nack_at = now
-        self.counters["nack_retry"] += 1
+        self._count(st, "nack_retry")
         return [self._nack(st, lo, hi) for lo, hi in _holes(st)[: self.config.max_nacks]]
 
     def _want_resync(self, st: _Stream, needed_from: int, now: float) -> list[Outgoing]:
@@ -323,14 +351,14 @@ class Receiver:
 
     def _resync_request(self, st: _Stream, now: float) -> Outgoing:
         st.resync_at = now
-        self.counters["resync_requested"] += 1
+        self._count(st, "resync_requested")
         assert st.resync_from is not None
         msg = Message(MsgType.RESYNC_REQUEST, self.tag, self.boot, stream=st.stream,
                       target_tag=st.tag, target_boot=st.boot, first=st.resync_from)  # fmt: skip
         return Outgoing(st.peer, self.codec.encode(msg), MsgType.RESYNC_REQUEST)
 
     def _nack(self, st: _Stream, lo: int, hi: int) -> Outgoing:
-        self.counters["nack_sent"] += 1
+        self._count(st, "nack_sent")
         msg = Message(MsgType.NACK, self.tag, self.boot, stream=st.stream,
                       target_tag=st.tag, target_boot=st.boot, first=lo, last=hi)  # fmt: skip
         return Outgoing(st.peer, self.codec.encode(msg), MsgType.NACK)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -130,6 +130,20 @@ class Sender:
     def resyncing(self) -> bool:
         return self._resync is not None
 
+    @property
+    def busy(self) -> bool:
+        """Something waits for a flush deadline or a resync is running: tick soon."""
+        return self._deadline is not None or self._resync is not None
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def holds(self, key: Key) -> bool:
+        try:
+            return key_to_wire(key) in self._table
+        except EncodeError:
+            return False
+
     def state(self) -> Mapping[Key, Entry]:
         """The current table (a copy, keyed by Entry.key)."""
         return {slot.entry.key: slot.entry for slot in self._table.values()}
@@ -157,6 +171,26 @@ class Sender:
         self._table[key] = _Slot(entry, wire)
         self._enqueue(key, op, len(wire), now)
         return self._flush_full(now)
+
+    def reconcile(self, entries: Iterable[Entry], now: float) -> list[Outgoing]:
+        """The table is now exactly ``entries`` (a dump after lost events): keys missing from
+        it are destroyed, changed entries updated, identical ones left alone."""
+        out: list[Outgoing] = []
+        seen: set[WireKey] = set()
+        for entry in entries:
+            try:
+                wire = encode_upsert(entry)
+            except EncodeError:
+                self.counters["unencodable"] += 1
+                continue
+            key = key_of_record(wire)
+            seen.add(key)
+            slot = self._table.get(key)
+            if slot is None or slot.wire != wire:
+                out += self.update(entry, now)
+        for key in [k for k in self._table if k not in seen]:
+            out += self._remove(key, now)
+        return out
 
     def on_datagram(self, data: bytes, peer: Peer, now: float) -> list[Outgoing]:
         try:
