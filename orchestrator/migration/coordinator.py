@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import structlog
 
 from orchestrator.audit.log import AuditLog
-from orchestrator.errors import MigrationError
+from orchestrator.errors import ConvergentError, MigrationError
 from orchestrator.handover.planner import (
     DestKind,
     Plan,
@@ -66,6 +66,7 @@ class Handover:
     announce: asyncio.Task[int] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     source_lost: bool = False  # S's entries could not be fetched at some point
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class Coordinator:
@@ -204,7 +205,7 @@ class Coordinator:
         feed = self.feed_factory(h.record)
         try:
             entries = await feed.open()
-        except FeedLost as exc:
+        except (FeedLost, ConvergentError) as exc:  # gone, or refused (wrong key, no record)
             h.source_lost = True
             await feed.close()
             log.warning("migration.source_lost", guest=h.record.guest, error=str(exc))
@@ -259,12 +260,17 @@ class Coordinator:
         return [replace(e, mark=e.mark & ~bit) if e.mark & bit else e for e in entries]
 
     async def _follow(self, h: Handover) -> None:
-        """Precopy's live part: S's changes for G become D's writes until cutover. A lost
-        feed ends it; the cutover then starts over from a fresh snapshot."""
+        """Precopy's live part: S's changes for G become D's writes until cutover. Waiting
+        is the only point where it is cancelled (``_stop_follower`` holds the lock), so a
+        batch taken from the feed always reaches D. A lost feed ends it; the cutover then
+        starts over from a fresh snapshot."""
         assert h.feed is not None
         try:
-            async for batch in h.feed.batches():
-                await self._apply_batch(h, batch)
+            while True:
+                await h.feed.wait()
+                async with h.lock:
+                    for batch in await h.feed.take():
+                        await self._apply_batch(h, batch)
         except FeedLost as exc:
             log.warning("migration.feed_lost", guest=h.record.guest, error=str(exc))
 
@@ -282,7 +288,8 @@ class Coordinator:
 
     async def _stop_follower(self, h: Handover) -> None:
         if h.follower is not None:
-            h.follower.cancel()
+            async with h.lock:  # not while it applies a batch: only while it waits
+                h.follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await h.follower
             h.follower = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
@@ -35,13 +35,21 @@ class FeedLost(Exception):
 
 
 class SourceFeed(abc.ABC):
+    """Consumed by one follower: ``wait`` (cancel-safe, consumes nothing) then ``take``.
+    The coordinator only cancels the follower while it waits, so no batch is ever lost
+    between the feed and D's kernel."""
+
     @abc.abstractmethod
     async def open(self) -> list[Entry]:
         """Subscribe on S, then dump G's entries there: nothing changes unseen from here."""
 
     @abc.abstractmethod
-    def batches(self) -> AsyncIterator[FeedBatch]:
-        """S's changes as they happen, until closed."""
+    async def wait(self) -> None:
+        """Until ``take`` has something (raises FeedLost if S went away)."""
+
+    @abc.abstractmethod
+    async def take(self) -> list[FeedBatch]:
+        """What S has reported so far, without waiting for more."""
 
     @abc.abstractmethod
     async def drain(self) -> list[FeedBatch]:
@@ -79,16 +87,22 @@ class SourceSide:
         if liberal:
             await asyncio.to_thread(self.table.set_liberal, liberal)
 
-    async def batches(self) -> AsyncIterator[FeedBatch]:
+    async def wait(self) -> None:
         assert self.stream is not None, "open() first"
-        async for raw in self.stream.batches():
-            yield await self._convert(raw)
+        await self.stream.wait()
+
+    async def take(self) -> list[FeedBatch]:
+        """Pending events as a batch (not cancel-safe: call it where nobody cancels)."""
+        if self.stream is None:
+            return []
+        raw = self.stream.take()
+        return [await self._convert(raw)] if raw else []
 
     async def drain(self) -> list[FeedBatch]:
         if self.stream is None:
             return []
-        pending = await asyncio.to_thread(self.stream.read, 0.0)
-        return [await self._convert(pending)] if pending else []
+        raw = self.stream.take() + await asyncio.to_thread(self.stream.read, 0.0)
+        return [await self._convert(raw)] if raw else []
 
     async def _convert(self, raw: list[Event | Overrun]) -> FeedBatch:
         if any(isinstance(e, Overrun) for e in raw):
@@ -115,9 +129,11 @@ class LocalFeed(SourceFeed):
     async def open(self) -> list[Entry]:
         return await self.side.open()
 
-    async def batches(self) -> AsyncIterator[FeedBatch]:
-        async for batch in self.side.batches():
-            yield batch
+    async def wait(self) -> None:
+        await self.side.wait()
+
+    async def take(self) -> list[FeedBatch]:
+        return await self.side.take()
 
     async def drain(self) -> list[FeedBatch]:
         return await self.side.drain()

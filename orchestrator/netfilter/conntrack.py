@@ -869,6 +869,18 @@ class EventStream:
                 self._pending.clear()
                 yield batch
 
+    async def wait(self) -> None:
+        """Until events are pending. Cancel-safe: consumes nothing (``take`` does)."""
+        while not self._pending:
+            await self._readable()
+            self._read_available()
+
+    def take(self) -> list[Event | Overrun]:
+        """What is pending now, without waiting."""
+        batch = list(self._pending)
+        self._pending.clear()
+        return batch
+
     def read(self, timeout: float | None = None, limit: int = 65536) -> list[Event | Overrun]:
         """Sync: what is available now, waiting up to ``timeout`` for the first message."""
         if not self._pending:

@@ -1,0 +1,383 @@
+"""The authenticated channel between two agents: the destination asks the source for a
+migrating guest's entries (DESIGN §2 precopy), over TCP.
+
+Handshake: both sides prove they hold the cluster key over fresh nonces, then every frame
+carries HMAC-SHA256/128 under a per-connection session key and a per-direction counter, so
+a frame can be neither forged, replayed into another connection, nor reordered. Entries
+travel as replicator records (``replicator.wire``): one encoding for both carriers.
+
+Frame: u32 length | u8 type | body | 16-byte MAC. Types: H handshake (JSON, before the
+session), J control (JSON), E entries (a sealed wire DATA message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import secrets
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+
+from orchestrator.errors import ConvergentError
+from orchestrator.migration.feed import FeedBatch, FeedLost, SourceFeed, SourceSide
+from orchestrator.model.conntrack import Entry, Event, EventType
+from orchestrator.replicator.wire import Codec, Message, MsgType, Record
+
+log = structlog.get_logger("convergent.peer")
+_LEN = struct.Struct("!I")
+_CTR = struct.Struct("!Q")
+MAC = 16
+MAX_FRAME = 8 << 20
+RECORDS_PER_FRAME = 2048  # the wire header counts records in 16 bits
+HANDSHAKE_TIMEOUT = 5.0
+
+
+class PeerError(ConvergentError):
+    """The other agent is not who it claims, or broke the protocol."""
+
+
+def _mac(key: bytes, *parts: bytes) -> bytes:
+    return hmac.new(key, b"".join(parts), hashlib.sha256).digest()[:MAC]
+
+
+class Channel:
+    """One authenticated connection. ``role`` is b"C" (connecting side) or b"S"."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 key: bytes, role: bytes) -> None:
+        self.reader, self.writer = reader, writer
+        self.key = key
+        self.role = role
+        self.session: bytes | None = None
+        self.sent = self.received = 0
+        self.peer = ""
+        self.codec = Codec(key, max_size=MAX_FRAME)
+
+    # framing ---------------------------------------------------------------------
+    def _write(self, kind: bytes, body: bytes) -> None:
+        mac = b"\0" * MAC
+        if self.session is not None:
+            mac = _mac(self.session, self.role, _CTR.pack(self.sent), kind, body)
+            self.sent += 1
+        self.writer.write(_LEN.pack(1 + len(body) + MAC) + kind + body + mac)
+
+    async def _read(self) -> tuple[bytes, bytes]:
+        try:
+            (size,) = _LEN.unpack(await self.reader.readexactly(_LEN.size))
+            if not 1 + MAC <= size <= MAX_FRAME:
+                raise PeerError(f"peer {self.peer or '?'}: frame of {size} bytes")
+            frame = await self.reader.readexactly(size)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise FeedLost(f"peer {self.peer or '?'} closed the connection: {exc}") from None
+        kind, body, mac = frame[:1], frame[1:-MAC], frame[-MAC:]
+        if self.session is not None:
+            other = b"S" if self.role == b"C" else b"C"
+            want = _mac(self.session, other, _CTR.pack(self.received), kind, body)
+            if not hmac.compare_digest(mac, want):
+                raise PeerError(f"peer {self.peer or '?'}: frame {self.received} fails its MAC")
+            self.received += 1
+        return kind, body
+
+    # queue_* write whole frames synchronously: a task cancelled in flush() never leaves
+    # half a message on the stream
+    def queue(self, obj: dict[str, Any]) -> None:
+        self._write(b"J", json.dumps(obj, default=str).encode())
+
+    def queue_records(self, records: list[Record]) -> None:
+        for i in range(0, len(records), RECORDS_PER_FRAME):
+            chunk = tuple(records[i:i + RECORDS_PER_FRAME])
+            self._write(b"E", self.codec.encode(Message(MsgType.DATA, 0, 0, 0, records=chunk)))
+
+    async def flush(self) -> None:
+        await self.writer.drain()
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        self.queue(obj)
+        await self.flush()
+
+    async def recv(self) -> dict[str, Any] | list[Record]:
+        kind, body = await self._read()
+        if kind == b"J":
+            obj: dict[str, Any] = json.loads(body)
+            return obj
+        if kind == b"E":
+            return list(self.codec.decode(body).records)
+        raise PeerError(f"peer {self.peer}: unexpected frame type {kind!r}")
+
+    # handshake -------------------------------------------------------------------
+    async def _hello(self, obj: dict[str, Any]) -> None:
+        self._write(b"H", json.dumps(obj).encode())
+        await self.writer.drain()
+
+    async def _hello_reply(self) -> dict[str, Any]:
+        kind, body = await asyncio.wait_for(self._read(), HANDSHAKE_TIMEOUT)
+        if kind != b"H":
+            raise PeerError("handshake expected")
+        obj: dict[str, Any] = json.loads(body)
+        return obj
+
+    async def connect_as(self, me: str) -> str:
+        nc = secrets.token_bytes(16)
+        await self._hello({"node": me, "nonce": nc.hex()})
+        reply = await self._hello_reply()
+        peer, ns = str(reply["node"]), bytes.fromhex(reply["nonce"])
+        self.peer = peer
+        proof = _mac(self.key, b"S", nc, ns, me.encode(), b"/", peer.encode())
+        if not hmac.compare_digest(bytes.fromhex(reply.get("proof", "")), proof):
+            raise PeerError(f"peer {peer} does not hold the cluster key")
+        await self._hello({"proof": _mac(self.key, b"C", nc, ns, me.encode(), b"/",
+                                          peer.encode()).hex()})
+        self.session = _mac(self.key, b"session", nc, ns) + _mac(self.key, b"session2", nc, ns)
+        return peer
+
+    async def accept_as(self, me: str) -> str:
+        hello = await self._hello_reply()
+        peer, nc = str(hello["node"]), bytes.fromhex(hello["nonce"])
+        self.peer = peer
+        ns = secrets.token_bytes(16)
+        proof = _mac(self.key, b"S", nc, ns, peer.encode(), b"/", me.encode())
+        await self._hello({"node": me, "nonce": ns.hex(), "proof": proof.hex()})
+        final = await self._hello_reply()
+        want = _mac(self.key, b"C", nc, ns, peer.encode(), b"/", me.encode())
+        if not hmac.compare_digest(bytes.fromhex(final.get("proof", "")), want):
+            raise PeerError(f"connection claiming to be {peer} does not hold the cluster key")
+        self.session = _mac(self.key, b"session", nc, ns) + _mac(self.key, b"session2", nc, ns)
+        return peer
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _records(batch: FeedBatch) -> list[Record]:
+    if batch.snapshot is not None:
+        return [Record.upsert(e) for e in batch.snapshot]
+    return [Record.upsert(ev.entry, ev.type) if ev.type != EventType.DESTROY
+            else Record.destroy(ev.entry.key) for ev in batch.events]
+
+
+# --- the source side ----------------------------------------------------------------
+
+Authorize = Callable[[str, dict[str, Any]], Awaitable[SourceSide]]
+
+
+class PeerServer:
+    """On every agent: serves ``stream`` requests from destination agents.
+
+    ``authorize(peer, request)`` checks the request against the store (an active migration
+    of that guest from this node to that peer) and returns the SourceSide to stream."""
+
+    def __init__(self, me: str, key: bytes, authorize: Authorize,
+                 on_released: Callable[[], None]) -> None:
+        self.me, self.key = me, key
+        self.authorize = authorize
+        self.on_released = on_released
+        self.server: asyncio.AbstractServer | None = None
+        self.streams = 0
+        self.refused = 0
+
+    async def start(self, host: str, port: int) -> None:
+        self.server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ch = Channel(reader, writer, self.key, b"S")
+        side: SourceSide | None = None
+        pump: asyncio.Task[None] | None = None
+        lock = asyncio.Lock()
+        try:
+            peer = await ch.accept_as(self.me)
+            while True:
+                req = await ch.recv()
+                if not isinstance(req, dict):
+                    raise PeerError(f"peer {peer}: entries sent to the source")
+                op = req.get("op")
+                if op == "stream" and side is None:
+                    side = await self.authorize(peer, req)
+                    self.streams += 1
+                    ch.queue_records([Record.upsert(e) for e in await side.open()])
+                    ch.queue({"op": "dumped"})
+                    await ch.flush()
+                    pump = asyncio.create_task(_pump(ch, side, lock))
+                elif op == "barrier" and side is not None:
+                    async with lock:  # the pump is waiting, not sending
+                        for batch in await side.drain():
+                            _queue_batch(ch, batch)
+                        ch.queue({"op": "barrier", "n": req.get("n")})
+                    await ch.flush()
+                elif op == "released":
+                    self.on_released()
+                else:
+                    raise PeerError(f"peer {peer}: unexpected {op!r}")
+        except ConvergentError as exc:
+            self.refused += 1
+            log.warning("peer.refused", peer=ch.peer, error=str(exc))
+            with _quiet():
+                await ch.send({"op": "error", "error": str(exc)})
+        except (FeedLost, OSError, ValueError) as exc:  # TimeoutError is an OSError
+            log.info("peer.closed", peer=ch.peer, reason=str(exc) or type(exc).__name__)
+        finally:
+            if pump is not None:
+                async with lock:
+                    pump.cancel()
+                with _quiet():
+                    await pump
+            if side is not None:
+                side.close()
+            ch.close()
+
+
+async def _pump(ch: Channel, side: SourceSide, lock: asyncio.Lock) -> None:
+    """S's events for the guest, forwarded as they happen."""
+    while True:
+        await side.wait()
+        async with lock:
+            for batch in await side.take():
+                _queue_batch(ch, batch)
+        await ch.flush()
+
+
+def _queue_batch(ch: Channel, batch: FeedBatch) -> None:
+    if batch.snapshot is not None:
+        ch.queue({"op": "snapshot"})
+        ch.queue_records(_records(batch))
+        ch.queue({"op": "dumped"})
+    else:
+        ch.queue_records(_records(batch))
+
+
+class _quiet:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return True
+
+
+# --- the destination side ------------------------------------------------------------
+
+
+class PeerFeed(SourceFeed):
+    """The coordinator's view of a source agent's SourceSide. One reader task turns frames
+    into whole batches (a snapshot only once its end arrived) and barrier echoes."""
+
+    def __init__(self, me: str, key: bytes, host: str, port: int, request: dict[str, Any],
+                 retry_s: float) -> None:
+        self.me, self.key = me, key
+        self.host, self.port = host, port
+        self.request = request
+        self.retry_s = retry_s
+        self.ch: Channel | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self.ready: list[FeedBatch] = []
+        self.arrived = asyncio.Event()
+        self.lost: Exception | None = None
+        self.barriers = 0
+        self.echoed = 0
+
+    async def _connect(self) -> Channel:
+        deadline = time.monotonic() + self.retry_s
+        delay = 0.05
+        while True:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.host, self.port), HANDSHAKE_TIMEOUT)
+                ch = Channel(reader, writer, self.key, b"C")
+                await ch.connect_as(self.me)
+                return ch
+            except (OSError, FeedLost) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise FeedLost(f"source agent {self.host}:{self.port} unreachable for "
+                                   f"{self.retry_s:g} s: {exc}") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
+    async def open(self) -> list[Entry]:
+        self.ch = await self._connect()
+        await self.ch.send({"op": "stream", **self.request})
+        entries = await self._until_dumped()
+        self.reader = asyncio.create_task(self._read())
+        return entries
+
+    async def _until_dumped(self) -> list[Entry]:
+        assert self.ch is not None
+        out: list[Entry] = []
+        while True:
+            msg = await self.ch.recv()
+            if isinstance(msg, list):
+                out += [r.entry for r in msg if r.entry is not None]
+            elif msg.get("op") == "dumped":
+                return out
+            elif msg.get("op") == "error":
+                raise PeerError(f"source refused: {msg.get('error')}")
+
+    async def _read(self) -> None:
+        assert self.ch is not None
+        try:
+            while True:
+                msg = await self.ch.recv()
+                if isinstance(msg, list):
+                    self.ready.append(FeedBatch(events=[_event(r) for r in msg]))
+                elif msg.get("op") == "snapshot":
+                    self.ready.append(FeedBatch(snapshot=await self._until_dumped()))
+                elif msg.get("op") == "barrier":
+                    self.echoed = int(msg.get("n") or 0)
+                elif msg.get("op") == "error":
+                    raise FeedLost(f"source: {msg.get('error')}")
+                self.arrived.set()
+        except (FeedLost, PeerError, ValueError) as exc:
+            self.lost = exc
+            self.arrived.set()
+
+    async def wait(self) -> None:
+        while not self.ready:
+            if self.lost is not None:
+                raise FeedLost(str(self.lost))
+            self.arrived.clear()
+            await self.arrived.wait()
+
+    async def take(self) -> list[FeedBatch]:
+        out, self.ready = self.ready, []
+        return out
+
+    async def drain(self) -> list[FeedBatch]:
+        """Barrier: S flushes every event it has seen, then echoes the barrier."""
+        assert self.ch is not None
+        self.barriers += 1
+        await self.ch.send({"op": "barrier", "n": self.barriers})
+        while self.echoed < self.barriers:
+            if self.lost is not None:
+                raise FeedLost(str(self.lost))
+            self.arrived.clear()
+            await self.arrived.wait()
+        return await self.take()
+
+    async def close(self, released: bool = False) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+            with _quiet():
+                await self.reader
+            self.reader = None
+        if self.ch is None:
+            return
+        if released:
+            with _quiet():
+                await self.ch.send({"op": "released"})
+        self.ch.close()
+        self.ch = None
+
+
+def _event(r: Record) -> Event:
+    if r.entry is not None:
+        return Event(r.op, r.entry)
+    # a DESTROY carries only the key; the coordinator needs just the orig tuple and zone
+    return Event(EventType.DESTROY, Entry(r.tuple_orig, r.tuple_orig.reversed(), zone=r.zone))
