@@ -74,6 +74,7 @@ def _ip_table(t: Topology, me: Node) -> str:
         '\t\tcomment "guests arriving here, handover not committed yet (agent)"',
         "\t}",
         "",
+        *_notrack_chains(t),
         "\t# stateless DNAT: published services, tagged with this node as the entry",
         "\tchain stateless_dnat {",
         f"\t\ttype filter hook prerouting priority {PRIO_DNAT}; policy accept;",
@@ -111,6 +112,25 @@ def _ip_table(t: Topology, me: Node) -> str:
         "}",
     ]
     return "\n".join(lines)
+
+
+def _notrack_chains(t: Topology) -> list[str]:
+    """Replicator datagrams (DESIGN §4, ct_sync's NOTRACK) on the sync interface never become
+    conntrack entries: they would be tracked, evented and (marked) replicated themselves."""
+    s = t.sync
+    return [
+        "\t# replicator traffic is never tracked (ct_sync: NOTRACK on the sync interface)",
+        "\tchain sync_notrack_prerouting {",
+        "\t\ttype filter hook prerouting priority raw; policy accept;",
+        f'\t\tiifname "{s.interface}" udp dport {s.port} notrack comment "replicator"',
+        "\t}",
+        "",
+        "\tchain sync_notrack_output {",
+        "\t\ttype filter hook output priority raw; policy accept;",
+        f'\t\toifname "{s.interface}" udp dport {s.port} notrack comment "replicator"',
+        "\t}",
+        "",
+    ]
 
 
 def _l4(svc: Service) -> str:
