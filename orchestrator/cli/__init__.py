@@ -17,6 +17,8 @@ COMMANDS = {
     "apply": "orchestrator.cli.rules:apply",
     "lab": "orchestrator.cli.lab:lab",
     "audit": "orchestrator.cli.audit:audit",
+    "agent": "orchestrator.cli.agent:agent",
+    "status": "orchestrator.cli.agent:status",
 }
 
 

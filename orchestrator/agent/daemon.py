@@ -1,0 +1,383 @@
+"""``convergent agent``: one per node (DESIGN §6).
+
+It owns the node's kernel state: the ruleset and its sets (reconciled from the store,
+periodically and whenever the store changes), the conntrack engine, the migration
+coordinator for guests arriving here, the source side of the peer channel for guests
+leaving, and the replicator. It answers hooks and the CLI on a Unix socket.
+
+A restarted agent remembers nothing: it reads its unfinished migrations from the store and
+finishes or aborts each (``recover``), and the handover bit in D's kernel tells an abort
+exactly which entries to take back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from typing import Any
+
+import structlog
+
+from orchestrator.agent.api import ApiServer, Handler
+from orchestrator.agent.failpoints import Failpoints
+from orchestrator.agent.keys import load_key
+from orchestrator.agent.peer import PeerFeed, PeerServer
+from orchestrator.agent.reconcile import Reconciler
+from orchestrator.audit.log import AuditLog
+from orchestrator.errors import ConvergentError, MigrationError
+from orchestrator.migration.coordinator import Coordinator, Handover, NodeHandle
+from orchestrator.migration.feed import SourceFeed, SourceSide
+from orchestrator.migration.nodeops import NodeOps
+from orchestrator.model.cluster import Topology
+from orchestrator.netfilter.conntrack import ConntrackTable
+from orchestrator.store import open_store
+from orchestrator.store.base import ABORTABLE, Address, MigrationRecord, Phase, Store
+
+log = structlog.get_logger("convergent.agent")
+WATCH_DEBOUNCE = 0.01
+
+
+class Agent:
+    def __init__(self, topology: Topology, node: str) -> None:
+        try:
+            self.me = topology.node(node)
+        except KeyError:
+            raise ConvergentError(f"node {node!r} is not in the cluster config (nodes: "
+                                  f"{', '.join(n.name for n in topology.nodes)})") from None
+        self.topology = topology
+        self.node = node
+        self.settings = topology.agent
+        self.key = load_key(self.settings.key_file)
+        self.failpoint = Failpoints()
+        self.handovers: dict[str, Handover] = {}  # guest -> migration arriving here
+        self.ungated: set[str] = set()  # guests migrating here without handover (control)
+        self.finalizers: set[asyncio.Task[None]] = set()
+        self.wake = asyncio.Event()
+        self.started = time.time()
+        self.sync: Any = None  # replicator SyncService, when the sync interface exists
+
+    # lifecycle ------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        self.store: Store = await open_store(self.settings.store)
+        self.audit = AuditLog(_per_node(str(self.settings.audit_log), self.node),
+                              node=self.node, actor="agent")
+        self.table = ConntrackTable(None)
+        handle = NodeHandle(self.node, self.table,
+                            NodeOps(self.node, None, self.topology.cluster.guest_bridge))
+        self.coordinator = Coordinator(self.topology, self.store, {self.node: handle},
+                                       self.audit, feed_factory=self._feed,
+                                       failpoint=self.failpoint)
+        self.reconciler = Reconciler(self.topology, self.node, self.store,
+                                     ungated=self.ungated)
+        self.api = ApiServer(self.settings.socket(self.node), self._handlers())
+        self.peer = PeerServer(self.node, self.key, self._authorize, self.wake.set)
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            await self.store.upsert_node(self.node, self.me.tag, self.me.mac_prefix,
+                                         self.me.pub_ip)
+            await self.reconciler.run(ruleset=True)
+            await self.peer.start(str(self.me.peer_ip), self.settings.peer_port)
+            await self._start_sync()
+            await self.recover()
+            await self.api.start()
+            tasks = [asyncio.create_task(c) for c in (self._reconcile_loop(), self._watch(),
+                                                      self._watchdog())]
+            log.info("agent.ready", node=self.node, socket=str(self.api.path))
+            print(f"convergent agent {self.node} ready", flush=True)
+            await stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await self.api.close()
+            await self.peer.close()
+            if self.sync is not None:
+                await self.sync.stop()
+            self.table.close()
+            await self.store.close()
+
+    async def _start_sync(self) -> None:
+        iface = self.topology.sync.interface
+        if not os.path.exists(f"/sys/class/net/{iface}"):
+            log.warning("sync.disabled", reason=f"no interface {iface}")
+            return
+        from orchestrator.replicator.service import SyncService
+        self.sync = SyncService(self.topology, self.node, self.key)
+        await self.sync.start()
+
+    # background loops -----------------------------------------------------------------
+    async def _reconcile_loop(self) -> None:
+        """Every store change wakes it; it also runs every reconcile_interval_s, then with
+        the ruleset too (someone may have flushed it)."""
+        while True:
+            periodic = False
+            try:
+                await asyncio.wait_for(self.wake.wait(), self.settings.reconcile_interval_s)
+            except TimeoutError:
+                periodic = True
+            self.wake.clear()
+            with contextlib.suppress(Exception):  # counted in its stats; try again later
+                await self.reconciler.run(ruleset=periodic)
+                if periodic:
+                    await self.store.heartbeat(self.node)
+
+    async def _watch(self) -> None:
+        rev = await self.store.revision()
+        async for change in self.store.watch(after=rev):
+            del change
+            await asyncio.sleep(WATCH_DEBOUNCE)  # a burst of changes: one pass
+            self.wake.set()
+
+    async def _watchdog(self) -> None:
+        """A migration here that never got its resume or abort is aborted in the end."""
+        while True:
+            await asyncio.sleep(min(self.settings.migration_timeout_s / 4, 30))
+            now = time.time()
+            for guest, h in list(self.handovers.items()):
+                if (h.record.phase in (Phase.PREPARE, Phase.PRECOPY)
+                        and now - h.record.updated > self.settings.migration_timeout_s):
+                    await self._abort(guest, "no resume within migration_timeout_s")
+
+    # recovery ---------------------------------------------------------------------------
+    async def recover(self) -> None:
+        """Finish what a previous life of this agent left open in the store."""
+        for m in await self.store.list_migrations(active=True):
+            if m.dst != self.node:
+                continue
+            await self.audit.arecord("agent.recover", guest=m.guest, migration=m.id,
+                                     detail=f"found in phase {m.phase}")
+            try:
+                await self._recover_one(m)
+            except Exception as exc:
+                log.exception("agent.recover_failed", guest=m.guest)
+                if m.guest in self.handovers:
+                    await self._abort(m.guest, f"recovery failed: {exc}")
+        self.wake.set()
+
+    async def _recover_one(self, m: MigrationRecord) -> None:
+        h = Handover(m)
+        if m.phase in (Phase.PREPARE, Phase.PRECOPY):
+            self.handovers[m.guest] = h
+            await self.coordinator.precopy(h)  # re-plans against what D already has
+        elif m.phase == Phase.CUTOVER:
+            self.handovers[m.guest] = h  # the guest runs here: finish the flip
+            await self.coordinator.cutover(h)
+            self._finalize_later(m.guest, h)
+        elif m.phase == Phase.FINALIZE:
+            await self.coordinator.finalize(h)
+        elif m.phase == Phase.ABORT:
+            await self.coordinator.abort(h, m.error or "aborted before a restart")
+
+    # the peer channel (source side) -----------------------------------------------------
+    def _feed(self, record: MigrationRecord) -> SourceFeed:
+        src = self.topology.node(record.src)
+        return PeerFeed(self.node, self.key, str(src.peer_ip), self.settings.peer_port,
+                        {"migration": record.id, "guest": record.guest},
+                        self.settings.peer_retry_s)
+
+    async def _authorize(self, peer: str, req: dict[str, Any]) -> SourceSide:
+        mig = await self.store.get_migration(str(req.get("migration")))
+        if mig is None or not mig.active or mig.src != self.node or mig.dst != peer \
+                or mig.guest != req.get("guest"):
+            raise MigrationError(f"{peer} asked for {req.get('guest')}'s entries without an "
+                                 f"active migration {self.node} -> {peer}")
+        return SourceSide(self.table, self.topology, mig.guest, mig.src, mig.dst,
+                          mig.addresses)
+
+    # API ---------------------------------------------------------------------------------
+    def _handlers(self) -> dict[str, Handler]:
+        return {
+            "ping": self.ping, "status": self.status, "reconcile": self.reconcile,
+            "migration.prepare": self.prepare, "migration.resumed": self.resumed,
+            "migration.abort": self.abort, "migration.finalize": self.finalize,
+            "guest.started": self.guest_started, "guest.stopped": self.guest_stopped,
+            "sync.status": self.sync_status, "sync.commit": self.sync_commit,
+        }
+
+    async def ping(self) -> dict[str, Any]:
+        return {"node": self.node, "pid": os.getpid()}
+
+    async def status(self) -> dict[str, Any]:
+        owned = await self.store.list_ownership(node=self.node)
+        stats = self.reconciler.stats
+        return {
+            "node": self.node, "pid": os.getpid(), "uptime_s": round(time.time() - self.started),
+            "owned": {str(o.ip): {"guest": o.guest, "epoch": o.epoch} for o in owned},
+            "migrations": [_mig_view(h) for h in self.handovers.values()],
+            "reconcile": {"runs": stats.runs, "changed": stats.changed, "errors": stats.errors,
+                          "last_ms": round(stats.last_ms, 1), "last_error": stats.last_error},
+            "api": {"requests": self.api.requests, "errors": self.api.errors},
+            "peer": {"streams": self.peer.streams, "refused": self.peer.refused},
+            "sync": self.sync is not None,
+        }
+
+    async def reconcile(self) -> dict[str, Any]:
+        return {"changes": await self.reconciler.run(ruleset=True)}
+
+    async def prepare(self, guest: str, src: str | None = None, handover: bool = True,
+                      wait: bool = True) -> dict[str, Any]:
+        """A guest is about to arrive here (libvirt ``migrate begin`` on D, Xen
+        ``--incoming``, or ``lab migrate``). ``wait``: return after precopy's first sync."""
+        if guest in self.handovers:
+            raise MigrationError(f"{guest} is already migrating to {self.node} "
+                                 f"(migration {self.handovers[guest].record.id})")
+        src = src or await self._owner_node(guest)
+        if not handover:
+            self.ungated.add(guest)
+        coord = self._coordinator(handover)
+        try:
+            h = await coord.prepare(guest, src, self.node)
+        except BaseException:
+            self.ungated.discard(guest)
+            raise
+        self.handovers[guest] = h
+        task = asyncio.create_task(self._precopy(coord, guest, h))
+        if wait:
+            await asyncio.shield(task)
+        return _mig_view(h)
+
+    async def _precopy(self, coord: Coordinator, guest: str, h: Handover) -> None:
+        try:
+            await coord.precopy(h)
+        except Exception as exc:
+            log.exception("migration.precopy_failed", guest=guest)
+            await self._abort(guest, f"precopy failed: {exc}")
+            raise
+
+    async def resumed(self, guest: str, wait_finalize: bool = False) -> dict[str, Any]:
+        """The guest runs here now: cutover, then finalize off the caller's path."""
+        h = self._handover(guest)
+        try:
+            await self._coordinator(guest not in self.ungated).cutover(h)
+        except Exception as exc:
+            await self._abort(guest, f"cutover failed: {exc}")
+            raise
+        self._finalize_later(guest, h)
+        if wait_finalize:
+            await asyncio.gather(*self.finalizers, return_exceptions=True)
+        return _mig_view(h)
+
+    async def abort(self, guest: str, reason: str = "aborted by request") -> dict[str, Any]:
+        h = self._handover(guest)
+        if h.record.phase not in ABORTABLE:
+            raise MigrationError(f"{guest}: migration {h.record.id} is in phase "
+                                 f"{h.record.phase}; nothing to abort")
+        await self._abort(guest, reason)
+        return _mig_view(h)
+
+    async def _abort(self, guest: str, reason: str) -> None:
+        h = self.handovers.pop(guest, None)
+        self.ungated.discard(guest)
+        if h is not None:
+            await self.coordinator.abort(h, reason)
+            self.wake.set()
+
+    async def finalize(self, guest: str) -> dict[str, Any]:
+        """S's "guest gone" signal: D finalizes on its own right after cutover, so this
+        only waits for that (idempotent; a no-op for a guest with nothing in flight)."""
+        await asyncio.gather(*self.finalizers, return_exceptions=True)
+        return {"guest": guest, "in_flight": guest in self.handovers}
+
+    def _finalize_later(self, guest: str, h: Handover) -> None:
+        async def run() -> None:
+            try:
+                await self.coordinator.finalize(h)
+            finally:
+                self.handovers.pop(guest, None)
+                self.ungated.discard(guest)
+        task = asyncio.create_task(run())
+        self.finalizers.add(task)
+        task.add_done_callback(self.finalizers.discard)
+
+    async def guest_started(self, guest: str) -> dict[str, Any]:
+        """A guest booted here (not by migration): claim its addresses if nobody owns them."""
+        g = self._guest(guest)
+        owners = {o.ip: o for o in await self.store.list_ownership(guest=guest,
+                                                                   include_released=True)}
+        await self.audit.arecord("guest.start", guest=guest, addresses=_strs(g.addresses))
+        free = {a: owners[a].epoch if a in owners else 0 for a in g.addresses
+                if a not in owners or owners[a].node is None}
+        taken = {str(a): owners[a].node for a in g.addresses
+                 if a in owners and owners[a].node not in (None, self.node)}
+        if free:
+            claimed = await self.store.claim_all(free, self.node, guest)
+            await self.audit.arecord("ownership.claim", guest=guest,
+                                     addresses=_strs(free), epoch=max(o.epoch for o in claimed))
+        self.wake.set()
+        return {"claimed": _strs(free), "owned_elsewhere": taken}
+
+    async def guest_stopped(self, guest: str) -> dict[str, Any]:
+        """A guest shut down here (not migrated away): release what this node owns of it."""
+        g = self._guest(guest)
+        await self.audit.arecord("guest.stop", guest=guest, addresses=_strs(g.addresses))
+        if guest in self.handovers:
+            return {"released": [], "reason": "migrating"}
+        owned = await self.store.list_ownership(guest=guest)
+        mine: dict[Address, int] = {o.ip: o.epoch for o in owned if o.node == self.node}
+        if mine:
+            released = await self.store.release_all(mine)
+            await self.audit.arecord("ownership.release", guest=guest, addresses=_strs(mine),
+                                     epoch=max(o.epoch for o in released))
+        self.wake.set()
+        return {"released": _strs(mine)}
+
+    async def sync_status(self) -> dict[str, Any]:
+        if self.sync is None:
+            raise ConvergentError(f"replication is off on {self.node}: no interface "
+                                  f"{self.topology.sync.interface}")
+        status: dict[str, Any] = self.sync.status()
+        return status
+
+    async def sync_commit(self, from_node: str, guest: str | None = None) -> dict[str, Any]:
+        if self.sync is None:
+            raise ConvergentError(f"replication is off on {self.node}")
+        result: dict[str, Any] = await self.sync.commit(from_node, guest)
+        await self.audit.arecord("sync.commit", guest=guest, from_node=from_node,
+                                 to_node=self.node, entries=result.get("committed"))
+        return result
+
+    # helpers ---------------------------------------------------------------------------
+    def _coordinator(self, handover: bool) -> Coordinator:
+        if handover:
+            return self.coordinator
+        c = Coordinator(self.topology, self.store, self.coordinator.nodes, self.audit,
+                        handover=False, feed_factory=self._feed, failpoint=self.failpoint)
+        return c
+
+    def _handover(self, guest: str) -> Handover:
+        h = self.handovers.get(guest)
+        if h is None:
+            raise MigrationError(f"no migration of {guest} to {self.node} in flight")
+        return h
+
+    def _guest(self, guest: str) -> Any:
+        try:
+            return self.topology.guest(guest)
+        except KeyError:
+            raise ConvergentError(f"unknown guest {guest!r}") from None
+
+    async def _owner_node(self, guest: str) -> str:
+        g = self._guest(guest)
+        owners = {o.node for o in await self.store.list_ownership(guest=guest)}
+        owners.discard(None)
+        if len(owners) != 1:
+            found = sorted(map(str, owners))
+            raise MigrationError(f"cannot tell where {guest} runs: owners {found} of "
+                                 f"{_strs(g.addresses)}; pass src")
+        return str(owners.pop())
+
+
+def _mig_view(h: Handover) -> dict[str, Any]:
+    r = h.record
+    return {"id": r.id, "guest": r.guest, "from": r.src, "to": r.dst, "phase": str(r.phase),
+            "timings": h.timings, "entries": h.entries_pushed, "source_lost": h.source_lost}
+
+
+def _strs(addrs: Any) -> list[str]:
+    return [str(a) for a in addrs]
+
+
+def _per_node(path: str, node: str) -> str:
+    return path.replace("{node}", node)
+

@@ -1,0 +1,111 @@
+"""Program one node's kernel from the store (DESIGN §3: the store is the truth; events only
+trigger a pass, as kube-proxy learned).
+
+``desired_sets`` is pure; ``Reconciler`` reads the node's nft sets, writes the difference in
+one nft batch per set, and keeps the ruleset itself applied (a no-op while its digest holds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Container
+from dataclasses import dataclass, field
+
+import structlog
+
+from orchestrator.model.cluster import Topology
+from orchestrator.netfilter import nft
+from orchestrator.netfilter.apply import apply
+from orchestrator.netfilter.render import IP_TABLE, SET_LOCAL_GUESTS, SET_RACE_GATE
+from orchestrator.store.base import Phase, Snapshot, Store
+
+log = structlog.get_logger("convergent.reconcile")
+GATED_PHASES = frozenset({Phase.PREPARE, Phase.PRECOPY, Phase.CUTOVER})
+
+
+@dataclass(frozen=True)
+class NodeSets:
+    local_guests: frozenset[str] = frozenset()
+    race_gate: frozenset[str] = frozenset()
+
+    def by_set(self) -> dict[str, frozenset[str]]:
+        return {SET_LOCAL_GUESTS: self.local_guests, SET_RACE_GATE: self.race_gate}
+
+
+def desired_sets(snap: Snapshot, node: str, ungated: Container[str] = ()) -> NodeSets:
+    """``local_guests``: addresses this node owns. ``race_gate``: addresses of guests
+    migrating here that it does not own yet (the gate opens with the ownership flip, never
+    before the final delta is in). ``ungated``: guests whose migration runs without handover
+    (the control run)."""
+    owned = frozenset(str(o.ip) for o in snap.ownership if o.node == node)
+    gate = frozenset(
+        str(a) for m in snap.migrations
+        if m.dst == node and m.phase in GATED_PHASES and m.guest not in ungated
+        for a in m.addresses if str(a) not in owned
+    )
+    return NodeSets(owned, gate)
+
+
+def changes(current: NodeSets, desired: NodeSets) -> dict[str, tuple[list[str], list[str]]]:
+    """Per set: (to add, to remove), only for sets that differ."""
+    out = {}
+    have = current.by_set()
+    for name, want in desired.by_set().items():
+        add, remove = sorted(want - have[name]), sorted(have[name] - want)
+        if add or remove:
+            out[name] = (add, remove)
+    return out
+
+
+@dataclass
+class ReconcileStats:
+    runs: int = 0
+    changed: int = 0
+    errors: int = 0
+    last_ms: float = 0.0
+    last_error: str | None = None
+    last_changes: dict[str, tuple[list[str], list[str]]] = field(default_factory=dict)
+
+
+class Reconciler:
+    def __init__(self, topology: Topology, node: str, store: Store,
+                 netns: str | None = None, ungated: Container[str] = ()) -> None:
+        self.topology, self.node, self.store, self.netns = topology, node, store, netns
+        self.ungated = ungated
+        self.stats = ReconcileStats()
+        self._lock = asyncio.Lock()
+
+    async def current(self) -> NodeSets:
+        def read(name: str) -> frozenset[str]:
+            return frozenset(nft.set_elements("ip", IP_TABLE, name, self.netns))
+        local = await asyncio.to_thread(read, SET_LOCAL_GUESTS)
+        gate = await asyncio.to_thread(read, SET_RACE_GATE)
+        return NodeSets(local, gate)
+
+    async def run(self, ruleset: bool = False) -> dict[str, tuple[list[str], list[str]]]:
+        """One pass; ``ruleset``: also re-apply the rules (cheap when unchanged)."""
+        async with self._lock:  # passes never interleave their reads and writes
+            start = time.monotonic()
+            self.stats.runs += 1
+            try:
+                if ruleset:
+                    await asyncio.to_thread(apply, self.topology, self.node, self.netns)
+                snap = await self.store.snapshot()
+                todo = changes(await self.current(),
+                               desired_sets(snap, self.node, self.ungated))
+                for name, (add, remove) in todo.items():
+                    await asyncio.to_thread(nft.update_set, "ip", IP_TABLE, name, add, remove,
+                                            self.netns)
+            except Exception as exc:
+                self.stats.errors += 1
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("reconcile.failed", error=self.stats.last_error)
+                raise
+            finally:
+                self.stats.last_ms = (time.monotonic() - start) * 1000
+            if todo:
+                self.stats.changed += 1
+                self.stats.last_changes = todo
+                log.info("reconcile.changed", changes=todo)
+            return todo

@@ -1,0 +1,54 @@
+"""``convergent agent`` (the node's daemon) and ``convergent status`` (ask it)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+
+import click
+
+from orchestrator.cli.rules import CONFIG, NODE, load_for_node
+
+
+@click.command("agent")
+@CONFIG
+@NODE
+def agent(config_path: str, node: str) -> None:
+    """Run this node's agent until SIGTERM or SIGINT."""
+    from orchestrator.agent.daemon import Agent
+
+    daemon = Agent(load_for_node(config_path, node), node)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await daemon.run(stop)
+
+    asyncio.run(main())
+
+
+@click.command("status")
+@CONFIG
+@NODE
+@click.option("--json", "as_json", is_flag=True, help="print the agent's answer as JSON")
+def status(config_path: str, node: str, as_json: bool) -> None:
+    """What the node's agent owns, migrates and reconciles."""
+    from orchestrator.agent.client import call
+
+    topology = load_for_node(config_path, node)
+    result = call(topology.agent.socket(node), "status", timeout=10)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"node {result['node']} (pid {result['pid']}, up {result['uptime_s']} s)")
+    for ip, own in sorted(result["owned"].items()):
+        click.echo(f"  owns {ip:<15} {own['guest']} epoch {own['epoch']}")
+    for m in result["migrations"]:
+        click.echo(f"  migration {m['id']} {m['guest']} {m['from']} -> {m['to']} {m['phase']}")
+    r = result["reconcile"]
+    click.echo(f"  reconcile: {r['runs']} runs, {r['changed']} changed, {r['errors']} errors, "
+               f"last {r['last_ms']} ms" + (f", last error: {r['last_error']}"
+                                            if r["last_error"] else ""))
