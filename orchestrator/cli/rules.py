@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import click
 
 from orchestrator.config.loader import load
 from orchestrator.errors import ConfigError
 from orchestrator.model.cluster import Topology
+
+if TYPE_CHECKING:
+    from orchestrator.audit.log import AuditLog
 
 CONFIG = click.option(
     "--config", "config_path", required=True, type=click.Path(dir_okay=False),
@@ -42,9 +48,41 @@ def render_rules(config_path: str, node: str, check: bool) -> None:
 @CONFIG
 @NODE
 @click.option("--netns", default=None, help="apply inside this network namespace")
-def apply(config_path: str, node: str, netns: str | None) -> None:
-    """Set the node's sysctls and replace its tables atomically (no-op when unchanged)."""
+@click.option(
+    "--audit-log", "audit_log", default=None, type=click.Path(dir_okay=False),
+    help="audit log to record the attempt in (default: the config's [agent] audit_log)",
+)
+def apply(config_path: str, node: str, netns: str | None, audit_log: str | None) -> None:
+    """Set the node's sysctls and replace its tables atomically (no-op when unchanged).
+
+    Every attempt writes one ``ruleset.apply`` audit record (changed, unchanged or failed);
+    a log that cannot be opened is a warning, never a reason not to apply."""
     from orchestrator.netfilter.apply import apply as do_apply
 
-    result = do_apply(load_for_node(config_path, node), node, netns)
+    topology = load_for_node(config_path, node)
+    audit = _open_audit(Path(audit_log) if audit_log else topology.agent.audit_log, node)
+    try:
+        result = do_apply(topology, node, netns, audit, warn=_warn)
+    finally:
+        if audit is not None:
+            audit.close()
     click.echo(result.summary())
+
+
+def _warn(message: str) -> None:
+    click.echo(f"convergent: warning: {message}", err=True)
+
+
+def _open_audit(path: Path, node: str) -> AuditLog | None:
+    """The audit log, opened for appending now so a bad path is a warning up front."""
+    from orchestrator.audit.errors import AuditError
+    from orchestrator.audit.log import AuditLog
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        with path.open("ab"):
+            pass
+        return AuditLog(path, node=node, actor="cli")
+    except (AuditError, OSError) as exc:
+        _warn(f"cannot open the audit log {path}: {exc}; applying without a record")
+        return None

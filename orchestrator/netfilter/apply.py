@@ -3,14 +3,27 @@
 One nft transaction creates-or-replaces every table we own and puts back the elements the
 agent had in our sets, so a rule change never drops a guest from the race gate. If the
 stamped digest already matches, nothing is sent at all.
+
+Given an :class:`~orchestrator.audit.log.AuditLog`, every attempt writes exactly one
+``ruleset.apply`` record naming the node, with ``duration_ms``, outcome ``ok`` or
+``failed``, and a ``detail`` that starts with what happened: ``changed digest=D
+ruleset=replaced|unchanged sysctls=K=V,...|none``, ``unchanged digest=D``, or
+``failed digest=D: <error>``. (The schema's outcomes are ok/failed/refused, so
+changed/unchanged lives in the detail's first word.) A log that cannot be written is
+reported through ``warn`` and never fails the apply.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from orchestrator.audit.errors import AuditError
 from orchestrator.errors import RulesetError
 from orchestrator.model.cluster import Topology
 from orchestrator.netfilter import nft
@@ -21,6 +34,11 @@ from orchestrator.netfilter.render import (
     render,
     table_names,
 )
+
+if TYPE_CHECKING:
+    from orchestrator.audit.log import AuditLog
+
+Warn = Callable[[str], None]
 
 NODE_SYSCTLS = {
     "net.ipv4.ip_forward": "1",
@@ -40,15 +58,68 @@ class ApplyResult:
     ruleset_changed: bool
     sysctls_changed: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def changed(self) -> bool:
+        return self.ruleset_changed or bool(self.sysctls_changed)
+
+    def audit_detail(self) -> str:
+        if not self.changed:
+            return f"unchanged digest={self.digest}"
+        rules = "replaced" if self.ruleset_changed else "unchanged"
+        sysctls = ",".join(f"{k}={v}" for k, v in self.sysctls_changed.items()) or "none"
+        return f"changed digest={self.digest} ruleset={rules} sysctls={sysctls}"
+
     def summary(self) -> str:
         rules = "replaced" if self.ruleset_changed else "unchanged"
         sysctl = ", ".join(f"{k}={v}" for k, v in self.sysctls_changed.items()) or "unchanged"
         return f"{self.node}: ruleset {rules} (digest {self.digest}); sysctls {sysctl}"
 
 
-def apply(topology: Topology, node: str, netns: str | None = None) -> ApplyResult:
-    changed_sysctls = ensure_sysctls(NODE_SYSCTLS, netns)
+def _warn_stderr(message: str) -> None:
+    print(f"convergent: warning: {message}", file=sys.stderr)
+
+
+def apply(
+    topology: Topology,
+    node: str,
+    netns: str | None = None,
+    audit: AuditLog | None = None,
+    *,
+    record_unchanged: bool = True,
+    warn: Warn = _warn_stderr,
+) -> ApplyResult:
+    """Apply ``node``'s ruleset and sysctls (in ``netns``). With ``audit``: one
+    ``ruleset.apply`` record per call (``record_unchanged=False`` skips the no-op ones,
+    for a periodic reconcile loop)."""
+    start = time.perf_counter()
+    digest: list[str] = []  # known once rendered, also for the failure record
+    try:
+        result = _apply(topology, node, netns, digest)
+    except Exception as exc:
+        if audit is not None:
+            where = f"digest={digest[0]}: " if digest else ""
+            _record(audit, node, start, "failed", f"failed {where}{type(exc).__name__}: {exc}",
+                    warn)
+        raise
+    if audit is not None and (result.changed or record_unchanged):
+        _record(audit, node, start, "ok", result.audit_detail(), warn)
+    return result
+
+
+def _record(audit: AuditLog, node: str, start: float, outcome: str, detail: str,
+            warn: Warn) -> None:
+    ms = (time.perf_counter() - start) * 1000
+    try:
+        audit.bind(node=node).record("ruleset.apply", outcome=outcome, duration_ms=ms,
+                                     detail=detail)
+    except (AuditError, OSError) as exc:
+        warn(f"{node}: ruleset.apply not recorded in the audit log: {exc}")
+
+
+def _apply(topology: Topology, node: str, netns: str | None, digest: list[str]) -> ApplyResult:
     ruleset = render(topology, node)
+    digest.append(ruleset.digest)
+    changed_sysctls = ensure_sysctls(NODE_SYSCTLS, netns)
     current = {name: nft.table_digest(fam, name, netns) for fam, name in table_names()}
     if all(d == ruleset.digest for d in current.values()):
         return ApplyResult(node, ruleset.digest, False, changed_sysctls)
