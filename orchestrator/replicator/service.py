@@ -1,0 +1,234 @@
+"""``SyncService``: the replicator's I/O runtime on one node, around the pure core.
+
+It owns one channel (``channel``), one ``Replicator`` (the receiver of every other node and
+this node's sender, stream 0), the clock (``loop.time``), a ticker (flush deadlines, ALIVE,
+NACK retries, resync pacing) and the conntrack feed (``feed``: entries with the sync mark
+bit or naming a tracked address). The agent calls::
+
+    svc = SyncService(topology, "node1", key, netns=None)
+    await svc.start(); svc.status(); svc.cache("node2"); await svc.commit("node2")
+    await svc.track(addresses); await svc.untrack(addresses); await svc.stop()
+
+Nothing here logs on the hot path: every drop is a counter in ``status()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from orchestrator.errors import ConvergentError
+from orchestrator.model.cluster import Topology
+from orchestrator.model.conntrack import Entry, IPAddress
+from orchestrator.netfilter.conntrack import ConntrackTable
+
+from .channel import Address, Channel, ChannelSpec
+from .commit import commit as commit_entries
+from .feed import ConntrackFeed, Scope, close_quietly
+from .protocol import Replicator
+from .receiver import Receiver, ReceiverConfig, StreamInfo
+from .sender import Sender, SenderConfig
+from .wire import SEQ_MOD, Codec, DecodeError, DecodeReason, Key, Outgoing, boot_id
+
+MTU = 1400  # UDP payload per datagram: fits a 1500-byte link with IP and UDP headers
+MAX_IN = 9216  # larger datagrams are dropped unread (``oversized``): jumbo frames at most
+IDLE_TICK = 0.01  # seconds between ticks with nothing queued (NACK retries are 50 ms)
+_DROPS = frozenset(
+    {r.value for r in DecodeReason}
+    | {"own", "unknown_sender", "not_for_receiver", "not_for_me", "stale_boot", "old",
+       "duplicate", "overrun"}
+)  # fmt: skip
+
+
+class SyncError(ConvergentError):
+    pass
+
+
+def new_boot_id() -> int:
+    """Boot time in the high 32 bits; below it milliseconds (10 bits) then 22 random bits, so
+    a restart within the same second still compares greater (receivers refuse an older boot
+    id of a live sender as a replay)."""
+    now = time.time()
+    return boot_id(int(now), (int(now * 1000) % 1000) << 22 | secrets.randbits(22))
+
+
+class SyncService:
+    def __init__(
+        self, topology: Topology, node_name: str, key: bytes, netns: str | None = None, *,
+        sender_config: SenderConfig | None = None, receiver_config: ReceiverConfig | None = None,
+    ) -> None:  # fmt: skip
+        self.topology, self.netns = topology, netns
+        self.node = topology.node(node_name)
+        sync = topology.sync
+        self.codec = Codec(key, max_size=MAX_IN)
+        self.boot = new_boot_id()
+        others = [n for n in topology.nodes if n.name != node_name]
+        self.receiver = Receiver(self.codec, self.node.tag, self.boot,
+                                 peers={n.tag for n in others}, config=receiver_config)  # fmt: skip
+        self.sender = Sender(self.codec, self.node.tag, self.boot, config=sender_config or
+                             SenderConfig(mtu=MTU, flush_after=sync.flush_ms / 1000,
+                                          backlog=sync.backlog,
+                                          resync_rate=float(sync.resync_rate)))  # fmt: skip
+        self.replicator = Replicator(self.codec, self.receiver, [self.sender])
+        self.scope = Scope(sync.mark_bit)
+        self.spec = ChannelSpec(
+            sync.transport, sync.port, sync.interface, sync.group, sync.ttl,
+            local=self.node.peer_ip, peers=tuple(n.peer_ip for n in others),
+        )  # fmt: skip
+        self._node_by_ip = {str(n.peer_ip): n.name for n in others}
+        self._node_by_tag = {n.tag: n.name for n in topology.nodes}
+        self._source_drops: dict[str, Counter[str]] = {}
+        self.channel: Channel | None = None
+        self.table: ConntrackTable | None = None
+        self.feed: ConntrackFeed | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started_at = 0.0
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._loop is not None:
+            raise SyncError("sync service already started")
+        self._loop = loop = asyncio.get_running_loop()
+        self._started_at = loop.time()
+        try:
+            self.channel = await asyncio.to_thread(Channel.open, self.spec, self.netns,
+                                                   self._on_receive)  # fmt: skip
+            self.channel.start()
+            self.table = ConntrackTable(self.netns)
+            self.feed = ConntrackFeed(self.table, self.sender, self.scope, self._emit, loop.time)
+            self._emit(self.sender.start(loop.time()))
+            await self.feed.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self._tasks = [
+            asyncio.create_task(self._ticker(), name=f"sync-tick-{self.node.name}"),
+            asyncio.create_task(self.feed.run(), name=f"sync-feed-{self.node.name}"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        close_quietly(self.feed)
+        if self.channel is not None:
+            self.channel.close()
+        if self.table is not None:
+            self.table.close()
+        self.channel = self.feed = self.table = None
+        self._loop = None
+
+    @property
+    def running(self) -> bool:
+        return self._loop is not None and bool(self._tasks)
+
+    # --- what the agent calls --------------------------------------------------------------
+
+    def cache(self, node_name: str) -> Mapping[Key, Entry]:
+        """What ``node_name`` has told us (its external cache), live and read-only."""
+        try:
+            tag = self.topology.node(node_name).tag
+        except KeyError:
+            raise SyncError(f"unknown node {node_name!r}") from None
+        return self.receiver.cache(tag)
+
+    async def commit(self, from_node: str, guest: str | None = None) -> dict[str, Any]:
+        """Push ``from_node``'s cached entries into our kernel as a handover would."""
+        table = self._need(self.table)
+        entries = list(self.cache(from_node).values())
+        result = await commit_entries(table, self.topology, entries, from_node,
+                                      self.node.name, guest)  # fmt: skip
+        return result.as_dict()
+
+    async def track(self, addresses: Iterable[str | IPAddress]) -> int:
+        """Replicate entries naming these addresses too (a guest being migrated)."""
+        return await self._need(self.feed).track(addresses)
+
+    async def untrack(self, addresses: Iterable[str | IPAddress]) -> int:
+        return await self._need(self.feed).untrack(addresses)
+
+    async def resync(self) -> None:
+        """Re-read our table and re-announce it to everyone (operator's hammer)."""
+        await self._need(self.feed).resync()
+        self._emit(self.sender.request_resync(self._now()))
+
+    def status(self) -> dict[str, Any]:
+        streams = {i.tag: i for i in self.receiver.stream_info() if i.stream == 0}
+        now = self._now()
+        return {
+            "node": self.node.name, "tag": self.node.tag, "boot": self.boot,
+            "seq": self.sender.last_seq % SEQ_MOD, "entries": len(self.sender),
+            "resyncing": self.sender.resyncing, "transport": self.spec.transport,
+            "tracked": [str(a) for a in self.scope.addresses],
+            "uptime_s": round(now - self._started_at, 3) if self._loop else None,
+            "sender": dict(self.sender.counters), "receiver": dict(self.receiver.counters),
+            "channel": dict(self.channel.counters) if self.channel else {},
+            "feed": dict(self.feed.counters) if self.feed else {},
+            "peers": [self._peer(n.name, n.tag, streams.get(n.tag), now)
+                      for n in self.topology.nodes if n.name != self.node.name],
+            "unattributed_drops": dict(self._source_drops.get("?", {})),
+        }  # fmt: skip
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _peer(self, name: str, tag: int, info: StreamInfo | None, now: float) -> dict[str, Any]:
+        drops = Counter(self._source_drops.get(name, {}))
+        if info is None:
+            return {"node": name, "tag": tag, "boot": None, "expected_seq": None, "lag": None,
+                    "entries": 0, "drops": dict(drops), "nacks": 0, "resyncs": 0}  # fmt: skip
+        c = info.counters
+        drops.update({k: v for k, v in c.items() if k in _DROPS})
+        return {
+            "node": name, "tag": tag, "boot": info.boot,
+            "expected_seq": info.expected % SEQ_MOD, "lag": info.lag, "entries": info.entries,
+            "last_heard_s": round(now - info.last_heard, 3), "resync_pending": info.resync_pending,
+            "drops": dict(drops), "nacks": c["nack_sent"], "resyncs": c["resync_end"],
+            "resync_requests": c["resync_requested"], "gaps": c["gap"], "skipped": c["skipped"],
+        }  # fmt: skip
+
+    def _need(self, thing: Any) -> Any:
+        if thing is None:
+            raise SyncError(f"sync service on {self.node.name} is not running")
+        return thing
+
+    def _now(self) -> float:
+        return self._loop.time() if self._loop is not None else 0.0
+
+    def _emit(self, out: list[Outgoing]) -> None:
+        if out and self.channel is not None:
+            send = self.channel.send
+            for o in out:
+                send(o.data, o.dest)  # type: ignore[arg-type]
+
+    def _on_receive(self, batch: list[tuple[bytes, Address]]) -> None:
+        now = self._now()
+        decode, on_message = self.codec.decode, self.replicator.on_message
+        out: list[Outgoing] = []
+        for data, addr in batch:
+            try:
+                msg = decode(data)
+            except DecodeError as exc:
+                self.receiver.counters[exc.reason.value] += 1
+                who = self._node_by_ip.get(addr[0], "?")
+                self._source_drops.setdefault(who, Counter())[exc.reason.value] += 1
+                continue
+            out += on_message(msg, addr, now)
+        self._emit(out)
+
+    async def _ticker(self) -> None:
+        assert self._loop is not None
+        loop, tick, sender = self._loop, self.replicator.on_tick, self.sender
+        busy_every = self.sender.config.flush_after
+        while True:
+            self._emit(tick(loop.time()))
+            await asyncio.sleep(busy_every if sender.busy else IDLE_TICK)
