@@ -17,6 +17,7 @@ COMMANDS = {
     "apply": "orchestrator.cli.rules:apply",
     "lab": "orchestrator.cli.lab:lab",
     "audit": "orchestrator.cli.audit:audit",
+    "sync": "orchestrator.cli.sync:sync",
     "agent": "orchestrator.cli.agent:agent",
     "status": "orchestrator.cli.agent:status",
 }
