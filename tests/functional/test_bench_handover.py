@@ -20,7 +20,7 @@ def test_bench_handover_small() -> None:
     before = set(list_netns())
     proc = subprocess.run(
         [sys.executable, "-m", "bench.handover", "--json", "--flows", "60", "--repeat", "1",
-         "--churn", "20", "--real-per-node", "1", "--real-snat", "2"],
+         "--churn", "20", "--settle", "0", "--real-per-node", "1", "--real-snat", "2"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
