@@ -8,13 +8,18 @@ meet at L2 without a loop). Each node gets the production ruleset through
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
+import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.agent.client import AgentUnavailable, acall
+from orchestrator.agent.keys import write_new_key
 from orchestrator.config.loader import load, parse
 from orchestrator.errors import LabError
 from orchestrator.lab import netns as ns
@@ -22,10 +27,12 @@ from orchestrator.lab.plan import (
     GUEST_IFACE,
     NODE_UPLINK_PORT,
     PIPE_BRIDGE,
+    SYNC_BRIDGE,
     WAN_BRIDGE,
     LabNames,
     default_config,
     switch_pipe_port,
+    switch_sync_port,
     switch_wan_port,
     vif_name,
 )
@@ -60,9 +67,12 @@ class Lab:
         return load(self.config_path)
 
     # up / down ------------------------------------------------------------
-    def up(self, nodes: int = 3, config: Path | None = None) -> Topology:
+    def up(self, nodes: int = 3, config: Path | None = None, agents: bool = True) -> Topology:
+        """Build the lab; ``agents``: start one agent per node (as production runs) and let
+        each guest's home agent claim it. Without them, ``lab migrate`` coordinates
+        in-process."""
         preflight()
-        text = config.read_text() if config else default_config(nodes, self.name)
+        text = config.read_text() if config else default_config(nodes, self.name, self.dir)
         topology = load(config) if config else parse(text, "<lab default>")
         if self.is_up(topology) and self.config_path.read_text() == text:
             for node in topology.nodes:  # idempotent: re-apply is a no-op when unchanged
@@ -73,6 +83,8 @@ class Lab:
         self.config_path.write_text(text)
         try:
             self._build(topology)
+            if agents:
+                self.start_agents(topology)
         except BaseException:
             self.down()
             raise
@@ -99,6 +111,7 @@ class Lab:
             ns.add_netns(name)
         ns.bridge(n.switch, WAN_BRIDGE)
         ns.bridge(n.switch, PIPE_BRIDGE)
+        ns.bridge(n.switch, SYNC_BRIDGE)
         self._build_workstation(t)
         for i, node in enumerate(t.nodes, start=1):
             self._build_node(t, i, node.name)
@@ -136,6 +149,11 @@ class Lab:
         ns.enslave(n.switch, switch_pipe_port(index), PIPE_BRIDGE)
         ns.enslave(node_ns, pipe, c.guest_bridge)
         ns.ip(node_ns, "route", "add", "default", "via", str(t.lab.workstation))
+        if node.sync_ip is not None:
+            ns.veth(n.switch, switch_sync_port(index), node_ns, t.sync.interface)
+            ns.enslave(n.switch, switch_sync_port(index), SYNC_BRIDGE)
+            ns.ip(node_ns, "addr", "add", f"{node.sync_ip}/24", "dev", t.sync.interface)
+            ns.ip(node_ns, "link", "set", t.sync.interface, "up")
 
     def _build_guest(self, t: Topology, guest: Guest) -> None:
         g_ns = self.names.guest(guest.name)
@@ -176,6 +194,69 @@ class Lab:
         log = self.dir / "logs" / f"responder-{name}.log"
         ns.spawn(netns, argv, log)
         ns.wait_for_line(log, "ready")
+
+    # agents ---------------------------------------------------------------
+    def start_agents(self, t: Topology) -> None:
+        if not t.agent.key_file.exists():
+            write_new_key(t.agent.key_file)
+        for node in t.nodes:
+            self.start_agent(node.name, wait=False)
+        for node in t.nodes:
+            ns.wait_for_line(self._agent_log(node.name), f"agent {node.name} ready", 30)
+        asyncio.run(self._claim_homes(t))
+
+    def start_agent(self, node: str, env: dict[str, str] | None = None,
+                    wait: bool = True) -> int:
+        """Start (or restart) ``node``'s agent inside its namespace; ``env`` adds variables
+        (failpoints for the crash tests)."""
+        log = self._agent_log(node)
+        mark = log.stat().st_size if log.exists() else 0
+        argv = [sys.executable, "-m", "orchestrator", "agent", "--config",
+                str(self.config_path), "--node", node]
+        pid = ns.spawn(self.names.node(node), argv, log, env=env)
+        (self.dir / f"agent-{node}.pid").write_text(str(pid))
+        if wait:
+            ns.wait_for_line(log, f"agent {node} ready", 30, after=mark)
+        return pid
+
+    def kill_agent(self, node: str, sig: int = signal.SIGKILL) -> None:
+        pid = self.agent_pid(node)
+        if pid is None:
+            return
+        try:
+            os.kill(pid, sig)
+            for _ in range(200):
+                os.kill(pid, 0)
+                time.sleep(0.01)
+        except ProcessLookupError:
+            pass
+
+    def agent_pid(self, node: str) -> int | None:
+        pidfile = self.dir / f"agent-{node}.pid"
+        if not pidfile.exists():
+            return None
+        pid = int(pidfile.read_text())
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                alive = f.read().split()[2] != "Z"
+        except OSError:
+            return None
+        return pid if alive else None
+
+    def has_agents(self, t: Topology) -> bool:
+        return all(self.agent_pid(n.name) is not None for n in t.nodes)
+
+    def _agent_log(self, node: str) -> Path:
+        return self.dir / "logs" / f"agent-{node}.log"
+
+    async def _claim_homes(self, t: Topology) -> None:
+        for g in t.guests:
+            node = self.guest_node(t, g.name)
+            if node is not None:
+                try:
+                    await acall(t.agent.socket(node), "guest.started", guest=g.name)
+                except AgentUnavailable as exc:
+                    raise LabError(f"agent of {node} did not come up: {exc}") from None
 
     def status(self) -> dict[str, object]:
         t = self.topology()

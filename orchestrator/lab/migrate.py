@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from orchestrator.agent.client import AgentUnavailable, acall
 from orchestrator.audit.log import AuditLog
-from orchestrator.errors import MigrationError
+from orchestrator.errors import ConvergentError, MigrationError
 from orchestrator.lab.hypervisor import LabHypervisor
 from orchestrator.lab.lab import Lab
 from orchestrator.migration.coordinator import Coordinator, NodeHandle
@@ -16,6 +20,8 @@ from orchestrator.migration.nodeops import NodeOps
 from orchestrator.netfilter.conntrack import ConntrackTable
 from orchestrator.store import open_store
 from orchestrator.store.base import Store
+
+AGENT_RETRY_S = 15.0
 
 
 @dataclass
@@ -63,6 +69,8 @@ def node_handles(lab: Lab) -> dict[str, NodeHandle]:
 async def migrate(lab: Lab, guest: str, dst: str, handover: bool = True,
                   before_move: Callable[[], Awaitable[None]] | None = None,
                   keep_arp: bool = True) -> MigrationReport:
+    """Move ``guest`` to ``dst``: through the nodes' agents when the lab runs them (as a
+    hypervisor's hooks would), else with a coordinator in this process."""
     t = lab.topology()
     hv = LabHypervisor(lab, keep_arp=keep_arp)
     src = hv.describe(guest).node
@@ -70,6 +78,57 @@ async def migrate(lab: Lab, guest: str, dst: str, handover: bool = True,
         raise MigrationError(f"guest {guest} is not running on any node")
     if dst not in {n.name for n in t.nodes}:
         raise MigrationError(f"unknown node {dst!r}")
+    if lab.has_agents(t):
+        return await _via_agents(lab, hv, guest, src, dst, handover, before_move)
+    return await _in_process(lab, hv, guest, src, dst, handover, before_move)
+
+
+async def _via_agents(lab: Lab, hv: LabHypervisor, guest: str, src: str, dst: str,
+                      handover: bool, before_move: Callable[[], Awaitable[None]] | None
+                      ) -> MigrationReport:
+    """prepare on D (what libvirt's ``migrate begin`` hook sends), the move, then resume on
+    D (the RESUMED event). A D agent that is restarting gets ``AGENT_RETRY_S`` to answer."""
+    sock = lab.topology().agent.socket(dst)
+    start = time.monotonic()
+    prep = await acall(sock, "migration.prepare", guest=guest, src=src, handover=handover)
+    done: dict[str, Any] = {}
+
+    async def resumed() -> None:
+        done.update(await _retrying(sock, "migration.resumed", guest=guest))
+
+    try:
+        if before_move is not None:
+            await before_move()
+        await hv.migrate(guest, src, dst, on_paused=_nothing, on_resumed=resumed)
+    except BaseException as exc:
+        if not done:
+            with contextlib.suppress(ConvergentError):
+                await _retrying(sock, "migration.abort", guest=guest,
+                                reason=f"{type(exc).__name__}: {exc}")
+        raise
+    # S's "guest gone" event in a real cluster; D finalizes right after cutover anyway
+    await _retrying(sock, "migration.finalize", guest=guest)
+    timings = done.get("timings", {})
+    return MigrationReport(guest, src, dst, prep["timings"].get("precopy", 0.0),
+                           timings.get("cutover", 0.0), hv.last_pause_ms,
+                           int(done.get("entries", 0)), (time.monotonic() - start) * 1000)
+
+
+async def _retrying(sock: Path, op: str, **args: Any) -> Any:
+    deadline = time.monotonic() + AGENT_RETRY_S
+    while True:
+        try:
+            return await acall(sock, op, **args)
+        except AgentUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def _in_process(lab: Lab, hv: LabHypervisor, guest: str, src: str, dst: str,
+                      handover: bool, before_move: Callable[[], Awaitable[None]] | None
+                      ) -> MigrationReport:
+    t = lab.topology()
     store = await open_store(store_url(lab))
     nodes = node_handles(lab)
     try:

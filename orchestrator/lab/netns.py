@@ -95,21 +95,29 @@ def enslave(netns: str, port: str, master: str) -> None:
     ip(netns, "link", "set", port, "master", master, "up")
 
 
-def spawn(netns: str, argv: Sequence[str], log: Path) -> int:
+def spawn(netns: str, argv: Sequence[str], log: Path,
+          env: dict[str, str] | None = None) -> int:
     """Start a long-lived process inside ``netns``; it dies with the namespace."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             exec_argv(netns, argv), stdout=out, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, **env} if env else None,
         )
+    _children.append(proc)  # reaped below, so a killed one does not linger as a zombie
+    _children[:] = [p for p in _children if p.poll() is None]
     return proc.pid
 
 
-def wait_for_line(log: Path, needle: str, timeout: float = 10) -> None:
+_children: list[subprocess.Popen[bytes]] = []
+
+
+def wait_for_line(log: Path, needle: str, timeout: float = 10, after: int = 0) -> None:
+    """Until ``needle`` appears in ``log`` past byte offset ``after``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if log.exists() and needle in log.read_text(errors="replace"):
+        if log.exists() and needle in log.read_bytes()[after:].decode(errors="replace"):
             return
         time.sleep(0.05)
     tail = log.read_text(errors="replace")[-400:] if log.exists() else "(no log)"

@@ -7,6 +7,7 @@ if its state file is gone. Links only ever live inside those namespaces.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from orchestrator.model.cluster import Topology
 
@@ -48,6 +49,7 @@ class LabNames:
 # interface names (kernel limit: 15 characters)
 WAN_BRIDGE = "wan"
 PIPE_BRIDGE = "pipes"
+SYNC_BRIDGE = "sync"  # the agents' own segment: peer channel and replicator multicast
 NODE_UPLINK_PORT = "eth0"
 GUEST_IFACE = "eth0"
 
@@ -60,13 +62,18 @@ def switch_pipe_port(index: int) -> str:
     return f"p{index}"
 
 
+def switch_sync_port(index: int) -> str:
+    return f"s{index}"
+
+
 def vif_name(t: Topology, guest: str) -> str:
     """Stable across migrations: the same name in whichever node holds it."""
     return f"vif{[g.name for g in t.guests].index(guest) + 1}"
 
 
-def default_config(nodes: int = 3, lab: str = "lab") -> str:
-    """The seed's cluster grown to ``nodes`` nodes, as TOML (what ``lab up`` writes)."""
+def default_config(nodes: int = 3, lab: str = "lab", state: Path | None = None) -> str:
+    """The seed's cluster grown to ``nodes`` nodes, as TOML (what ``lab up`` writes).
+    ``state``: the lab's directory, where its agents keep socket, store, log and key."""
     if not 1 <= nodes <= MAX_NODES:
         raise ValueError(f"--nodes must be between 1 and {MAX_NODES}")
     parts = [
@@ -74,12 +81,19 @@ def default_config(nodes: int = 3, lab: str = "lab") -> str:
         'guest_bridge = "guestbr0"\nuplink = "xenbr0"\ntag_mask = 0xff\n',
         '[lab]\nworkstation = "192.168.122.1"\nuplink_prefix = 24\n',
     ]
+    if state is not None:
+        parts.append(
+            f'[agent]\nrun_dir = "{state}/run"\nstore = "sqlite://{state}/store.db"\n'
+            f'audit_log = "{state}/audit.log"\nspool_dir = "{state}/spool"\n'
+            f'key_file = "{state}/cluster.key"\nreconcile_interval_s = 5.0\n'
+            'peer_retry_s = 5.0\n'
+        )
     for i in range(1, nodes + 1):
         guest_ip = 250 + i if i <= 3 else 220 + i
         parts.append(
             f'[[nodes]]\nname = "n{i}"\ntag = {i}\nmac_prefix = "0a:00:{i:02x}"\n'
             f'pub_ip = "192.168.122.{10 + i}"\nguest_ip = "10.5.5.{guest_ip}"\n'
-            'pipes = ["pipe0"]\n'
+            f'pipes = ["pipe0"]\nsync_ip = "172.31.0.{10 + i}"\n'
         )
     services = [
         ("http", 80, "tcp", None, "stateless"),

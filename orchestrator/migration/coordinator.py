@@ -63,7 +63,6 @@ class Handover:
     feed: SourceFeed | None = None
     follower: asyncio.Task[None] | None = None
     entries_pushed: int = 0
-    announce: asyncio.Task[int] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     source_lost: bool = False  # S's entries could not be fetched at some point
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -143,7 +142,7 @@ class Coordinator:
             h.feed = None
         if self.handover_enabled:
             await dst.ops.gate(h.record.addresses, closed=False)
-            h.announce = await dst.ops.announce_gateway(self.topology.cluster.gateway)
+            await dst.ops.announce_gateway(self.topology.cluster.gateway)
         await self._phase_done(h, Phase.CUTOVER, _ms(start), entries=h.entries_pushed,
                                epoch=max(h.record.epoch_before.values(), default=-1) + 1,
                                **({"outcome": "degraded"} if h.source_lost else {}))
@@ -151,8 +150,6 @@ class Coordinator:
     async def finalize(self, h: Handover) -> None:
         start = time.monotonic()
         await self._advance(h, Phase.CUTOVER, Phase.FINALIZE)
-        if h.announce is not None:
-            await h.announce
         await self._clear_bits(h)
         await self.store.finish_migration(h.record.id)
         await self._phase_done(h, Phase.FINALIZE, _ms(start))

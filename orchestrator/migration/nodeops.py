@@ -7,15 +7,18 @@ and production run the same code.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
+import socket
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from orchestrator.errors import MigrationError
 from orchestrator.netfilter import nft
+from orchestrator.netfilter.conntrack import enter_netns
 from orchestrator.netfilter.render import IP_TABLE, SET_LOCAL_GUESTS, SET_RACE_GATE
+
+ETH_P_ARP = 0x0806
 
 
 @dataclass(frozen=True)
@@ -32,25 +35,34 @@ class NodeOps:
         await self._set(SET_LOCAL_GUESTS, addresses, add=hosted)
 
     async def _set(self, name: str, addresses: Iterable[IPv4Address], add: bool) -> None:
+        """One nft call; idempotent (``update_set`` never fails on present/absent)."""
         elems = [str(a) for a in addresses]
-        current = set(await asyncio.to_thread(nft.set_elements, "ip", IP_TABLE, name,
-                                              self.netns))
-        todo = [e for e in elems if (e in current) != add]
-        if not todo:
-            return  # idempotent: a replayed phase changes nothing
         await asyncio.to_thread(nft.update_set, "ip", IP_TABLE, name,
-                                todo if add else (), () if add else todo, self.netns)
+                                elems if add else (), () if add else elems, self.netns)
 
-    async def announce_gateway(self, gateway: IPv4Address) -> asyncio.Task[int]:
+    async def announce_gateway(self, gateway: IPv4Address) -> None:
         """Gratuitous ARP for the shared gateway from this node's guest bridge: a guest that
-        kept its ARP cache across the move stops hair-pinning through the source.
+        kept its ARP cache across the move stops hair-pinning through the source. One raw
+        frame from a packet socket: no arping process lingering for its reply timeout."""
+        await asyncio.to_thread(send_gratuitous_arp, self.netns, self.guest_bridge, gateway)
 
-        arping sends at once but lingers a second before exiting; the caller gets a task
-        to await later instead of waiting on the cutover's critical path."""
-        if shutil.which("arping") is None:
-            raise MigrationError("arping is not installed (package iputils-arping)")
-        argv = [*nft.netns_prefix(self.netns), "arping", "-q", "-U", "-c", "1", "-I",
-                self.guest_bridge, "-s", str(gateway), str(gateway)]
-        proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.DEVNULL,
-                                                    stderr=subprocess.DEVNULL)
-        return asyncio.create_task(proc.wait())
+
+def gratuitous_arp(mac: bytes, ip: IPv4Address) -> bytes:
+    """An unsolicited ARP request (what ``arping -U`` sends): "ip is at mac", broadcast."""
+    broadcast = b"\xff" * 6
+    return (broadcast + mac + struct.pack("!H", ETH_P_ARP)
+            + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1)
+            + mac + ip.packed + b"\0" * 6 + ip.packed)
+
+
+def send_gratuitous_arp(netns: str | None, ifname: str, ip: IPv4Address) -> None:
+    """Runs in a worker thread: entering the namespace moves only that thread."""
+    if netns is not None:
+        enter_netns(netns)
+    try:
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as sock:
+            sock.bind((ifname, ETH_P_ARP))
+            mac = sock.getsockname()[4]
+            sock.send(gratuitous_arp(mac, ip))
+    except OSError as exc:
+        raise MigrationError(f"gratuitous ARP on {ifname}: {exc.strerror or exc}") from None

@@ -84,10 +84,15 @@ def update_set(
     delete: Sequence[str] = (),
     netns: str | None = None,
 ) -> None:
-    """Add and remove elements in one transaction (never a reload)."""
+    """Add and remove elements in one transaction (never a reload). Idempotent: a removal
+    adds the element first in the same transaction, so a missing one is no error (nft 1.0.6
+    has no ``destroy element``) and concurrent writers (agent reconcile, coordinator) never
+    trip over each other."""
     lines = []
     if delete:
-        lines.append(f"delete element {family} {table} {name} {{ {', '.join(delete)} }}")
+        elems = ", ".join(delete)
+        lines.append(f"add element {family} {table} {name} {{ {elems} }}")
+        lines.append(f"delete element {family} {table} {name} {{ {elems} }}")
     if add:
         lines.append(f"add element {family} {table} {name} {{ {', '.join(add)} }}")
     if lines:

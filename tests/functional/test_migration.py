@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from orchestrator.errors import MigrationError, StoreError
+from orchestrator.agent.client import AgentError, acall
+from orchestrator.errors import MigrationError
 from orchestrator.lab import netns as ns
 from orchestrator.lab.hypervisor import LabHypervisor
 from orchestrator.lab.lab import Lab
@@ -29,6 +30,18 @@ def lab() -> Iterator[Lab]:
     lab = Lab(unique("m"))
     try:
         lab.up(3)
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture
+def bare_lab() -> Iterator[Lab]:
+    """No agents: the test drives a coordinator itself (its control run must not be gated
+    by an agent that knows nothing of it)."""
+    lab = Lab(unique("mb"))
+    try:
+        lab.up(3, agents=False)
         yield lab
     finally:
         lab.down()
@@ -72,7 +85,8 @@ async def _coordinator(lab: Lab, handover: bool) -> tuple[Coordinator, object]:
 
 
 @pytest.mark.parametrize("handover", [True, False], ids=["gated", "control"])
-def test_guest_packet_racing_the_handover_is_dropped_not_snatted(lab, handover):
+def test_guest_packet_racing_the_handover_is_dropped_not_snatted(bare_lab, handover):
+    lab = bare_lab
     cli, conn = established_pair(lab, 7100)
 
     async def scenario() -> bytes:
@@ -135,46 +149,44 @@ def test_control_move_keeps_the_stale_gateway_mac(lab):
     assert t.node("n1").bridge_mac in ns.ip(g_ns, "neigh", "show", str(t.cluster.gateway))
 
 
-def test_refusals_and_ownership(lab):
-    async def scenario() -> None:
-        coord, store = await _coordinator(lab, True)
-        h = await coord.prepare("guest1", "n1", "n2")
-        with pytest.raises(StoreError, match="already"):
-            await coord.prepare("guest1", "n1", "n3")
-        with pytest.raises(MigrationError, match="unknown node 'n9'"):
-            await coord.prepare("guest1", "n1", "n9")
-        await coord.abort(h, "operator gave up")
-        owners = await store.list_ownership(guest="guest1")
-        assert [(o.node, o.epoch) for o in owners] == [("n1", 1)]
-        await store.close()
+def agent(lab: Lab, node: str, op: str, **args: object) -> dict:
+    return asyncio.run(acall(lab.topology().agent.socket(node), op, **args))
 
-    asyncio.run(scenario())
+
+def test_refusals_and_ownership(lab):
+    h = agent(lab, "n2", "migration.prepare", guest="guest1", src="n1")
+    with pytest.raises(AgentError, match="already has an active migration"):
+        agent(lab, "n3", "migration.prepare", guest="guest1", src="n1")
+    with pytest.raises(AgentError, match="already migrating to n2"):
+        agent(lab, "n2", "migration.prepare", guest="guest1", src="n1")
+    with pytest.raises(AgentError, match="unknown node 'n9'"):
+        agent(lab, "n3", "migration.prepare", guest="guest1", src="n9")
+    with pytest.raises(MigrationError, match="unknown node 'n9'"):
+        asyncio.run(migrate(lab, "guest1", "n9"))
+    agent(lab, "n2", "migration.abort", guest="guest1", reason="operator gave up")
+    assert owners(lab) == [("n1", 1)]
     r = asyncio.run(migrate(lab, "guest1", "n3"))
     assert (r.src, r.dst) == ("n1", "n3")
+    assert owners(lab) == [("n3", 2)]  # one owner, epoch advanced once
+    assert h["phase"] == "precopy"
 
-    async def owners() -> list[tuple[str | None, int]]:
+
+def owners(lab: Lab) -> list[tuple[str | None, int]]:
+    async def read() -> list[tuple[str | None, int]]:
         store = await open_store(store_url(lab))
         try:
             return [(o.node, o.epoch) for o in await store.list_ownership(guest="guest1")]
         finally:
             await store.close()
-
-    assert asyncio.run(owners()) == [("n3", 2)]  # one owner, epoch advanced once
+    return asyncio.run(read())
 
 
 def test_abort_removes_what_the_destination_got(lab):
     cli, conn = established_pair(lab, 7101)
-
-    async def scenario() -> None:
-        coord, store = await _coordinator(lab, True)
-        h = await coord.prepare("guest1", "n1", "n2")
-        await coord.precopy(h)
-        pushed = ns.in_ns(lab.names.node("n2"), "conntrack", "-L", "-p", "tcp", "--dport", "7101")
-        assert "dport=7101" in pushed
-        await coord.abort(h, "test")
-        await store.close()
-
-    asyncio.run(scenario())
+    agent(lab, "n2", "migration.prepare", guest="guest1", src="n1")
+    pushed = ns.in_ns(lab.names.node("n2"), "conntrack", "-L", "-p", "tcp", "--dport", "7101")
+    assert "dport=7101" in pushed
+    agent(lab, "n2", "migration.abort", guest="guest1", reason="test")
     left = ns.in_ns(lab.names.node("n2"), "conntrack", "-L", "-p", "tcp", "--dport", "7101")
     assert "dport=7101" not in left
     assert gate_drops(lab, "n2") == 0 and "elements" not in ns.in_ns(
