@@ -33,7 +33,7 @@ from .feed import ConntrackFeed, Scope, close_quietly
 from .protocol import Replicator
 from .receiver import Receiver, ReceiverConfig, StreamInfo
 from .sender import Sender, SenderConfig
-from .wire import SEQ_MOD, Codec, DecodeError, DecodeReason, Key, Outgoing, boot_id
+from .wire import SEQ_MOD, Codec, DecodeError, DecodeReason, Key, MsgType, Outgoing, boot_id
 
 MTU = 1400  # UDP payload per datagram: fits a 1500-byte link with IP and UDP headers
 MAX_IN = 9216  # larger datagrams are dropped unread (``oversized``): jumbo frames at most
@@ -83,6 +83,7 @@ class SyncService:
         self._node_by_ip = {str(n.peer_ip): n.name for n in others}
         self._node_by_tag = {n.tag: n.name for n in topology.nodes}
         self._source_drops: dict[str, Counter[str]] = {}
+        self.counters: Counter[str] = Counter()
         self.channel: Channel | None = None
         self.table: ConntrackTable | None = None
         self.feed: ConntrackFeed | None = None
@@ -174,6 +175,7 @@ class SyncService:
             "sender": dict(self.sender.counters), "receiver": dict(self.receiver.counters),
             "channel": dict(self.channel.counters) if self.channel else {},
             "feed": dict(self.feed.counters) if self.feed else {},
+            "service": dict(self.counters),
             "peers": [self._peer(n.name, n.tag, streams.get(n.tag), now)
                       for n in self.topology.nodes if n.name != self.node.name],
             "unattributed_drops": dict(self._source_drops.get("?", {})),
@@ -223,6 +225,10 @@ class SyncService:
                 self._source_drops.setdefault(who, Counter())[exc.reason.value] += 1
                 continue
             out += on_message(msg, addr, now)
+            if msg.type == MsgType.HELLO and msg.tag != self.node.tag:
+                # a node (re)joined: it holds nothing of ours yet (ct_sync's full resync)
+                self.counters["hello"] += 1
+                out += self.sender.request_resync(now)
         self._emit(out)
 
     async def _ticker(self) -> None:
