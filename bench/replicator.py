@@ -202,8 +202,8 @@ def conntrackd_run(items: list[Any], deadline: float) -> dict[str, Any]:
         ctd.start()
         pids = {k: p.pid for k, p in zip(("a", "b"), lab.procs, strict=True)}
         before = {k: proc_usage(pid)[0] for k, pid in pids.items()}
-        push_s, converged = push_and_wait(ConntrackTable(ctd.a), items,
-                                          lambda: ctd._cache("b", "external"), deadline)  # fmt: skip
+        cached = lambda: ctd._cache("b", "external")  # noqa: E731
+        push_s, converged = push_and_wait(ConntrackTable(ctd.a), items, cached, deadline)
         usage = {k: proc_usage(pid) for k, pid in pids.items()}
         lab.close()  # the daemons stop before their temp dir goes
     return {
