@@ -72,11 +72,13 @@ class Agent:
         self.reconciler = Reconciler(self.topology, self.node, self.store,
                                      ungated=self.ungated)
         self.api = ApiServer(self.settings.socket(self.node), self._handlers())
-        self.peer = PeerServer(self.node, self.key, self._authorize, self.wake.set)
+        self.peer = PeerServer(self.node, self.key, self._authorize, self.wake.set,
+                               self.failpoint)
         tasks: list[asyncio.Task[Any]] = []
         try:
             await self.store.upsert_node(self.node, self.me.tag, self.me.mac_prefix,
                                          self.me.pub_ip)
+            await self.audit.arecord("agent.start", detail=f"pid {os.getpid()}")
             await self.reconciler.run(ruleset=True)
             await self.peer.start(str(self.me.peer_ip), self.settings.peer_port)
             await self._start_sync()
@@ -246,7 +248,12 @@ class Agent:
             raise
 
     async def resumed(self, guest: str, wait_finalize: bool = False) -> dict[str, Any]:
-        """The guest runs here now: cutover, then finalize off the caller's path."""
+        """The guest runs here now: cutover, then finalize off the caller's path. Repeated
+        (a caller retrying across an agent restart) it reports the cutover already done."""
+        if guest not in self.handovers:
+            done = await self._latest_arrival(guest)
+            if done is not None:
+                return _mig_view(Handover(done, timings=dict(done.timings)))
         h = self._handover(guest)
         try:
             await self._coordinator(guest not in self.ungated).cutover(h)
@@ -344,6 +351,13 @@ class Agent:
         c = Coordinator(self.topology, self.store, self.coordinator.nodes, self.audit,
                         handover=False, feed_factory=self._feed, failpoint=self.failpoint)
         return c
+
+    async def _latest_arrival(self, guest: str) -> MigrationRecord | None:
+        """The newest migration of ``guest`` here that got past its cutover, if any."""
+        migs = await self.store.list_migrations(active=False, guest=guest)
+        mine = [m for m in migs if m.dst == self.node and m.phase in
+                (Phase.CUTOVER, Phase.FINALIZE, Phase.DONE)]
+        return max(mine, key=lambda m: m.started) if mine else None
 
     def _handover(self, guest: str) -> Handover:
         h = self.handovers.get(guest)

@@ -173,8 +173,10 @@ class PeerServer:
     of that guest from this node to that peer) and returns the SourceSide to stream."""
 
     def __init__(self, me: str, key: bytes, authorize: Authorize,
-                 on_released: Callable[[], None]) -> None:
+                 on_released: Callable[[], None],
+                 failpoint: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.me, self.key = me, key
+        self.failpoint = failpoint
         self.authorize = authorize
         self.on_released = on_released
         self.server: asyncio.AbstractServer | None = None
@@ -209,6 +211,8 @@ class PeerServer:
                     await ch.flush()
                     pump = asyncio.create_task(_pump(ch, side, lock))
                 elif op == "barrier" and side is not None:
+                    if self.failpoint is not None:
+                        await self.failpoint("source.barrier")
                     async with lock:  # the pump is waiting, not sending
                         for batch in await side.drain():
                             _queue_batch(ch, batch)

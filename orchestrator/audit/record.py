@@ -33,13 +33,17 @@ ACTIONS = frozenset(
         "failover.end",
         "ruleset.apply",
         "sync.resync",
+        "sync.commit",
+        "agent.start",
+        "agent.recover",
         "hook.veto",
         "hook.spooled",
         "error",
     }
 )
 ACTORS = frozenset({"hook", "agent", "cli", "user"})
-OUTCOMES = frozenset({"ok", "failed", "refused"})
+# degraded: done, but without part of the handover (e.g. the source agent was unreachable)
+OUTCOMES = frozenset({"ok", "failed", "refused", "degraded"})
 # Actions whose natural outcome is not "ok".
 DEFAULT_OUTCOME = {"hook.veto": "refused", "error": "failed"}
 

@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from orchestrator.lab.plan import (
     SYNC_BRIDGE,
     WAN_BRIDGE,
     LabNames,
+    agent_section,
     default_config,
     switch_pipe_port,
     switch_sync_port,
@@ -73,7 +75,9 @@ class Lab:
         in-process."""
         preflight()
         text = config.read_text() if config else default_config(nodes, self.name, self.dir)
-        topology = load(config) if config else parse(text, "<lab default>")
+        if config and "agent" not in _toml_or_empty(text):
+            text += "\n" + agent_section(self.dir)  # a lab never touches /var's state
+        topology = parse(text, str(config) if config else "<lab default>")
         if self.is_up(topology) and self.config_path.read_text() == text:
             for node in topology.nodes:  # idempotent: re-apply is a no-op when unchanged
                 apply(topology, node.name, self.names.node(node.name))
@@ -265,6 +269,13 @@ class Lab:
             "namespaces": [n for n in ns.list_netns() if n.startswith(self.names.prefix)],
             "guests": {g.name: self.guest_node(t, g.name) for g in t.guests},
         }
+
+
+def _toml_or_empty(text: str) -> dict[str, object]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return {}  # parse() reports it properly
 
 
 def preflight() -> None:

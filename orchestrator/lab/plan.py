@@ -71,6 +71,16 @@ def vif_name(t: Topology, guest: str) -> str:
     return f"vif{[g.name for g in t.guests].index(guest) + 1}"
 
 
+def agent_section(state: Path) -> str:
+    """The lab's agents keep everything under the lab's directory, never in /var."""
+    return (
+        f'[agent]\nrun_dir = "{state}/run"\nstore = "sqlite://{state}/store.db"\n'
+        f'audit_log = "{state}/audit.log"\nspool_dir = "{state}/spool"\n'
+        f'key_file = "{state}/cluster.key"\nreconcile_interval_s = 5.0\n'
+        'peer_retry_s = 5.0\n'
+    )
+
+
 def default_config(nodes: int = 3, lab: str = "lab", state: Path | None = None) -> str:
     """The seed's cluster grown to ``nodes`` nodes, as TOML (what ``lab up`` writes).
     ``state``: the lab's directory, where its agents keep socket, store, log and key."""
@@ -82,12 +92,7 @@ def default_config(nodes: int = 3, lab: str = "lab", state: Path | None = None) 
         '[lab]\nworkstation = "192.168.122.1"\nuplink_prefix = 24\n',
     ]
     if state is not None:
-        parts.append(
-            f'[agent]\nrun_dir = "{state}/run"\nstore = "sqlite://{state}/store.db"\n'
-            f'audit_log = "{state}/audit.log"\nspool_dir = "{state}/spool"\n'
-            f'key_file = "{state}/cluster.key"\nreconcile_interval_s = 5.0\n'
-            'peer_retry_s = 5.0\n'
-        )
+        parts.append(agent_section(state))
     for i in range(1, nodes + 1):
         guest_ip = 250 + i if i <= 3 else 220 + i
         parts.append(

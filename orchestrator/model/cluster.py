@@ -171,7 +171,7 @@ class Agent(_Strict):
     """Where one node's agent keeps its state and how it reaches its peers."""
 
     run_dir: Path = Path("/run/convergent")  # the API socket: run_dir/agent-<node>.sock
-    store: str = "sqlite:////var/lib/convergent/store.db"
+    store: str = "sqlite:///var/lib/convergent/store.db"
     audit_log: Path = Path("/var/log/convergent/audit.log")
     spool_dir: Path = Path("/var/spool/convergent")
     key_file: Path = Path("/etc/convergent/cluster.key")  # the cluster's HMAC key
