@@ -187,6 +187,7 @@ _UPSERT = {
     for f, t in _TUPLE.items()
     for tcp in (False, True)
 }
+_UPSERT_V4, _UPSERT_V4_TCP = _UPSERT[4, False], _UPSERT[4, True]
 DESTROY_SIZE = {f: s.size for f, s in _DESTROY.items()}
 _TUPLE_SIZE = {f: struct.calcsize("!" + t) for f, t in _TUPLE.items()}
 _DESTROY_OP = bytes([EventType.DESTROY])
@@ -235,6 +236,31 @@ def _tuple_fields(t: Tuple) -> tuple[bytes, bytes, int, int, int, int]:
 
 def encode_upsert(entry: Entry, op: EventType = EventType.UPDATE) -> bytes:
     """One NEW/UPDATE record. Raises EncodeError for what the wire cannot carry."""
+    o, r, tcp = entry.tuple_orig, entry.tuple_reply, entry.tcp
+    p, v4 = o.proto, IPv4Address
+    if (  # the common shape, checked inline (the general checks cost as much as the packing)
+        (p == 6 or p == 17) and r.proto == p
+        and type(o.src) is v4 and type(o.dst) is v4 and type(r.src) is v4 and type(r.dst) is v4
+        and not (o.icmp_type or o.icmp_code or r.icmp_type or r.icmp_code)
+        and not int(entry.status) & ~_STATUS_MASK
+        and (tcp is None or (p == 6 and tcp.wscale_orig <= MAX_WSCALE
+                             and tcp.wscale_reply <= MAX_WSCALE))
+    ):  # fmt: skip
+        try:
+            if tcp is None:
+                return _UPSERT_V4.pack(
+                    op, 4, p, 0, entry.zone, o.src.packed, o.dst.packed, o.sport, o.dport, 0, 0,
+                    r.src.packed, r.dst.packed, r.sport, r.dport, 0, 0,
+                    entry.status, entry.mark, entry.timeout,
+                )  # fmt: skip
+            return _UPSERT_V4_TCP.pack(
+                op, 4, p, RECORD_HAS_TCP, entry.zone, o.src.packed, o.dst.packed, o.sport,
+                o.dport, 0, 0, r.src.packed, r.dst.packed, r.sport, r.dport, 0, 0,
+                entry.status, entry.mark, entry.timeout,
+                tcp.state, tcp.wscale_orig, tcp.wscale_reply, tcp.flags_orig, tcp.flags_reply,
+            )  # fmt: skip
+        except struct.error as exc:
+            raise EncodeError(f"{entry}: {exc}") from None
     family = _check_entry(entry)
     o, tcp = entry.tuple_orig, entry.tcp
     head = (int(op), family, o.proto, RECORD_HAS_TCP if tcp else 0, entry.zone)
@@ -461,7 +487,11 @@ class Codec:
         status = self._status.get(f[17])
         if status is None:
             status = self._status_of(f[17])
-        tcp = _tcp(f) if len(f) > 20 else None
+        tcp = None
+        if len(f) > 20:
+            tcp = _TCP_INFOS.get(f[20:25])
+            if tcp is None:
+                tcp = _tcp_cached(f)
         return Record(op, orig, zone, Entry(orig, reply, status, f[18], f[19], zone, tcp), wkey)
 
     def _addr(self, packed: Any, family: int) -> IPAddress:
@@ -482,6 +512,17 @@ class Codec:
 
 def _short(data: bytes, off: int, end: int) -> DecodeReason | None:
     return DecodeReason.RECORD_BOUNDS if off + _RHDR.size > end else None
+
+
+_TCP_INFOS: dict[tuple[int, ...], TcpInfo] = {}  # a few hundred shapes in a real table
+
+
+def _tcp_cached(f: tuple[int, ...]) -> TcpInfo:
+    tcp = _tcp(f)  # validates: only valid shapes are ever cached
+    if len(_TCP_INFOS) >= 4096:
+        _TCP_INFOS.clear()
+    _TCP_INFOS[f[20:25]] = tcp
+    return tcp
 
 
 def _tcp(f: tuple[int, ...]) -> TcpInfo:
