@@ -70,7 +70,7 @@ class Agent:
                                        self.audit, feed_factory=self._feed,
                                        failpoint=self.failpoint)
         self.reconciler = Reconciler(self.topology, self.node, self.store,
-                                     ungated=self.ungated)
+                                     ungated=self.ungated, audit=self.audit)
         self.api = ApiServer(self.settings.socket(self.node), self._handlers())
         self.peer = PeerServer(self.node, self.key, self._authorize, self.wake.set,
                                self.failpoint)

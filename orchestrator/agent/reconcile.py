@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from orchestrator.audit.log import AuditLog
 from orchestrator.model.cluster import Topology
 from orchestrator.netfilter import nft
 from orchestrator.netfilter.apply import apply
@@ -70,9 +71,11 @@ class ReconcileStats:
 
 class Reconciler:
     def __init__(self, topology: Topology, node: str, store: Store,
-                 netns: str | None = None, ungated: Container[str] = ()) -> None:
+                 netns: str | None = None, ungated: Container[str] = (),
+                 audit: AuditLog | None = None) -> None:
         self.topology, self.node, self.store, self.netns = topology, node, store, netns
         self.ungated = ungated
+        self.audit = audit
         self.stats = ReconcileStats()
         self._lock = asyncio.Lock()
 
@@ -90,7 +93,9 @@ class Reconciler:
             self.stats.runs += 1
             try:
                 if ruleset:
-                    await asyncio.to_thread(apply, self.topology, self.node, self.netns)
+                    # recorded only when it changed something (someone flushed our rules)
+                    await asyncio.to_thread(apply, self.topology, self.node, self.netns,
+                                            self.audit, record_unchanged=False)
                 snap = await self.store.snapshot()
                 todo = changes(await self.current(),
                                desired_sets(snap, self.node, self.ungated))
