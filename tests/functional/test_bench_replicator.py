@@ -1,0 +1,27 @@
+"""``python -m bench.replicator`` at a small N: it runs both replicators, converges, and its
+JSON has the documented shape (the figures themselves are the bench's business)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from bench.replicator import run
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
+
+
+def test_bench_replicator_small_run() -> None:
+    out = run(2000, [0.05], deadline=30)
+    assert out["entries"] == 2000
+    mine = out["convergent"]
+    assert out["convergent_per_s"] == mine["per_s"] > 0
+    assert mine["cpu_s"]["a"] > 0 and mine["rss_mib"]["b"] > 0
+    assert mine["datagrams"] >= 2000 // 26
+    lossy = out["loss"]["0.05"]
+    assert lossy["converged_s"] < 30 and lossy["nacks"] > 0 and lossy["resent"] > 0
+    if shutil.which("conntrackd"):
+        assert out["conntrackd_per_s"] > 0 and out["conntrackd"]["cpu_s"]["b"] >= 0
+    else:
+        assert out["conntrackd_per_s"] is None
