@@ -255,10 +255,15 @@ class Agent:
             if done is not None:
                 return _mig_view(Handover(done, timings=dict(done.timings)))
         h = self._handover(guest)
+        if h.record.phase not in (Phase.PREPARE, Phase.PRECOPY):
+            # recovery already replays this cutover: wait for it rather than race it
+            await asyncio.gather(*self.finalizers, return_exceptions=True)
+            return _mig_view(h)
         try:
             await self._coordinator(guest not in self.ungated).cutover(h)
         except Exception as exc:
-            await self._abort(guest, f"cutover failed: {exc}")
+            if not await self._owns(h):  # past the flip there is nothing to abort
+                await self._abort(guest, f"cutover failed: {exc}")
             raise
         self._finalize_later(guest, h)
         if wait_finalize:
@@ -351,6 +356,10 @@ class Agent:
         c = Coordinator(self.topology, self.store, self.coordinator.nodes, self.audit,
                         handover=False, feed_factory=self._feed, failpoint=self.failpoint)
         return c
+
+    async def _owns(self, h: Handover) -> bool:
+        owners = {o.ip: o.node for o in await self.store.list_ownership(guest=h.record.guest)}
+        return all(owners.get(a) == self.node for a in h.record.addresses)
 
     async def _latest_arrival(self, guest: str) -> MigrationRecord | None:
         """The newest migration of ``guest`` here that got past its cutover, if any."""

@@ -133,7 +133,7 @@ class Coordinator:
         await self.failpoint("cutover.drained")
         await self._claim(h)
         await self.failpoint("cutover.claimed")
-        await dst.ops.host(h.record.addresses, hosted=True)
+        await dst.ops.arrive(h.record.addresses, open_gate=self.handover_enabled)
         src = self.nodes.get(h.record.src)
         if src is not None:
             await src.ops.host(h.record.addresses, hosted=False)
@@ -141,7 +141,6 @@ class Coordinator:
             await h.feed.close(released=True)  # S reconciles its sets now, not at next poll
             h.feed = None
         if self.handover_enabled:
-            await dst.ops.gate(h.record.addresses, closed=False)
             await dst.ops.announce_gateway(self.topology.cluster.gateway)
         await self._phase_done(h, Phase.CUTOVER, _ms(start), entries=h.entries_pushed,
                                epoch=max(h.record.epoch_before.values(), default=-1) + 1,

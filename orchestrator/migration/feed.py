@@ -70,10 +70,12 @@ class SourceSide:
         self.guest, self.src, self.dst = guest, src, dst
         self.addresses = list(addresses)
         self.stream: EventStream | None = None
+        self.seen: dict[object, tuple[object, ...]] = {}  # key -> what D needs of it
 
     async def open(self) -> list[Entry]:
         self.stream, entries = await asyncio.to_thread(
             self.table.subscribe_and_dump, addresses=self.addresses)
+        self.seen = {e.key: _shape(e) for e in entries}
         await self.make_liberal(entries)
         return entries
 
@@ -110,14 +112,32 @@ class SourceSide:
             entries = await asyncio.to_thread(self.table.dump, addresses=self.addresses)
             await self.make_liberal(entries)
             return FeedBatch(snapshot=entries)
-        events = [e for e in raw if isinstance(e, Event)]
+        events = [e for e in raw if isinstance(e, Event) and self._news(e)]
         await self.make_liberal([e.entry for e in events if e.type != EventType.DESTROY])
         return FeedBatch(events=events)
+
+    def _news(self, ev: Event) -> bool:
+        """False for an UPDATE that changes nothing D keeps: above all the echo of our own
+        ``make_liberal`` (one UPDATE per entry, which would re-plan every entry again)."""
+        if ev.type == EventType.DESTROY:
+            self.seen.pop(ev.entry.key, None)
+            return True
+        shape = _shape(ev.entry)
+        if self.seen.get(ev.entry.key) == shape:
+            return False
+        self.seen[ev.entry.key] = shape
+        return True
 
     def close(self) -> None:
         if self.stream is not None:
             self.stream.close()
             self.stream = None
+
+
+def _shape(e: Entry) -> tuple[object, ...]:
+    """What the handover copies, less the TCP flags S sets on itself and the timeout."""
+    tcp = (e.tcp.state, e.tcp.wscale_orig, e.tcp.wscale_reply) if e.tcp else None
+    return (e.tuple_reply, int(e.status), e.mark, e.zone, tcp)
 
 
 class LocalFeed(SourceFeed):

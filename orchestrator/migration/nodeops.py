@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
@@ -31,6 +32,14 @@ class NodeOps:
         """Close (or open) the race gate for an arriving guest's addresses."""
         await self._set(SET_RACE_GATE, addresses, add=closed)
 
+    async def arrive(self, addresses: Iterable[IPv4Address], open_gate: bool) -> None:
+        """The cutover's flip on D in one nft transaction: host the guest, open its gate."""
+        elems = [str(a) for a in addresses]
+        changes: dict[str, tuple[list[str], list[str]]] = {SET_LOCAL_GUESTS: (elems, [])}
+        if open_gate:
+            changes[SET_RACE_GATE] = ([], elems)
+        await asyncio.to_thread(nft.update_sets, "ip", IP_TABLE, changes, self.netns)
+
     async def host(self, addresses: Iterable[IPv4Address], hosted: bool) -> None:
         await self._set(SET_LOCAL_GUESTS, addresses, add=hosted)
 
@@ -44,7 +53,32 @@ class NodeOps:
         """Gratuitous ARP for the shared gateway from this node's guest bridge: a guest that
         kept its ARP cache across the move stops hair-pinning through the source. One raw
         frame from a packet socket: no arping process lingering for its reply timeout."""
-        await asyncio.to_thread(send_gratuitous_arp, self.netns, self.guest_bridge, gateway)
+        await _in_own_thread(send_gratuitous_arp, self.netns, self.guest_bridge, gateway)
+
+
+async def _in_own_thread(fn: Callable[..., None], *args: object) -> None:
+    """Run ``fn`` in a fresh thread: it may enter a namespace, which must never happen to a
+    thread of the shared pool (later jobs there would run in the wrong namespace)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def run() -> None:
+        try:
+            fn(*args)
+            loop.call_soon_threadsafe(_settle, done, None)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_settle, done, exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    await done
+
+
+def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
+    if not fut.done():
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
 
 
 def gratuitous_arp(mac: bytes, ip: IPv4Address) -> bytes:

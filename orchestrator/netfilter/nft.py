@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from orchestrator.errors import RulesetError
@@ -84,16 +84,24 @@ def update_set(
     delete: Sequence[str] = (),
     netns: str | None = None,
 ) -> None:
-    """Add and remove elements in one transaction (never a reload). Idempotent: a removal
-    adds the element first in the same transaction, so a missing one is no error (nft 1.0.6
-    has no ``destroy element``) and concurrent writers (agent reconcile, coordinator) never
-    trip over each other."""
+    """Add and remove elements in one transaction (never a reload); see ``update_sets``."""
+    update_sets(family, table, {name: (add, delete)}, netns)
+
+
+def update_sets(family: str, table: str,
+                changes: Mapping[str, tuple[Sequence[str], Sequence[str]]],
+                netns: str | None = None) -> None:
+    """Several sets' (add, delete) in one nft transaction. Idempotent: a removal adds the
+    element first in the same transaction, so a missing one is no error (nft 1.0.6 has no
+    ``destroy element``) and concurrent writers (agent reconcile, coordinator) never trip
+    over each other."""
     lines = []
-    if delete:
-        elems = ", ".join(delete)
-        lines.append(f"add element {family} {table} {name} {{ {elems} }}")
-        lines.append(f"delete element {family} {table} {name} {{ {elems} }}")
-    if add:
-        lines.append(f"add element {family} {table} {name} {{ {', '.join(add)} }}")
+    for name, (add, delete) in changes.items():
+        if delete:
+            elems = ", ".join(delete)
+            lines.append(f"add element {family} {table} {name} {{ {elems} }}")
+            lines.append(f"delete element {family} {table} {name} {{ {elems} }}")
+        if add:
+            lines.append(f"add element {family} {table} {name} {{ {', '.join(add)} }}")
     if lines:
         run("\n".join(lines) + "\n", netns)

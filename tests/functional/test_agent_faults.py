@@ -115,7 +115,7 @@ def test_destination_killed_in_precopy_then_aborted_leaves_nothing(lab):
     cli, conn = established_pair(lab, 7202)
     restart_with(lab, "n2", "precopy.synced=kill")
     sock = lab.topology().agent.socket("n2")
-    with pytest.raises(Exception, match="closed the connection|did not answer"):
+    with pytest.raises(Exception, match=r"closed the connection|did not answer"):
         asyncio.run(acall(sock, "migration.prepare", guest="guest1", src="n1"))
     # D crashed with the entries pushed and its gate closed; the restarted agent recovers
     assert "10.5.5.201" in pushed_left(lab, "n2")
