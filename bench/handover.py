@@ -47,7 +47,6 @@ import argparse
 import asyncio
 import contextlib
 import errno
-import inspect
 import json
 import os
 import signal
@@ -561,9 +560,7 @@ class Bench:
                 t3 = time.perf_counter()
                 await coord.cutover(h)
                 await nodes[DST].ops.gate(self.addrs, closed=False)
-                announce = await nodes[DST].ops.announce_gateway(self.t.cluster.gateway)
-                if inspect.isawaitable(announce):  # older NodeOps: a task for arping's exit
-                    await announce
+                await nodes[DST].ops.announce_gateway(self.t.cluster.gateway)
                 t4 = time.perf_counter()
                 parts.update(dump=(t1 - t0) * 1000, plan=(t2 - t1) * 1000,
                              push=(t3 - t2) * 1000, bookkeeping=(t4 - t3) * 1000,
