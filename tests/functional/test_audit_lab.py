@@ -38,7 +38,8 @@ def records(lab: Lab) -> list[dict[str, Any]]:
 
 
 def new_since(lab: Lab, mark: int) -> list[dict[str, Any]]:
-    return records(lab)[mark:]
+    """Records after ``mark``, less the replicator's resyncs (they come when peers join)."""
+    return [r for r in records(lab)[mark:] if r["action"] != "sync.resync"]
 
 
 def agent(lab: Lab, node: str, op: str, **args: Any) -> Any:
@@ -89,6 +90,11 @@ def test_each_action_writes_one_record(lab):
     stopped = new_since(lab, mark)
     assert [r["action"] for r in stopped] == ["guest.stop", "ownership.release"]
     assert stopped[1]["epoch"] == 3
+
+    # the replicator: each node resynced its (empty) table to peers that joined after it
+    resyncs = [r for r in records(lab) if r["action"] == "sync.resync"]
+    assert resyncs and all(r["actor"] == "agent" and r["from_node"] == r["node"]
+                           for r in resyncs)
 
     verify = subprocess.run([sys.executable, "-m", "orchestrator", "audit", "verify", "--log",
                              str(lab.dir / "audit.log")], capture_output=True, text=True)
