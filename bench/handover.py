@@ -361,11 +361,11 @@ class Probe:
 
 
 class TimedOps:
-    """A NodeOps stand-in forwarding to the real one, timing gate/host/announce."""
+    """A NodeOps stand-in forwarding to the real one, timing its nft and ARP calls."""
 
     def __init__(self, ops: Any, probe: Probe) -> None:
         self._ops = ops
-        for attr in ("gate", "host", "announce_gateway"):
+        for attr in ("gate", "host", "arrive", "announce_gateway"):
             probe.wrap(self, attr, f"{ops.node}.{attr}")
 
     def __getattr__(self, name: str) -> Any:
@@ -376,6 +376,9 @@ class TimedOps:
 
     async def host(self, *a: Any, **k: Any) -> Any:
         return await self._ops.host(*a, **k)
+
+    async def arrive(self, *a: Any, **k: Any) -> Any:
+        return await self._ops.arrive(*a, **k)
 
     async def announce_gateway(self, *a: Any, **k: Any) -> Any:
         return await self._ops.announce_gateway(*a, **k)

@@ -34,7 +34,7 @@ def test_bench_handover_small() -> None:
         assert isinstance(run[key], float) and run[key] > 0, key
     assert run["entries"] == run["naive_entries"] == run["dest_entries"] == 60
     assert run["verified"] is True
-    assert {"final_delta", "other", "store.claim_all", "n2.host", "n1.host", "n2.gate"} <= set(
+    assert {"final_delta", "other", "store.claim_all", "n2.arrive", "n1.host"} <= set(
         run["cutover_breakdown_ms"])
     assert set(run["naive_breakdown_ms"]) == {"dump", "plan", "push", "bookkeeping", "total"}
     churn = run["churn"]
