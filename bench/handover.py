@@ -54,7 +54,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -81,7 +80,7 @@ from orchestrator.model.conntrack import (
     Tuple,
 )
 from orchestrator.netfilter import ctnetlink as nl
-from orchestrator.netfilter.conntrack import ConntrackTable, enter_netns, open_socket
+from orchestrator.netfilter.conntrack import ConntrackTable, in_netns, open_socket
 from orchestrator.store import open_store
 from orchestrator.store.base import Store
 
@@ -102,21 +101,7 @@ CTA_NAT_V4_MINIP, CTA_NAT_V4_MAXIP = 1, 2  # enum ctattr_nat
 
 def socket_in(netns: str) -> socket.socket:
     """A TCP socket created inside ``netns`` (a socket keeps the namespace it was born in)."""
-    box: list[socket.socket | BaseException] = []
-
-    def make() -> None:
-        try:
-            enter_netns(netns)
-            box.append(socket.socket())
-        except BaseException as exc:  # handed to the caller
-            box.append(exc)
-
-    t = threading.Thread(target=make)
-    t.start()
-    t.join()
-    if isinstance(box[0], BaseException):
-        raise box[0]
-    return box[0]
+    return in_netns(netns, socket.socket)
 
 
 @dataclass

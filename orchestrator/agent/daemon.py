@@ -146,7 +146,7 @@ class Agent:
         joined or restarted, or asked for more than the backlog still holds)."""
         seen = 0
         while self.sync is not None:
-            started = int(self.sync.status().get("sender", {}).get("resync_started", 0))
+            started = self.sync.sender.counters["resync_started"]
             for _ in range(started - seen):
                 await self.audit.arecord("sync.resync", from_node=self.node,
                                          detail="full resync of this node's entries")

@@ -9,6 +9,7 @@ meet at L2 without a loop). Each node gets the production ruleset through
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -227,13 +228,11 @@ class Lab:
         pid = self.agent_pid(node)
         if pid is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-            for _ in range(200):
-                os.kill(pid, 0)
-                time.sleep(0.01)
-        except ProcessLookupError:
-            pass
+        deadline = time.monotonic() + 2  # a killed child lingers as a zombie: agent_pid
+        while self.agent_pid(node) is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def agent_pid(self, node: str) -> int | None:
         pidfile = self.dir / f"agent-{node}.pid"

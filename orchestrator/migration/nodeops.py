@@ -9,14 +9,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from orchestrator.errors import MigrationError
 from orchestrator.netfilter import nft
-from orchestrator.netfilter.conntrack import enter_netns
+from orchestrator.netfilter.conntrack import in_netns
 from orchestrator.netfilter.render import IP_TABLE, SET_LOCAL_GUESTS, SET_RACE_GATE
 
 ETH_P_ARP = 0x0806
@@ -53,32 +52,9 @@ class NodeOps:
         """Gratuitous ARP for the shared gateway from this node's guest bridge: a guest that
         kept its ARP cache across the move stops hair-pinning through the source. One raw
         frame from a packet socket: no arping process lingering for its reply timeout."""
-        await _in_own_thread(send_gratuitous_arp, self.netns, self.guest_bridge, gateway)
-
-
-async def _in_own_thread(fn: Callable[..., None], *args: object) -> None:
-    """Run ``fn`` in a fresh thread: it may enter a namespace, which must never happen to a
-    thread of the shared pool (later jobs there would run in the wrong namespace)."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def run() -> None:
-        try:
-            fn(*args)
-            loop.call_soon_threadsafe(_settle, done, None)
-        except BaseException as exc:
-            loop.call_soon_threadsafe(_settle, done, exc)
-
-    threading.Thread(target=run, daemon=True).start()
-    await done
-
-
-def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
-    if not fut.done():
-        if exc is None:
-            fut.set_result(None)
-        else:
-            fut.set_exception(exc)
+        # in_netns: a thread of its own enters D's namespace, never a pool thread
+        await asyncio.to_thread(in_netns, self.netns, send_gratuitous_arp, self.guest_bridge,
+                                gateway)
 
 
 def gratuitous_arp(mac: bytes, ip: IPv4Address) -> bytes:
@@ -89,10 +65,7 @@ def gratuitous_arp(mac: bytes, ip: IPv4Address) -> bytes:
             + mac + ip.packed + b"\0" * 6 + ip.packed)
 
 
-def send_gratuitous_arp(netns: str | None, ifname: str, ip: IPv4Address) -> None:
-    """Runs in a worker thread: entering the namespace moves only that thread."""
-    if netns is not None:
-        enter_netns(netns)
+def send_gratuitous_arp(ifname: str, ip: IPv4Address) -> None:
     try:
         with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as sock:
             sock.bind((ifname, ETH_P_ARP))

@@ -48,6 +48,7 @@ from orchestrator.model.conntrack import Entry, Event, IPAddress, Proto, TcpFlag
 from orchestrator.netfilter import ctnetlink as nl
 
 Key = tuple[Tuple, int]  # (orig tuple, zone): what identifies an entry
+_T = TypeVar("_T")
 Policy = Literal["update", "replace", "fail"]
 
 _SOL_NETLINK: Final = 270
@@ -186,6 +187,31 @@ def enter_netns(netns: str) -> None:
         os.close(fd)
 
 
+def in_netns(netns: str | None, fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)`` in a fresh thread that entered ``netns`` (directly when None), so no
+    pooled or caller thread ever moves; sockets it opens stay in ``netns``. Its result, or
+    its exception raised here."""
+    if netns is None:
+        return fn(*args)
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            enter_netns(netns)
+            box.append((True, fn(*args)))
+        except BaseException as exc:  # handed to the caller
+            box.append((False, exc))
+
+    t = threading.Thread(target=run, name=f"setns-{netns}", daemon=True)
+    t.start()
+    t.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    result: _T = value
+    return result
+
+
 def _force_buf(sock: socket.socket, force_opt: int, plain_opt: int, size: int) -> None:
     try:
         sock.setsockopt(socket.SOL_SOCKET, force_opt, size)
@@ -211,23 +237,7 @@ def open_socket(
     netns: str | None, groups: int = 0, rcvbuf: int = CMD_RCVBUF, sndbuf: int = CMD_SNDBUF
 ) -> socket.socket:
     """A ctnetlink socket living in ``netns`` (the caller's thread does not move)."""
-    if netns is None:
-        return _new_socket(groups, rcvbuf, sndbuf)
-    box: list[socket.socket | BaseException] = []
-
-    def run() -> None:
-        try:
-            enter_netns(netns)
-            box.append(_new_socket(groups, rcvbuf, sndbuf))
-        except BaseException as exc:
-            box.append(exc)
-
-    t = threading.Thread(target=run, name=f"setns-{netns}", daemon=True)
-    t.start()
-    t.join()
-    if isinstance(box[0], BaseException):
-        raise box[0]
-    return box[0]
+    return in_netns(netns, _new_socket, groups, rcvbuf, sndbuf)
 
 
 # --- the table -----------------------------------------------------------------------------
@@ -695,7 +705,6 @@ def _dump_ends(data: bytes, seq: int) -> bool:
 
 # --- batch plumbing ------------------------------------------------------------------------
 
-_T = TypeVar("_T")
 
 
 class _BatchRun:

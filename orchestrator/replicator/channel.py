@@ -18,7 +18,6 @@ import asyncio
 import errno
 import socket
 import struct
-import threading
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from ipaddress import IPv4Address
 from typing import Final, Literal
 
 from orchestrator.errors import ConvergentError
-from orchestrator.netfilter.conntrack import enter_netns
+from orchestrator.netfilter.conntrack import in_netns
 
 Address = tuple[str, int]
 Receive = Callable[[list[tuple[bytes, Address]]], None]
@@ -108,26 +107,12 @@ def _join(sock: socket.socket, spec: ChannelSpec) -> None:
 
 def open_socket(spec: ChannelSpec, netns: str | None) -> socket.socket:
     """The channel's UDP socket, living in ``netns`` (the caller's thread does not move)."""
-    box: list[socket.socket | BaseException] = []
-
-    def run() -> None:
-        try:
-            if netns is not None:
-                enter_netns(netns)
-            box.append(_new_socket(spec))
-        except BaseException as exc:
-            box.append(exc)
-
-    if netns is None:
-        run()
-    else:
-        t = threading.Thread(target=run, name=f"setns-{netns}", daemon=True)
-        t.start()
-        t.join()
-    got = box[0]
-    if isinstance(got, BaseException):
+    try:
+        got = in_netns(netns, _new_socket, spec)
+    except Exception as exc:
         where = f" in netns {netns}" if netns else ""
-        raise ChannelError(f"sync channel {spec.transport} port {spec.port}{where}: {got}")
+        raise ChannelError(f"sync channel {spec.transport} port {spec.port}{where}: {exc}"
+                           ) from None
     return got
 
 

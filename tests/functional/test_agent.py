@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from orchestrator.agent.client import AgentError, acall
+from orchestrator.agent.client import AgentError
 from orchestrator.agent.keys import load_key
 from orchestrator.agent.peer import PeerError, PeerFeed
 from orchestrator.lab import netns as ns
 from orchestrator.lab.lab import Lab
 from orchestrator.migration.feed import FeedLost
-from orchestrator.netfilter.conntrack import enter_netns
+from orchestrator.netfilter.conntrack import in_netns
 from tests.conftest import unique
+from tests.functional.test_migration import agent
 
 pytestmark = pytest.mark.root
 
@@ -29,10 +29,6 @@ def lab() -> Iterator[Lab]:
         yield lab
     finally:
         lab.down()
-
-
-def agent(lab: Lab, node: str, op: str, **args: Any) -> Any:
-    return asyncio.run(acall(lab.topology().agent.socket(node), op, **args))
 
 
 def test_status_reports_ownership_and_reconcile(lab):
@@ -70,25 +66,15 @@ def test_sync_status_sees_every_peer(lab):
 def _open_feed_from(lab: Lab, node: str, key: bytes, request: dict[str, Any]) -> BaseException:
     """Open a peer feed to n1's agent from inside ``node``'s namespace; the error it got."""
     t = lab.topology()
-    out: list[BaseException] = []
-
-    def run() -> None:
-        enter_netns(lab.names.node(node))
-        feed = PeerFeed(node, key, str(t.node("n1").peer_ip), t.agent.peer_port, request, 0.5)
-        try:
-            asyncio.run(feed.open())
-        except BaseException as exc:  # the test reads it
-            out.append(exc)
-    th = threading.Thread(target=run)
-    th.start()
-    th.join(20)
-    assert out, "the feed opened"
-    return out[0]
+    feed = PeerFeed(node, key, str(t.node("n1").peer_ip), t.agent.peer_port, request, 0.5)
+    with pytest.raises((PeerError, FeedLost)) as refused:
+        in_netns(lab.names.node(node), asyncio.run, feed.open())
+    return refused.value
 
 
 def test_peer_channel_refuses_a_wrong_key_and_a_request_without_migration(lab):
     bad = _open_feed_from(lab, "n2", b"not-the-cluster-key-at-all", {"guest": "guest1"})
-    assert isinstance(bad, (PeerError, FeedLost)) and "cluster key" in str(bad)
+    assert "cluster key" in str(bad)
     key = load_key(lab.topology().agent.key_file)
     refused = _open_feed_from(lab, "n2", key, {"migration": "x", "guest": "guest1"})
     assert isinstance(refused, PeerError) and "without an active migration" in str(refused)

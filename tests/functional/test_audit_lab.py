@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from orchestrator.agent.client import acall
 from orchestrator.lab import netns as ns
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.migrate import migrate
 from tests.conftest import unique
+from tests.functional.test_migration import agent
 
 pytestmark = pytest.mark.root
 
@@ -40,10 +40,6 @@ def records(lab: Lab) -> list[dict[str, Any]]:
 def new_since(lab: Lab, mark: int) -> list[dict[str, Any]]:
     """Records after ``mark``, less the replicator's resyncs (they come when peers join)."""
     return [r for r in records(lab)[mark:] if r["action"] != "sync.resync"]
-
-
-def agent(lab: Lab, node: str, op: str, **args: Any) -> Any:
-    return asyncio.run(acall(lab.topology().agent.socket(node), op, **args))
 
 
 def test_each_action_writes_one_record(lab):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
-import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, ip_address
@@ -29,7 +28,7 @@ from orchestrator.model.conntrack import (
     TcpState,
     Tuple,
 )
-from orchestrator.netfilter.conntrack import ConntrackTable, enter_netns
+from orchestrator.netfilter.conntrack import ConntrackTable, in_netns
 from orchestrator.netfilter.render import render
 from orchestrator.replicator.service import SyncService
 from orchestrator.replicator.wire import (
@@ -390,16 +389,13 @@ class _ConnCtx:
         import socket
 
         def run() -> None:
-            enter_netns(self.ns)
             srv = socket.create_server(("127.0.0.1", self.port))
             self.socks.append(srv)
             for _ in range(self.n):
                 self.socks.append(socket.create_connection(("127.0.0.1", self.port), timeout=5))
                 self.socks.append(srv.accept()[0])
 
-        t = threading.Thread(target=run)
-        t.start()
-        t.join(10)
+        in_netns(self.ns, run)
         assert len(self.socks) == 2 * self.n + 1
         return self
 
@@ -438,14 +434,11 @@ def send_from(ns: str, dest: tuple[str, int], datagrams: list[bytes]) -> None:
     import socket
 
     def run() -> None:
-        enter_netns(ns)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             for d in datagrams:
                 s.sendto(d, dest)
 
-    t = threading.Thread(target=run)
-    t.start()
-    t.join(10)
+    in_netns(ns, run)
 
 
 def test_hostile_datagrams_are_counted_and_never_applied(net: Net) -> None:
