@@ -822,6 +822,10 @@ class EventStream:
     never blocks it). Sync: ``read(timeout)``. An overrun does not end the stream: the socket
     keeps delivering, the caller resyncs with a dump and carries on."""
 
+    # what one recv becomes; a subclass may decode to something else (the replicator's
+    # ``RecordStream`` goes straight to wire records)
+    decode_messages = staticmethod(nl.decode_events)
+
     def __init__(
         self,
         netns: str | None,
@@ -930,7 +934,7 @@ class EventStream:
                 self.overruns += 1
                 self._pending.append(OVERRUN)
                 continue
-            nl.decode_events(buf, n, got)
+            self.decode_messages(buf, n, got)
         self._flush(got)
 
     def _flush(self, got: list[Event]) -> None:

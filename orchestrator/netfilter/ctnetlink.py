@@ -663,7 +663,7 @@ Decoder = Callable[[Buffer, int, int, list[Entry]], int]
 def learn_layout(buf: Buffer, start: int, end: int) -> Decoder:
     """A decoder for every message shaped like this one."""
     headers, fields = entry_fields(buf, start, end)
-    hdr_struct = _struct_at("=", [(0, "I"), (4, "I"), *((off, "I") for off in headers)])
+    hdr_struct = struct_at("=", [(0, "I"), (4, "I"), *((off, "I") for off in headers)])
     ordered = sorted(fields, key=lambda role: fields[role][0])
     subst = {r: (f"v_{r}" if r in fields else ("None" if r == "id" else "0")) for r in _ROLES}
     subst["tcp_expr"] = "tcpinfos.get(v_tcp) or tcpinfo_of(v_tcp)" if "tcp" in fields else "None"
@@ -673,7 +673,7 @@ def learn_layout(buf: Buffer, start: int, end: int) -> Decoder:
         "size": end - start, "step": (end - start + 3) & ~3,
         "headers": hdr_struct.unpack_from,
         "expect": hdr_struct.unpack_from(buf, start),
-        "fields": _struct_at(">", [fields[r] for r in ordered]).unpack_from,
+        "fields": struct_at(">", [fields[r] for r in ordered]).unpack_from,
         "new": object.__new__, "TupleShadow": _TupleShadow, "EntryShadow": _EntryShadow,
         "Tuple": Tuple, "Entry": Entry, "addrs": _ADDRS, "addr": _addr,
         "statuses": _STATUSES, "status_of": _status, "tcpinfos": _TCPINFOS,
@@ -685,7 +685,7 @@ def learn_layout(buf: Buffer, start: int, end: int) -> Decoder:
     return decoder
 
 
-def _struct_at(order: str, specs: list[tuple[int, str]]) -> struct.Struct:
+def struct_at(order: str, specs: list[tuple[int, str]]) -> struct.Struct:
     """A struct reading ``code`` at each ``offset`` (ascending), skipping the bytes between."""
     fmt, pos = [order], 0
     for off, code in specs:

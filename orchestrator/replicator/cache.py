@@ -1,4 +1,5 @@
-"""The external cache: what one sender (one stream) has told us, key -> Entry.
+"""The external cache: what one sender (one stream) has told us, key -> Entry (kept as
+the records' validated bytes; objects are built when read).
 
 Every entry carries the *version* of the record that set it: the datagram's seq for an
 original, the sender's next seq at rebuild time (``as_of``) for a resend. Seqs here are
@@ -14,13 +15,15 @@ tombstones are kept only while they are ahead of it and pruned as it passes.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator, Mapping, ValuesView
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, ValuesView
 
 from orchestrator.model.conntrack import Entry, Event, EventType
 
 from .wire import EncodeError, Key, Record, WireKey, key_to_wire
 
 Listener = Callable[[Event], None]
+_DESTROY = EventType.DESTROY
 
 
 class Outcome(enum.Enum):
@@ -29,26 +32,50 @@ class Outcome(enum.Enum):
     DESTROY_UNKNOWN = "destroy_unknown"  # nothing to destroy (harmless)
 
 
-class EntriesView(Mapping[Key, Entry]):
-    """Read-only ``Entry.key -> Entry`` over a dict kept by wire key."""
+_APPLIED = Outcome.APPLIED.value
 
-    def __init__(self, entries: dict[WireKey, Entry]) -> None:
-        self._entries = entries
+
+class EntriesView(Mapping[Key, Entry]):
+    """Read-only ``Entry.key -> Entry`` over the records kept by wire key; entries are built
+    from a record's bytes when first read."""
+
+    def __init__(self, records: dict[WireKey, Record]) -> None:
+        self._records = records
 
     def __getitem__(self, key: Key) -> Entry:
         try:
-            return self._entries[key_to_wire(key)]
+            return _entry(self._records[key_to_wire(key)])
         except EncodeError:
             raise KeyError(key) from None
 
     def __iter__(self) -> Iterator[Key]:
-        return (e.key for e in self._entries.values())
+        return (r.key for r in self._records.values())
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._records)
 
     def values(self) -> ValuesView[Entry]:
-        return self._entries.values()
+        return _Entries(self._records)
+
+
+class _Entries(ValuesView[Entry]):
+    def __init__(self, records: dict[WireKey, Record]) -> None:
+        self._records = records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self) -> Iterator[Entry]:
+        return map(_entry, self._records.values())
+
+    def __contains__(self, entry: object) -> bool:
+        return any(e == entry for e in self)
+
+
+def _entry(record: Record) -> Entry:
+    entry = record.entry
+    assert entry is not None, "the cache holds NEW/UPDATE records only"
+    return entry
 
 
 class ExternalCache:
@@ -56,7 +83,7 @@ class ExternalCache:
     Kept by wire key (bytes, hashed once) since every record touches these dicts."""
 
     def __init__(self, listener: Listener | None = None) -> None:
-        self._entries: dict[WireKey, Entry] = {}
+        self._entries: dict[WireKey, Record] = {}
         self._versions: dict[WireKey, int] = {}
         self._tombs: dict[WireKey, int] = {}
         self._listener = listener
@@ -75,21 +102,41 @@ class ExternalCache:
     def apply(self, record: Record, version: int, frontier: int) -> Outcome:
         """Apply one record of version ``version``; ``frontier`` is the lowest version a
         later record can still have (the seq after the datagram being applied)."""
-        key = record.wire_key()
+        key = record.wkey
         stored = self.version(key)
         if stored is not None and version < stored:
             return Outcome.SUPERSEDED
-        if record.entry is not None:
-            return self._upsert(key, record.entry, version, stored is not None)
+        if record.op != EventType.DESTROY:
+            return self._upsert(key, record, version, stored is not None)
         return self._destroy(key, version, frontier)
 
-    def _upsert(self, key: WireKey, entry: Entry, version: int, known: bool) -> Outcome:
+    def apply_all(self, records: Iterable[Record], version: int, frontier: int,
+                  tally: Counter[str]) -> None:  # fmt: skip
+        """``apply`` for each record of one datagram, outcomes counted into ``tally``. Upserts
+        of keys with no tombstone are done inline: that is nearly every record."""
+        entries, versions, get = self._entries, self._versions, self._versions.get
+        applied = 0
+        for record in records:
+            key = record.wkey
+            stored = get(key)
+            if record.op != _DESTROY and not self._tombs and self._listener is None and (
+                stored is None or version >= stored
+            ):
+                entries[key] = record
+                versions[key] = version
+                applied += 1
+            else:
+                tally[self.apply(record, version, frontier).value] += 1
+        if applied:
+            tally[_APPLIED] += applied
+
+    def _upsert(self, key: WireKey, record: Record, version: int, known: bool) -> Outcome:
         if self._tombs:
             known = self._tombs.pop(key, None) is None and known
-        self._entries[key] = entry
+        self._entries[key] = record
         self._versions[key] = version
         if self._listener is not None:
-            self._listener(Event(EventType.UPDATE if known else EventType.NEW, entry))
+            self._listener(Event(EventType.UPDATE if known else EventType.NEW, _entry(record)))
         return Outcome.APPLIED
 
     def _destroy(self, key: WireKey, version: int, frontier: int) -> Outcome:
@@ -102,7 +149,7 @@ class ExternalCache:
         if old is None:
             return Outcome.DESTROY_UNKNOWN
         if self._listener is not None:
-            self._listener(Event(EventType.DESTROY, old))
+            self._listener(Event(EventType.DESTROY, _entry(old)))
         return Outcome.APPLIED
 
     def prune(self, frontier: int) -> None:

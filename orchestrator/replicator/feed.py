@@ -17,10 +17,11 @@ from collections.abc import Callable, Iterable, Sequence
 from ipaddress import ip_address
 
 from orchestrator.model.conntrack import Entry, Event, EventType, IPAddress
-from orchestrator.netfilter.conntrack import AddressMatch, ConntrackTable, EventStream, Overrun
+from orchestrator.netfilter.conntrack import AddressMatch, ConntrackTable, Overrun
 
+from .kernel import KernelRecord, RecordStream
 from .sender import Sender
-from .wire import Outgoing
+from .wire import Outgoing, record_addresses, record_mark
 
 Emit = Callable[[list[Outgoing]], None]
 CHUNK = 2000  # entries fed to the sender between two yields to the loop
@@ -34,9 +35,17 @@ class Scope:
         self.mark_bit = mark_bit
         self._tracked: Counter[IPAddress] = Counter()
         self._match = AddressMatch(())
+        self._packed: frozenset[bytes] = frozenset()
 
     def __call__(self, e: Entry) -> bool:
         return bool(e.mark & self.mark_bit) or (bool(self._match) and self._match(e))
+
+    def wants_record(self, record: bytes) -> bool:
+        """``__call__`` for an encoded NEW/UPDATE record (the live path: no objects)."""
+        if record_mark(record) & self.mark_bit:
+            return True
+        packed = self._packed
+        return bool(packed) and not packed.isdisjoint(record_addresses(record))
 
     @property
     def addresses(self) -> list[IPAddress]:
@@ -49,7 +58,7 @@ class Scope:
             if not self._tracked[a]:
                 new.append(a)
             self._tracked[a] += 1
-        self._match = AddressMatch(self._tracked)
+        self._retracked()
         return new
 
     def untrack(self, addresses: Iterable[str | IPAddress]) -> list[IPAddress]:
@@ -61,8 +70,12 @@ class Scope:
                 gone.append(a)
             else:
                 self._tracked[a] -= 1
-        self._match = AddressMatch(self._tracked)
+        self._retracked()
         return gone
+
+    def _retracked(self) -> None:
+        self._match = AddressMatch(self._tracked)
+        self._packed = frozenset(a.packed for a in self._tracked)
 
 
 class ConntrackFeed:
@@ -75,16 +88,15 @@ class ConntrackFeed:
         self.table, self.sender, self.scope = table, sender, scope
         self.counters: Counter[str] = Counter()
         self._emit, self._clock = emit, clock
-        self._stream: EventStream | None = None
+        self._stream: RecordStream | None = None
         self._lock = asyncio.Lock()  # one dump-and-reconcile at a time
 
     async def start(self) -> None:
         """Subscribe, dump the scope, hand every entry to the sender."""
         bit = self.scope.mark_bit
-        stream, marked = await asyncio.to_thread(
-            self.table.subscribe_and_dump, (), mark=bit, mark_mask=bit
-        )
-        self._stream = stream
+        # subscribed before the dump: together they miss no change
+        self._stream = await asyncio.to_thread(RecordStream, self.table.netns)
+        marked = await asyncio.to_thread(self.table.dump, mark=bit, mark_mask=bit)
         tracked = self.scope.addresses
         if tracked:
             marked += await asyncio.to_thread(self.table.dump, tracked)
@@ -99,7 +111,7 @@ class ConntrackFeed:
     async def run(self) -> None:
         """The live part: every event batch, until cancelled."""
         assert self._stream is not None, "start() first"
-        async for batch in self._stream.batches():
+        async for batch in self._stream.records():
             await self._on_batch(batch)
 
     async def track(self, addresses: Iterable[str | IPAddress]) -> int:
@@ -145,25 +157,33 @@ class ConntrackFeed:
                 self._emit(update(e, now))
             await asyncio.sleep(0)  # let received NACKs and ticks run
 
-    async def _on_batch(self, batch: list[Event | Overrun]) -> None:
-        now, sender, scope, emit = self._clock(), self.sender, self.scope, self._emit
-        taken = 0
-        for ev in batch:
-            if isinstance(ev, Overrun):
+    async def _on_batch(self, batch: list[KernelRecord | Overrun]) -> None:
+        wants = self.scope.wants_record
+        changes: list[KernelRecord] = []
+        unencodable = 0
+        for item in batch:
+            if isinstance(item, Overrun):
+                self._send(changes)
+                changes = []
                 self.counters["overruns"] += 1
                 await self.resync()
-                now = self._clock()
                 continue
-            e = ev.entry
-            if ev.type != EventType.DESTROY and scope(e):
-                emit(sender.update(ev, now))
-                taken += 1
-            elif sender.holds(e.key):  # destroyed, or left the scope (mark bit cleared)
-                emit(sender.update(Event(EventType.DESTROY, e), now))
-                taken += 1
+            op, record = item
+            if not record:
+                unencodable += 1
+            elif op == EventType.DESTROY or wants(record):
+                changes.append(item)
+            else:  # left the scope (mark bit cleared): a DESTROY for receivers, if we held it
+                changes.append((EventType.DESTROY, record))
+        self._send(changes)
         self.counters["events"] += len(batch)
-        self.counters["events_taken"] += taken
+        if unencodable:
+            self.counters["unencodable"] += unencodable
         await asyncio.sleep(0)
+
+    def _send(self, changes: list[KernelRecord]) -> None:
+        if changes:
+            self._emit(self.sender.update_records(changes, self._clock()))
 
 
 def close_quietly(feed: ConntrackFeed | None) -> None:

@@ -317,9 +317,7 @@ class Receiver:
             self._on_end(st, unwrap(msg.begin, seq))
             return
         version = seq if msg.as_of is None else max(seq, unwrap(msg.as_of, seq))
-        tally = self.counters
-        for record in msg.records:
-            tally[st.cache.apply(record, version, seq + 1).value] += 1
+        st.cache.apply_all(msg.records, version, seq + 1, self.counters)
 
     def _on_end(self, st: _Stream, begin: int) -> None:
         if begin < st.since:

@@ -44,6 +44,7 @@ from .wire import (
     MsgType,
     Outgoing,
     Peer,
+    Record,
     WireKey,
     destroy_record,
     encode_upsert,
@@ -53,6 +54,7 @@ from .wire import (
 )
 
 _NEW = bytes([EventType.NEW])
+_NEW_OP, _DESTROY = EventType.NEW, EventType.DESTROY
 _AS_OF = 4
 
 
@@ -67,11 +69,6 @@ class SenderConfig:
     def __post_init__(self) -> None:
         if not 200 <= self.mtu <= 65507 or self.backlog < 1 or self.resync_rate <= 0:
             raise ValueError(f"bad sender config {self}")
-
-
-class _Slot(NamedTuple):
-    entry: Entry
-    wire: bytes  # the UPDATE record; NEW swaps the first byte
 
 
 class _Sent(NamedTuple):
@@ -111,7 +108,7 @@ class Sender:
         self._scope, self._dest = scope, dest
         self._room = self.config.mtu - HEADER_SIZE - MAC_SIZE
         # keyed by wire key (bytes: hashed once, in C) rather than Entry.key
-        self._table: dict[WireKey, _Slot] = {}
+        self._table: dict[WireKey, bytes] = {}  # -> the UPDATE record; NEW swaps byte 0
         self._queue: dict[WireKey, tuple[EventType, int]] = {}  # -> (op hint, record size)
         self._queued = 0  # bytes
         self._deadline: float | None = None
@@ -145,8 +142,13 @@ class Sender:
             return False
 
     def state(self) -> Mapping[Key, Entry]:
-        """The current table (a copy, keyed by Entry.key)."""
-        return {slot.entry.key: slot.entry for slot in self._table.values()}
+        """The current table (a copy, keyed by Entry.key), built from the records."""
+        out: dict[Key, Entry] = {}
+        for key, wire in self._table.items():
+            entry = Record(EventType.UPDATE, key, wire).entry
+            assert entry is not None
+            out[entry.key] = entry
+        return out
 
     # --- inputs -------------------------------------------------------------------------
 
@@ -168,9 +170,31 @@ class Sender:
         key = key_of_record(wire)
         if self._table.get(key) is None:
             op = EventType.NEW
-        self._table[key] = _Slot(entry, wire)
+        self._table[key] = wire
         self._enqueue(key, op, len(wire), now)
         return self._flush_full(now)
+
+    def update_records(self, changes: Iterable[tuple[EventType, bytes]],
+                       now: float) -> list[Outgoing]:  # fmt: skip
+        """``update`` for changes already in wire form (``kernel.decode_event_records``), in
+        order: each is (op, the entry's UPDATE record). The caller has scoped them; a DESTROY
+        of an entry not held (out of scope all along) is nothing to send."""
+        out: list[Outgoing] = []
+        table, enqueue, room = self._table, self._enqueue, self._room
+        for op, wire in changes:
+            key = key_of_record(wire)
+            if op == _DESTROY:
+                if table.pop(key, None) is None:
+                    continue
+                enqueue(key, op, len(key) + 2, now)
+            else:
+                if key not in table:
+                    op = _NEW_OP
+                table[key] = wire
+                enqueue(key, op, len(wire), now)
+            if self._queued > room:
+                out += self._drain(now, force=False)
+        return out
 
     def reconcile(self, entries: Iterable[Entry], now: float) -> list[Outgoing]:
         """The table is now exactly ``entries`` (a dump after lost events): keys missing from
@@ -185,8 +209,7 @@ class Sender:
                 continue
             key = key_of_record(wire)
             seen.add(key)
-            slot = self._table.get(key)
-            if slot is None or slot.wire != wire:
+            if self._table.get(key) != wire:
                 out += self.update(entry, now)
         for key in [k for k in self._table if k not in seen]:
             out += self._remove(key, now)
@@ -246,10 +269,10 @@ class Sender:
             self._deadline = now + self.config.flush_after
 
     def _record(self, key: WireKey, op: EventType) -> bytes:
-        slot = self._table.get(key)
-        if slot is None:
+        wire = self._table.get(key)
+        if wire is None:
             return destroy_record(key)
-        return _NEW + slot.wire[1:] if op == EventType.NEW else slot.wire
+        return _NEW + wire[1:] if op == EventType.NEW else wire
 
     def _flush_full(self, now: float) -> list[Outgoing]:
         return self._drain(now, force=False) if self._queued > self._room else []
@@ -374,9 +397,9 @@ class Sender:
         r.pos += len(chunk)
         r.budget -= len(chunk)
         for key in chunk:
-            slot = self._table.get(key)
-            if slot is not None:  # gone ones already had their DESTROY sent
-                self._enqueue(key, EventType.UPDATE, len(slot.wire), now)
+            wire = self._table.get(key)
+            if wire is not None:  # gone ones already had their DESTROY sent
+                self._enqueue(key, EventType.UPDATE, len(wire), now)
         self.counters["resync_records"] += len(chunk)
         out = self._flush_full(now)
         if r.pos >= len(r.keys):

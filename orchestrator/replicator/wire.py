@@ -18,7 +18,7 @@ import hashlib
 import hmac
 import struct
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
@@ -117,30 +117,63 @@ def serial_lt(a: int, b: int) -> bool:
 # --- records and messages ---------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
 class Record:
-    """NEW/UPDATE carry a whole entry; DESTROY only the key (orig tuple + zone)."""
+    """One NEW/UPDATE/DESTROY record: its validated wire bytes, with the objects built only
+    when asked for (a receiver stores 100k of these and seldom reads one back).
 
-    op: EventType
-    tuple_orig: Tuple
-    zone: int = 0
-    entry: Entry | None = None
-    wkey: WireKey = field(default=b"", compare=False)  # set by the decoder
+    NEW/UPDATE carry a whole entry; DESTROY only the key (orig tuple + zone). Two records
+    are equal when their bytes are."""
+
+    __slots__ = ("_decoded", "data", "op", "wkey")
+
+    def __init__(self, op: EventType, wkey: WireKey, data: bytes,
+                 decoded: tuple[Tuple, Entry | None] | None = None) -> None:  # fmt: skip
+        self.op, self.wkey, self.data = op, wkey, data
+        self._decoded = decoded
+
+    @classmethod
+    def upsert(cls, entry: Entry, op: EventType = EventType.UPDATE) -> Record:
+        """Raises EncodeError for what the wire cannot carry."""
+        data = encode_upsert(entry, op)
+        return cls(op, key_of_record(data), data, (entry.tuple_orig, entry))
+
+    @classmethod
+    def destroy(cls, key: Key) -> Record:
+        data = encode_destroy(key)
+        return cls(EventType.DESTROY, key_of_record(data), data, (key[0], None))
+
+    @property
+    def entry(self) -> Entry | None:
+        return self._objects()[1]
+
+    @property
+    def tuple_orig(self) -> Tuple:
+        return self._objects()[0]
+
+    @property
+    def zone(self) -> int:
+        return int.from_bytes(self.data[4:6], "big")
 
     @property
     def key(self) -> Key:
         return (self.tuple_orig, self.zone)
 
     def wire_key(self) -> WireKey:
-        return self.wkey or key_to_wire(self.key)
+        return self.wkey
 
-    @classmethod
-    def upsert(cls, entry: Entry, op: EventType = EventType.UPDATE) -> Record:
-        return cls(op, entry.tuple_orig, entry.zone, entry)
+    def _objects(self) -> tuple[Tuple, Entry | None]:
+        if self._decoded is None:
+            self._decoded = _objects_of(self.data)
+        return self._decoded
 
-    @classmethod
-    def destroy(cls, key: Key) -> Record:
-        return cls(EventType.DESTROY, key[0], key[1])
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Record) and (self.op, self.data) == (other.op, other.data)
+
+    def __hash__(self) -> int:
+        return hash(self.data)
+
+    def __repr__(self) -> str:
+        return f"Record({self.op.name}, {self.entry or self.tuple_orig})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +223,7 @@ _UPSERT = {
 _UPSERT_V4, _UPSERT_V4_TCP = _UPSERT[4, False], _UPSERT[4, True]
 DESTROY_SIZE = {f: s.size for f, s in _DESTROY.items()}
 _TUPLE_SIZE = {f: struct.calcsize("!" + t) for f, t in _TUPLE.items()}
+_MARK_AT = {f: _RHDR.size + 2 * _TUPLE_SIZE[f] + 4 for f in _TUPLE}  # after both tuples, status
 _DESTROY_OP = bytes([EventType.DESTROY])
 MIN_RECORD = DESTROY_SIZE[4]
 _PROTOS = frozenset({1, 6, 17, 33, 47, 58, 132, 136})  # icmp tcp udp dccp gre icmpv6 sctp udplite
@@ -197,6 +231,11 @@ _ICMP: dict[int, int] = {Proto.ICMP: 4, Proto.ICMPV6: 6}  # proto -> the family 
 _STATUS_MASK = 0
 for _bit in Status:
     _STATUS_MASK |= int(_bit)
+STATUS_MASK = _STATUS_MASK  # every status bit the wire carries
+PROTOS_BY_FAMILY = {
+    f: frozenset(p for p in _PROTOS if _ICMP.get(p, f) == f) for f in _TUPLE
+}  # what each family may carry: ICMP only in 4, ICMPv6 only in 6
+_TCP_TAIL = struct.Struct("!BBBBB")  # state wscale_orig wscale_reply flags_orig flags_reply
 MAX_WSCALE = 14  # RFC 7323
 _OPS = frozenset(int(op) for op in EventType)
 _TCP_STATES = tuple(TcpState)
@@ -275,6 +314,17 @@ def encode_upsert(entry: Entry, op: EventType = EventType.UPDATE) -> bytes:
         raise EncodeError(f"{entry}: {exc}") from None
 
 
+def encode_tcp(tcp: TcpInfo) -> bytes:
+    """The five TCP bytes that end a TCP record (RECORD_HAS_TCP); b"" if out of range."""
+    if max(tcp.wscale_orig, tcp.wscale_reply) > MAX_WSCALE:
+        return b""
+    try:
+        return _TCP_TAIL.pack(tcp.state, tcp.wscale_orig, tcp.wscale_reply, tcp.flags_orig,
+                              tcp.flags_reply)  # fmt: skip
+    except struct.error:
+        return b""
+
+
 def encode_destroy(key: Key) -> bytes:
     t, zone = key
     family = t.src.version
@@ -289,6 +339,19 @@ def key_of_record(record: bytes) -> WireKey:
     return record[1:3] + record[4 : 6 + _TUPLE_SIZE[record[1]]]
 
 
+def record_mark(record: bytes) -> int:
+    """The ct mark of an encoded NEW or UPDATE record."""
+    at = _MARK_AT[record[1]]
+    return int.from_bytes(record[at : at + 4], "big")
+
+
+def record_addresses(record: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """The packed orig src, orig dst, reply src, reply dst of a NEW or UPDATE record."""
+    n, t = (4, 12) if record[1] == 4 else (16, 36)
+    return (record[6 : 6 + n], record[6 + n : 6 + 2 * n],
+            record[6 + t : 6 + t + n], record[6 + t + n : 6 + t + 2 * n])  # fmt: skip
+
+
 def key_to_wire(key: Key) -> WireKey:
     return key_of_record(encode_destroy(key))
 
@@ -296,12 +359,6 @@ def key_to_wire(key: Key) -> WireKey:
 def destroy_record(wkey: WireKey) -> bytes:
     """The DESTROY record for a wire key (it is the key plus op and flags bytes)."""
     return _DESTROY_OP + wkey[:2] + b"\0" + wkey[2:]
-
-
-def encode_record(record: Record) -> bytes:
-    if record.entry is None:
-        return encode_destroy(record.key)
-    return encode_upsert(record.entry, record.op)
 
 
 # --- message bodies ---------------------------------------------------------------------
@@ -316,7 +373,7 @@ def _body(msg: Message) -> tuple[int, bytes]:
     """(flags, body) for a message; records are encoded here too."""
     t = msg.type
     if t == MsgType.DATA:
-        records = b"".join(encode_record(r) for r in msg.records)
+        records = b"".join(r.data for r in msg.records)
         if msg.as_of is None:
             return 0, records
         return Flag.RESEND, _U32.pack(msg.as_of % SEQ_MOD) + records
@@ -357,9 +414,6 @@ class Codec:
         # keyed HMAC states, copied per datagram: half the cost of hmac.digest() here
         self._macs = {i: hmac.new(k, digestmod=hashlib.sha256) for i, k in keys.items()}
         self.max_size = max_size
-        self._v4: dict[bytes, IPAddress] = {}
-        self._v6: dict[bytes, IPAddress] = {}
-        self._status: dict[int, Status] = {}
 
     # sealing
 
@@ -456,58 +510,71 @@ class Codec:
 
     def _records(self, data: bytes, off: int, end: int, count: int) -> tuple[Record, ...]:
         out: list[Record] = []
+        append, kinds = out.append, _KINDS
         for _ in range(count):
-            kind = _KINDS.get(data[off : off + 4])  # op family proto rflags, all checked at once
+            kind = kinds.get(data[off : off + 4])  # op family proto rflags, all checked at once
             if kind is None:
                 raise DecodeError(_short(data, off, end) or DecodeReason.BAD_RECORD)
             layout, op, icmp, tsize = kind
-            if off + layout.size > end:
+            nxt = off + layout.size
+            if nxt > end:
                 raise DecodeError(DecodeReason.RECORD_BOUNDS)
-            wkey = data[off + 1 : off + 3] + data[off + 4 : off + 6 + tsize]
-            out.append(self._record(layout.unpack_from(data, off), op, icmp, wkey))
-            off += layout.size
+            _check_fields(layout.unpack_from(data, off), op, icmp)
+            append(Record(op, data[off + 1 : off + 3] + data[off + 4 : off + 6 + tsize],
+                          data[off:nxt]))  # fmt: skip
+            off = nxt
         if off != end:
             raise DecodeError(DecodeReason.BAD_LENGTH, f"{end - off} trailing bytes")
         return tuple(out)
 
-    def _record(self, f: tuple[Any, ...], op: EventType, icmp: bool, wkey: bytes) -> Record:
-        family, proto, zone = f[1], f[2], f[4]
-        addr = self._addr
-        known = (self._v4 if family == 4 else self._v6).get
-        if icmp and (f[8] or (op != EventType.DESTROY and f[14])):
-            raise DecodeError(DecodeReason.BAD_RECORD, "icmp tuple with a dport")
-        if not icmp and (f[9] or f[10] or (op != EventType.DESTROY and (f[15] or f[16]))):
-            raise DecodeError(DecodeReason.BAD_RECORD, "icmp type/code on a non-icmp tuple")
-        src, dst = known(f[5]) or addr(f[5], family), known(f[6]) or addr(f[6], family)
-        orig = Tuple(src, dst, proto, f[7], f[8], f[9], f[10])
-        if op == EventType.DESTROY:
-            return Record(op, orig, zone, None, wkey)
-        src, dst = known(f[11]) or addr(f[11], family), known(f[12]) or addr(f[12], family)
-        reply = Tuple(src, dst, proto, f[13], f[14], f[15], f[16])
-        status = self._status.get(f[17])
-        if status is None:
-            status = self._status_of(f[17])
-        tcp = None
-        if len(f) > 20:
-            tcp = _TCP_INFOS.get(f[20:25])
-            if tcp is None:
-                tcp = _tcp_cached(f)
-        return Record(op, orig, zone, Entry(orig, reply, status, f[18], f[19], zone, tcp), wkey)
 
-    def _addr(self, packed: Any, family: int) -> IPAddress:
-        cache = self._v4 if family == 4 else self._v6
-        addr = cache.get(packed)
-        if addr is None:
-            if len(cache) >= 65536:
-                cache.clear()
-            addr = cache[packed] = IPv4Address(packed) if family == 4 else IPv6Address(packed)
-        return addr
+def _check_fields(f: tuple[Any, ...], op: EventType, icmp: bool) -> None:
+    """What a record's layout alone does not rule out (addresses are any bytes)."""
+    if op == EventType.DESTROY:
+        if f[8] if icmp else (f[9] or f[10]):
+            raise DecodeError(DecodeReason.BAD_RECORD, "icmp fields on the wrong proto")
+        return
+    if (f[8] or f[14]) if icmp else (f[9] or f[10] or f[15] or f[16]):
+        raise DecodeError(DecodeReason.BAD_RECORD, "icmp fields on the wrong proto")
+    if f[17] & ~_STATUS_MASK:
+        raise DecodeError(DecodeReason.BAD_RECORD, f"status {f[17]:#x}")
+    if len(f) > 20 and (f[20] >= len(_TCP_STATES) or f[21] > MAX_WSCALE or f[22] > MAX_WSCALE):
+        raise DecodeError(DecodeReason.BAD_RECORD, f"tcp state={f[20]} wscale={f[21]}/{f[22]}")
 
-    def _status_of(self, value: int) -> Status:
-        if value & ~_STATUS_MASK:
-            raise DecodeError(DecodeReason.BAD_RECORD, f"status {value:#x}")
-        status = self._status[value] = Status(value)
-        return status
+
+# --- lazy objects of a validated record ---------------------------------------------------
+
+_ADDRS: dict[bytes, IPAddress] = {}  # packed -> address, bounded
+_STATUSES: dict[int, Status] = {}
+
+
+def _addr(packed: bytes) -> IPAddress:
+    addr = _ADDRS.get(packed)
+    if addr is None:
+        if len(_ADDRS) >= 65536:
+            _ADDRS.clear()
+        addr = _ADDRS[packed] = IPv4Address(packed) if len(packed) == 4 else IPv6Address(packed)
+    return addr
+
+
+def _objects_of(data: bytes) -> tuple[Tuple, Entry | None]:
+    """The orig tuple and (NEW/UPDATE) the entry of one record the decoder validated."""
+    layout, op, _icmp, _tsize = _KINDS[data[:4]]
+    f = layout.unpack_from(data)
+    proto, zone = f[2], f[4]
+    orig = Tuple(_addr(f[5]), _addr(f[6]), proto, f[7], f[8], f[9], f[10])
+    if op == EventType.DESTROY:
+        return orig, None
+    reply = Tuple(_addr(f[11]), _addr(f[12]), proto, f[13], f[14], f[15], f[16])
+    status = _STATUSES.get(f[17])
+    if status is None:
+        status = _STATUSES[f[17]] = Status(f[17])
+    tcp = None
+    if len(f) > 20:
+        tcp = _TCP_INFOS.get(f[20:25])
+        if tcp is None:
+            tcp = _tcp_cached(f)
+    return orig, Entry(orig, reply, status, f[18], f[19], zone, tcp)
 
 
 def _short(data: bytes, off: int, end: int) -> DecodeReason | None:
