@@ -227,11 +227,11 @@ class Conntrackd:
             with (self.dir / f"{side}.out").open("w") as log:  # the daemon keeps its own fd
                 self.lab.spawn(ns, ["conntrackd", "-C", str(self.conf[side])], log)
             self._wait((self.dir / f"{side}.ctl").exists, 10, f"{side}'s control socket")
-        self._wait(lambda: self._cache("a", "internal") >= self.n, deadline, "A's cache")
+        self._wait(lambda: self.cache_size("a", "internal") >= self.n, deadline, "A's cache")
         self.ctl("b", "-n")
-        self._wait(lambda: self._cache("b", "external") >= self.n, deadline, "B's cache")
+        self._wait(lambda: self.cache_size("b", "external") >= self.n, deadline, "B's cache")
 
-    def _cache(self, side: str, which: str) -> int:
+    def cache_size(self, side: str, which: str) -> int:
         lines = self.ctl(side, "-s").splitlines()
         for i, line in enumerate(lines):
             if line.startswith(f"cache {which}"):

@@ -8,10 +8,18 @@ then N synthetic ESTABLISHED TCP entries are pushed into A's kernel (the same en
 for both) and the clock runs until B's external cache holds all N (``conntrackd -s`` /
 the child's status, polled every 20 ms).
 
-Per replicator: converged_s (push start to full cache), per_s = N / converged_s, CPU
-seconds of both daemons (utime + stime from /proc), peak RSS (VmHWM) of each. convergent
-also runs with random loss on both sync links (an nft ``numgen`` drop at each ingress: this
-kernel has no netem), 5 % and 20 %.
+Per replicator: converged_s (push start to full cache), per_s = N / converged_s, push_s
+(the push alone) and lag_s = converged_s - push_s, CPU seconds of both daemons (utime +
+stime from /proc), peak RSS (VmHWM) of each. Both replicators follow kernel events, so
+neither can converge before the push ends: per_s is bounded by the kernel's event rate and
+lag_s is what tells them apart. convergent also runs with random loss on both sync links
+(an nft ``numgen`` drop at each ingress: this kernel has no netem), 5 % and 20 %.
+
+``join``: A already holds N entries and B starts empty (a node joins or restarts): the
+time until B's cache holds all N. conntrackd: ``conntrackd -n`` on B after flushing its
+external cache. convergent: from B's start, A answering B's HELLO with a full resync paced
+at the configured ``sync.resync_rate`` (``convergent``), and unpaced
+(``convergent_unpaced``), which is the replicator's own bulk speed.
 """
 
 from __future__ import annotations
@@ -36,16 +44,20 @@ from orchestrator.netfilter.conntrack import ConntrackTable
 PORT = 7405
 MARK_BIT = 0x80000000
 POLL = 0.02
+UNPACED = 10_000_000  # a resync_rate no sender reaches: the join at full speed
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def topology() -> Topology:
+def topology(resync_rate: int | None = None) -> Topology:
     nodes = [{"name": n, "tag": i, "mac_prefix": f"0a:00:0{i}", "pub_ip": f"192.168.122.1{i}",
               "guest_ip": f"10.5.5.25{i}", "pipes": ["pipe0"], "sync_ip": f"10.251.0.{i}"}
              for i, n in ((1, "a"), (2, "b"))]  # fmt: skip
+    sync: dict[str, Any] = {"interface": "sync0", "port": PORT, "mark_bit": MARK_BIT}
+    if resync_rate is not None:
+        sync["resync_rate"] = resync_rate
     return Topology.model_validate({
         "cluster": {"guest_subnet": "10.5.5.0/24", "gateway": "10.5.5.254"},
-        "nodes": nodes, "sync": {"interface": "sync0", "port": PORT, "mark_bit": MARK_BIT},
+        "nodes": nodes, "sync": sync,
     })  # fmt: skip
 
 
@@ -120,9 +132,12 @@ def push_and_wait(table: ConntrackTable, items: list[Any], count: Callable[[], i
 class Node:
     """A SyncService in a child process inside ``ns``; ``status()`` over its stdin/stdout."""
 
-    def __init__(self, lab: Lab, ns: str, name: str, workdir: Path) -> None:
+    def __init__(self, lab: Lab, ns: str, name: str, workdir: Path,
+                 resync_rate: int | None = None) -> None:  # fmt: skip
         cmd = [sys.executable, "-m", "bench.replicator", "--child", name,
                "--key-file", str(workdir / "key")]  # fmt: skip
+        if resync_rate is not None:
+            cmd += ["--resync-rate", str(resync_rate)]
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, *cmd], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             cwd=str(ROOT), text=True, start_new_session=True,
@@ -162,7 +177,7 @@ def convergent_run(items: list[Any], loss: float, deadline: float) -> dict[str, 
     peer = next(p for p in sb["peers"] if p["node"] == "a")
     return {
         "converged_s": round(converged, 3), "per_s": round(len(items) / converged),
-        "push_s": round(push_s, 3),
+        "push_s": round(push_s, 3), "lag_s": round(converged - push_s, 3),
         "cpu_s": {k: round(usage[k][0] - before[k], 2) for k in usage},
         "rss_mib": {k: round(usage[k][1] / 2**20, 1) for k in usage},
         "datagrams": sa["sender"].get("data_sent", 0), "resent": sa["sender"].get("resent", 0),
@@ -171,7 +186,50 @@ def convergent_run(items: list[Any], loss: float, deadline: float) -> dict[str, 
     }  # fmt: skip
 
 
-def child(name: str, key_file: str) -> None:
+def wait_until(ok: Callable[[], bool], deadline: float, what: str) -> float:
+    """Poll ``ok`` every POLL seconds; the seconds it took."""
+    t0 = time.perf_counter()
+    while not ok():
+        if time.perf_counter() - t0 > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(POLL)
+    return time.perf_counter() - t0
+
+
+def convergent_join(items: list[Any], resync_rate: int | None, deadline: float) -> dict[str, Any]:
+    """A holds N entries; B starts empty (a node joins or restarts): from B's ready to B's
+    cache holding all N. A answers B's HELLO with a full resync paced at ``resync_rate``."""
+    n = len(items)
+    with Lab() as lab, tempfile.TemporaryDirectory(prefix="cvb-rep-") as tmp:
+        a, b = pair(lab)
+        (Path(tmp) / "key").write_bytes(os.urandom(32))
+        na = Node(lab, a, "a", Path(tmp), resync_rate)
+        ConntrackTable(a).push(items)
+        wait_until(lambda: na.status()["entries"] >= n, deadline, "A's table")
+        nb = Node(lab, b, "b", Path(tmp), resync_rate)
+        converged = wait_until(lambda: nb.cached("a") >= n, deadline, "B's cache")
+        resyncs = na.status()["sender"].get("resync_done", 0)
+    return {"converged_s": round(converged, 3), "per_s": round(n / converged),
+            "resync_rate": resync_rate or topology().sync.resync_rate,
+            "resyncs": resyncs}  # fmt: skip
+
+
+def conntrackd_join(items: list[Any], deadline: float) -> dict[str, Any]:
+    """The same for conntrackd: B's external cache flushed, then ``conntrackd -n`` (B asks
+    A for a resync), until B's external cache holds all N."""
+    with Lab() as lab, tempfile.TemporaryDirectory(prefix="cvb-rep-ctd-") as tmp:
+        ctd = Conntrackd(lab, Path(tmp), items)
+        ctd.start()
+        ctd.ctl("b", "-f", "external")
+        t0 = time.perf_counter()
+        ctd.ctl("b", "-n")
+        wait_until(lambda: ctd.cache_size("b", "external") >= len(items), deadline, "B's cache")
+        converged = time.perf_counter() - t0
+        lab.close()
+    return {"converged_s": round(converged, 3), "per_s": round(len(items) / converged)}
+
+
+def child(name: str, key_file: str, resync_rate: int | None = None) -> None:
     """The child side: run a SyncService here (already inside the namespace), answer
     ``status`` lines with one JSON line each."""
     import asyncio
@@ -179,7 +237,7 @@ def child(name: str, key_file: str) -> None:
     from orchestrator.replicator.service import SyncService
 
     async def main() -> None:
-        svc = SyncService(topology(), name, Path(key_file).read_bytes(), None)
+        svc = SyncService(topology(resync_rate), name, Path(key_file).read_bytes(), None)
         await svc.start()
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
@@ -202,13 +260,13 @@ def conntrackd_run(items: list[Any], deadline: float) -> dict[str, Any]:
         ctd.start()
         pids = {k: p.pid for k, p in zip(("a", "b"), lab.procs, strict=True)}
         before = {k: proc_usage(pid)[0] for k, pid in pids.items()}
-        cached = lambda: ctd._cache("b", "external")  # noqa: E731
+        cached = lambda: ctd.cache_size("b", "external")  # noqa: E731
         push_s, converged = push_and_wait(ConntrackTable(ctd.a), items, cached, deadline)
         usage = {k: proc_usage(pid) for k, pid in pids.items()}
         lab.close()  # the daemons stop before their temp dir goes
     return {
         "converged_s": round(converged, 3), "per_s": round(len(items) / converged),
-        "push_s": round(push_s, 3),
+        "push_s": round(push_s, 3), "lag_s": round(converged - push_s, 3),
         "cpu_s": {k: round(usage[k][0] - before[k], 2) for k in usage},
         "rss_mib": {k: round(usage[k][1] / 2**20, 1) for k in usage},
     }  # fmt: skip
@@ -221,18 +279,21 @@ def run(n: int, losses: list[float], deadline: float = 60.0) -> dict[str, Any]:
     env: dict[str, Any] = {"kernel": os.uname().release, "cpus": os.cpu_count(),
                            "load_before": load_average()}  # fmt: skip
     items = entries(n)
+    have_ctd = subprocess.run(["which", "conntrackd"], capture_output=True).returncode == 0
+    missing = {"per_s": None, "error": "conntrackd is not installed"}
     mine = convergent_run(items, 0.0, deadline)
-    theirs: dict[str, Any]
-    if subprocess.run(["which", "conntrackd"], capture_output=True).returncode != 0:
-        theirs = {"per_s": None, "error": "conntrackd is not installed"}
-    else:
-        theirs = conntrackd_run(items, deadline)
+    theirs = conntrackd_run(items, deadline) if have_ctd else missing
     loss = {str(p): convergent_run(items, p, deadline) for p in losses}
+    join = {
+        "convergent": convergent_join(items, None, deadline),
+        "convergent_unpaced": convergent_join(items, UNPACED, deadline),
+        "conntrackd": conntrackd_join(items, deadline) if have_ctd else missing,
+    }
     env["load_after"] = load_average()
     return {
         "entries": n, "convergent_per_s": mine["per_s"], "conntrackd_per_s": theirs["per_s"],
         "ratio": ratio(mine["per_s"], theirs["per_s"]), "hmac": "HMAC-SHA256-128",
-        "convergent": mine, "conntrackd": theirs, "loss": loss, "env": env,
+        "convergent": mine, "conntrackd": theirs, "loss": loss, "join": join, "env": env,
     }  # fmt: skip
 
 
@@ -247,9 +308,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--key-file", help=argparse.SUPPRESS)
+    parser.add_argument("--resync-rate", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child(args.child, args.key_file)
+        child(args.child, args.key_file, args.resync_rate)
         return
     if os.geteuid() != 0:
         sys.exit("bench.replicator needs root (network namespaces)")

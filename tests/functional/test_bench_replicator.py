@@ -19,9 +19,14 @@ def test_bench_replicator_small_run() -> None:
     assert out["convergent_per_s"] == mine["per_s"] > 0
     assert mine["cpu_s"]["a"] > 0 and mine["rss_mib"]["b"] > 0
     assert mine["datagrams"] >= 2000 // 26
+    assert mine["lag_s"] == pytest.approx(mine["converged_s"] - mine["push_s"], abs=0.002)
+    join = out["join"]
+    assert join["convergent"]["per_s"] > 0 and join["convergent"]["resyncs"] >= 1
+    assert join["convergent_unpaced"]["converged_s"] < 30
     lossy = out["loss"]["0.05"]
     assert lossy["converged_s"] < 30 and lossy["nacks"] > 0 and lossy["resent"] > 0
     if shutil.which("conntrackd"):
         assert out["conntrackd_per_s"] > 0 and out["conntrackd"]["cpu_s"]["b"] >= 0
+        assert join["conntrackd"]["per_s"] > 0
     else:
         assert out["conntrackd_per_s"] is None
