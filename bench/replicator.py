@@ -280,7 +280,7 @@ def run(n: int, losses: list[float], deadline: float = 60.0) -> dict[str, Any]:
                            "load_before": load_average()}  # fmt: skip
     items = entries(n)
     have_ctd = subprocess.run(["which", "conntrackd"], capture_output=True).returncode == 0
-    missing = {"per_s": None, "error": "conntrackd is not installed"}
+    missing: dict[str, Any] = {"per_s": None, "error": "conntrackd is not installed"}
     mine = convergent_run(items, 0.0, deadline)
     theirs = conntrackd_run(items, deadline) if have_ctd else missing
     loss = {str(p): convergent_run(items, p, deadline) for p in losses}
