@@ -28,6 +28,8 @@ from dataclasses import replace
 from ipaddress import IPv4Address
 from typing import Any, ParamSpec, TypeVar, cast
 
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random
+
 from orchestrator.errors import StoreError
 from orchestrator.store.base import (
     Address,
@@ -100,6 +102,12 @@ def _guest_after(ip: IPv4Address, old: Ownership | None, guest: str | None) -> s
     return old.guest
 
 
+def _is_locked(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and (
+        "locked" in str(exc) or "busy" in str(exc)
+    )
+
+
 class SqliteCore:
     """Synchronous; use from one thread. Every method is one transaction."""
 
@@ -109,12 +117,28 @@ class SqliteCore:
         self._clock = clock
         self._rev: int | None = None  # the revision of the open write transaction
         self._idx = 0
+        # Opening can fail at once with "database is locked" where the busy timeout does not
+        # apply (another process checkpointing the WAL away as it closes, or recovering it):
+        # several agents starting together hit that, so the open itself is retried.
+        opening = Retrying(
+            retry=retry_if_exception(_is_locked), stop=stop_after_delay(busy_timeout),
+            wait=wait_random(0.01, 0.1), reraise=True,
+        )  # fmt: skip
         try:
-            self._db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
-            self._db.row_factory = sqlite3.Row
-            self._setup()
+            self._db = opening(self._connect, busy_timeout)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {path}: {exc}") from None
+
+    def _connect(self, busy_timeout: float) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
+        try:
+            db.row_factory = sqlite3.Row
+            self._db = db
+            self._setup()
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def _setup(self) -> None:
         db = self._db
