@@ -297,7 +297,10 @@ def test_every_cache_equals_the_senders_table(net: Net, netem: str) -> None:
         peers = {p["node"]: p for p in c.svc["n2"].status()["peers"]}
         if netem in ("loss5", "loss20"):
             assert sent["nack"] > 0 and sent["resent"] > 0, sent
-            assert peers["n1"]["nacks"] > 0
+            # ~80 datagrams at 5 %: one receiver may lose none (~2 %), both almost never
+            nacked = [next(p["nacks"] for p in c.svc[rx].status()["peers"] if p["node"] == "n1")
+                      for rx in ("n2", "n3")]  # fmt: skip
+            assert sum(nacked) > 0, nacked
         if netem == "reorder_dup":
             assert peers["n1"]["drops"].get("duplicate", 0) + peers["n1"]["drops"].get("old", 0)
         # sync traffic itself was never tracked (the rendered notrack chains)
