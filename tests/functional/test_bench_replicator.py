@@ -13,7 +13,8 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
 
 def test_bench_replicator_small_run() -> None:
-    out = run(2000, [0.05], deadline=30)
+    # 20 %: over the ~80 datagrams of 2000 entries, 5 % loss hits none about 2 % of the time
+    out = run(2000, [0.2], deadline=30)
     assert out["entries"] == 2000
     mine = out["convergent"]
     assert out["convergent_per_s"] == mine["per_s"] > 0
@@ -23,7 +24,7 @@ def test_bench_replicator_small_run() -> None:
     join = out["join"]
     assert join["convergent"]["per_s"] > 0 and join["convergent"]["resyncs"] >= 1
     assert join["convergent_unpaced"]["converged_s"] < 30
-    lossy = out["loss"]["0.05"]
+    lossy = out["loss"]["0.2"]
     assert lossy["converged_s"] < 30 and lossy["nacks"] > 0 and lossy["resent"] > 0
     if shutil.which("conntrackd"):
         assert out["conntrackd_per_s"] > 0 and out["conntrackd"]["cpu_s"]["b"] >= 0
