@@ -9,7 +9,8 @@ its decoders). ``tests/unit/test_kernel_records.py`` holds every translator to t
 path, ``wire.encode_upsert(ctnetlink.decode_entry_ref(message))``.
 
 An event the wire cannot carry (a proto it does not know, status bits it does not know)
-becomes ``None`` and is counted by the caller, as ``encode_upsert``'s EncodeError is.
+becomes ``UNENCODABLE``, which the feed counts, as the entry path counts ``encode_upsert``'s
+EncodeError.
 """
 
 from __future__ import annotations
