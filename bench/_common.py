@@ -125,3 +125,14 @@ def read_root_sysctl(name: str) -> int | None:
 
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def wait_until(ok: Callable[[], bool], deadline: float, what: str, poll: float = 0.02) -> float:
+    """Poll ``ok`` every ``poll`` seconds until it holds; the seconds it took. RuntimeError
+    naming ``what`` after ``deadline`` seconds."""
+    t0 = time.perf_counter()
+    while not ok():
+        if time.perf_counter() - t0 > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(poll)
+    return time.perf_counter() - t0

@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from bench._common import (
     read_root_sysctl,
     run_in,
     timed,
+    wait_until,
 )
 from orchestrator.model.conntrack import (
     Entry,
@@ -226,10 +226,13 @@ class Conntrackd:
         for side, ns in (("a", self.a), ("b", self.b)):
             with (self.dir / f"{side}.out").open("w") as log:  # the daemon keeps its own fd
                 self.lab.spawn(ns, ["conntrackd", "-C", str(self.conf[side])], log)
-            self._wait((self.dir / f"{side}.ctl").exists, 10, f"{side}'s control socket")
-        self._wait(lambda: self.cache_size("a", "internal") >= self.n, deadline, "A's cache")
+            wait_until((self.dir / f"{side}.ctl").exists, 10,
+                       f"conntrackd {side}'s control socket", 0.05)  # fmt: skip
+        wait_until(lambda: self.cache_size("a", "internal") >= self.n, deadline,
+                   "conntrackd A's cache", 0.05)  # fmt: skip
         self.ctl("b", "-n")
-        self._wait(lambda: self.cache_size("b", "external") >= self.n, deadline, "B's cache")
+        wait_until(lambda: self.cache_size("b", "external") >= self.n, deadline,
+                   "conntrackd B's cache", 0.05)  # fmt: skip
 
     def cache_size(self, side: str, which: str) -> int:
         lines = self.ctl(side, "-s").splitlines()
@@ -237,14 +240,6 @@ class Conntrackd:
             if line.startswith(f"cache {which}"):
                 return int(lines[i + 1].split()[-1])
         return 0
-
-    @staticmethod
-    def _wait(ok: Callable[[], bool], deadline: float, what: str) -> None:
-        end = time.monotonic() + deadline
-        while not ok():
-            if time.monotonic() > end:
-                raise RuntimeError(f"conntrackd: timed out waiting for {what}")
-            time.sleep(0.05)
 
     def commit(self) -> float:
         """B's kernel table emptied, then ``conntrackd -c`` (it returns once committed)."""

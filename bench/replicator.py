@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench._common import Lab, load_average, ratio, run_in
+from bench._common import Lab, load_average, ratio, run_in, wait_until
 from bench.conntrack import Conntrackd, synthetic
 from orchestrator.model.cluster import Topology
 from orchestrator.netfilter.conntrack import ConntrackTable
@@ -184,16 +184,6 @@ def convergent_run(items: list[Any], loss: float, deadline: float) -> dict[str, 
         "nacks": peer["nacks"], "resyncs": sa["sender"].get("resync_done", 0),
         "event_overruns": sa["feed"].get("overruns", 0), "drops": peer["drops"],
     }  # fmt: skip
-
-
-def wait_until(ok: Callable[[], bool], deadline: float, what: str) -> float:
-    """Poll ``ok`` every POLL seconds; the seconds it took."""
-    t0 = time.perf_counter()
-    while not ok():
-        if time.perf_counter() - t0 > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(POLL)
-    return time.perf_counter() - t0
 
 
 def convergent_join(items: list[Any], resync_rate: int | None, deadline: float) -> dict[str, Any]:

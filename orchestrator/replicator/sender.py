@@ -135,12 +135,6 @@ class Sender:
     def __len__(self) -> int:
         return len(self._table)
 
-    def holds(self, key: Key) -> bool:
-        try:
-            return key_to_wire(key) in self._table
-        except EncodeError:
-            return False
-
     def state(self) -> Mapping[Key, Entry]:
         """The current table (a copy, keyed by Entry.key), built from the records."""
         out: dict[Key, Entry] = {}
@@ -167,12 +161,7 @@ class Sender:
         except EncodeError:
             self.counters["unencodable"] += 1
             return []
-        key = key_of_record(wire)
-        if self._table.get(key) is None:
-            op = EventType.NEW
-        self._table[key] = wire
-        self._enqueue(key, op, len(wire), now)
-        return self._flush_full(now)
+        return self.update_records(((op, wire),), now)
 
     def update_records(self, changes: Iterable[tuple[EventType, bytes]],
                        now: float) -> list[Outgoing]:  # fmt: skip

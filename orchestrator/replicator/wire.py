@@ -158,9 +158,6 @@ class Record:
     def key(self) -> Key:
         return (self.tuple_orig, self.zone)
 
-    def wire_key(self) -> WireKey:
-        return self.wkey
-
     def _objects(self) -> tuple[Tuple, Entry | None]:
         if self._decoded is None:
             self._decoded = _objects_of(self.data)
