@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import time
 from typing import Any
@@ -73,7 +74,7 @@ class Agent:
                                      ungated=self.ungated, audit=self.audit)
         self.api = ApiServer(self.settings.socket(self.node), self._handlers())
         self.peer = PeerServer(self.node, self.key, self._authorize, self.wake.set,
-                               self.failpoint)
+                               self.failpoint, open_precopy=self._open_precopy)
         tasks: list[asyncio.Task[Any]] = []
         try:
             await self.store.upsert_node(self.node, self.me.tag, self.me.mac_prefix,
@@ -186,9 +187,17 @@ class Agent:
     # the peer channel (source side) -----------------------------------------------------
     def _feed(self, record: MigrationRecord) -> SourceFeed:
         src = self.topology.node(record.src)
+        follow = None
+        if self.topology.sync.precopy == "replicator" and self.sync is not None:
+            follow = functools.partial(self.sync.follow_precopy, record.src)
         return PeerFeed(self.node, self.key, str(src.peer_ip), self.settings.peer_port,
                         {"migration": record.id, "guest": record.guest},
-                        self.settings.peer_retry_s)
+                        self.settings.peer_retry_s, follow)
+
+    def _open_precopy(self, dst: str) -> Any:
+        """A replicator stream for a precopy D asked to get that way (None: replication is
+        off here, so the peer channel carries it)."""
+        return None if self.sync is None else self.sync.open_precopy(dst)
 
     async def _authorize(self, peer: str, req: dict[str, Any]) -> SourceSide:
         mig = await self.store.get_migration(str(req.get("migration")))
@@ -295,7 +304,10 @@ class Agent:
         self.ungated.discard(guest)
         if h is not None:
             await self.coordinator.abort(h, reason)
-            self.wake.set()
+            # a pass that read the store before the abort may still re-close the gate the
+            # abort opened; passes are serialized, so this one runs after it and undoes that
+            with contextlib.suppress(Exception):  # counted in its stats; the loop retries
+                await self.reconciler.run()
 
     async def finalize(self, guest: str) -> dict[str, Any]:
         """S's "guest gone" signal: D finalizes on its own right after cutover, so this

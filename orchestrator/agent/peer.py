@@ -8,6 +8,12 @@ travel as replicator records (``replicator.wire``): one encoding for both carrie
 
 Frame: u32 length | u8 type | body | 16-byte MAC. Types: H handshake (JSON, before the
 session), J control (JSON), E entries (a sealed wire DATA message).
+
+With ``[sync] precopy = "replicator"`` the entries ride a precopy stream of the replicator
+instead (``replicator.precopy``) and this channel keeps the control: D asks with
+``via: sync``; S names the stream ({op: sync, stream, boot, seq}); D follows it and says
+``go``; S's "dumped" and every barrier echo carry the last seq sent, which D waits to have
+applied. A source without replication answers as if ``via`` was not asked.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import structlog
 from orchestrator.errors import ConvergentError
 from orchestrator.migration.feed import FeedBatch, FeedLost, SourceFeed, SourceSide
 from orchestrator.model.conntrack import Entry, Event, EventType
+from orchestrator.replicator.precopy import PrecopyFollower, PrecopySource
 from orchestrator.replicator.wire import Codec, Message, MsgType, Record
 
 log = structlog.get_logger("convergent.peer")
@@ -164,6 +171,55 @@ def _records(batch: FeedBatch) -> list[Record]:
 # --- the source side ----------------------------------------------------------------
 
 Authorize = Callable[[str, dict[str, Any]], Awaitable[SourceSide]]
+OpenPrecopy = Callable[[str], PrecopySource | None]  # destination node -> stream, if replicating
+
+
+class _TcpCarrier:
+    """The guest's entries as E frames on the channel itself."""
+
+    def __init__(self, ch: Channel) -> None:
+        self.ch = ch
+
+    def start(self, entries: list[Entry]) -> None:
+        self.ch.queue_records([Record.upsert(e) for e in entries])
+        self.ch.queue({"op": "dumped"})
+
+    def put(self, batch: FeedBatch) -> None:
+        _queue_batch(self.ch, batch)
+
+    def mark(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class _SyncCarrier:
+    """The guest's entries on a replicator precopy stream; "dumped" and barrier echoes say
+    up to which seq D must have applied."""
+
+    def __init__(self, ch: Channel, stream: PrecopySource) -> None:
+        self.ch, self.stream = ch, stream
+
+    def start(self, entries: list[Entry]) -> None:
+        self.stream.put_snapshot(entries)
+        self.ch.queue({"op": "dumped", **self.mark()})
+
+    def put(self, batch: FeedBatch) -> None:
+        if batch.snapshot is not None:
+            self.stream.put_snapshot(batch.snapshot)  # only the differences go out
+        else:
+            self.stream.put(batch.events)
+        self.stream.flush()
+
+    def mark(self) -> dict[str, Any]:
+        return {"seq": self.stream.flush()}
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+_Carrier = _TcpCarrier | _SyncCarrier
 
 
 class PeerServer:
@@ -174,9 +230,11 @@ class PeerServer:
 
     def __init__(self, me: str, key: bytes, authorize: Authorize,
                  on_released: Callable[[], None],
-                 failpoint: Callable[[str], Awaitable[None]] | None = None) -> None:
+                 failpoint: Callable[[str], Awaitable[None]] | None = None,
+                 open_precopy: OpenPrecopy | None = None) -> None:
         self.me, self.key = me, key
         self.failpoint = failpoint
+        self.open_precopy = open_precopy
         self.authorize = authorize
         self.on_released = on_released
         self.server: asyncio.AbstractServer | None = None
@@ -194,6 +252,7 @@ class PeerServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         ch = Channel(reader, writer, self.key, b"S")
         side: SourceSide | None = None
+        carrier: _Carrier | None = None
         pump: asyncio.Task[None] | None = None
         lock = asyncio.Lock()
         try:
@@ -206,17 +265,17 @@ class PeerServer:
                 if op == "stream" and side is None:
                     side = await self.authorize(peer, req)
                     self.streams += 1
-                    ch.queue_records([Record.upsert(e) for e in await side.open()])
-                    ch.queue({"op": "dumped"})
+                    carrier = await self._carrier(ch, peer, req)
+                    carrier.start(await side.open())
                     await ch.flush()
-                    pump = asyncio.create_task(_pump(ch, side, lock))
-                elif op == "barrier" and side is not None:
+                    pump = asyncio.create_task(_pump(ch, side, carrier, lock))
+                elif op == "barrier" and side is not None and carrier is not None:
                     if self.failpoint is not None:
                         await self.failpoint("source.barrier")
                     async with lock:  # the pump is waiting, not sending
                         for batch in await side.drain():
-                            _queue_batch(ch, batch)
-                        ch.queue({"op": "barrier", "n": req.get("n")})
+                            carrier.put(batch)
+                        ch.queue({"op": "barrier", "n": req.get("n"), **carrier.mark()})
                     await ch.flush()
                 elif op == "released":
                     self.on_released()
@@ -237,16 +296,35 @@ class PeerServer:
                     await pump
             if side is not None:
                 side.close()
+            if carrier is not None:
+                carrier.close()
             ch.close()
 
+    async def _carrier(self, ch: Channel, peer: str, req: dict[str, Any]) -> _Carrier:
+        """A precopy stream if D asked for one and we replicate; else the channel itself."""
+        stream = self.open_precopy(peer) if req.get("via") == "sync" and self.open_precopy \
+            else None
+        if stream is None:
+            return _TcpCarrier(ch)
+        carrier = _SyncCarrier(ch, stream)
+        try:
+            await ch.send({"op": "sync", **stream.announce})
+            go = await ch.recv()
+            if not isinstance(go, dict) or go.get("op") != "go":
+                raise PeerError(f"peer {peer}: expected go, got {go!r}")
+        except BaseException:
+            carrier.close()
+            raise
+        return carrier
 
-async def _pump(ch: Channel, side: SourceSide, lock: asyncio.Lock) -> None:
+
+async def _pump(ch: Channel, side: SourceSide, carrier: _Carrier, lock: asyncio.Lock) -> None:
     """S's events for the guest, forwarded as they happen."""
     while True:
         await side.wait()
         async with lock:
             for batch in await side.take():
-                _queue_batch(ch, batch)
+                carrier.put(batch)
         await ch.flush()
 
 
@@ -270,16 +348,23 @@ class _quiet:
 # --- the destination side ------------------------------------------------------------
 
 
+FollowPrecopy = Callable[[int, int, int, Callable[[Event], None]], PrecopyFollower]
+# (stream, boot, first seq, listener) -> the receiver following S's precopy stream
+
+
 class PeerFeed(SourceFeed):
     """The coordinator's view of a source agent's SourceSide. One reader task turns frames
     into whole batches (a snapshot only once its end arrived) and barrier echoes."""
 
     def __init__(self, me: str, key: bytes, host: str, port: int, request: dict[str, Any],
-                 retry_s: float) -> None:
+                 retry_s: float, follow: FollowPrecopy | None = None) -> None:
         self.me, self.key = me, key
         self.host, self.port = host, port
         self.request = request
         self.retry_s = retry_s
+        self.follow = follow  # set: ask for the entries on a replicator precopy stream
+        self.follower: PrecopyFollower | None = None
+        self.following = False  # the first dump is applied: changes now go to ``ready``
         self.ch: Channel | None = None
         self.reader: asyncio.Task[None] | None = None
         self.ready: list[FeedBatch] = []
@@ -287,6 +372,7 @@ class PeerFeed(SourceFeed):
         self.lost: Exception | None = None
         self.barriers = 0
         self.echoed = 0
+        self.echo_seq: int | None = None  # the last seq S sent before its barrier echo
 
     async def _connect(self) -> Channel:
         deadline = time.monotonic() + self.retry_s
@@ -307,22 +393,61 @@ class PeerFeed(SourceFeed):
 
     async def open(self) -> list[Entry]:
         self.ch = await self._connect()
-        await self.ch.send({"op": "stream", **self.request})
-        entries = await self._until_dumped()
+        via = {"via": "sync"} if self.follow is not None else {}
+        await self.ch.send({"op": "stream", **self.request, **via})
+        first = await self.ch.recv()
+        if isinstance(first, dict) and first.get("op") == "sync":
+            entries = await self._open_stream(first)
+        else:
+            entries = await self._until_dumped(first)
         self.reader = asyncio.create_task(self._read())
         return entries
 
-    async def _until_dumped(self) -> list[Entry]:
+    async def _until_dumped(self, msg: dict[str, Any] | list[Record] | None = None
+                            ) -> list[Entry]:  # fmt: skip
         assert self.ch is not None
         out: list[Entry] = []
         while True:
-            msg = await self.ch.recv()
+            if msg is None:
+                msg = await self.ch.recv()
             if isinstance(msg, list):
                 out += [r.entry for r in msg if r.entry is not None]
             elif msg.get("op") == "dumped":
                 return out
             elif msg.get("op") == "error":
                 raise PeerError(f"source refused: {msg.get('error')}")
+            msg = None
+
+    async def _open_stream(self, announce: dict[str, Any]) -> list[Entry]:
+        """Follow S's precopy stream, say go, wait until its first dump is applied."""
+        assert self.ch is not None and self.follow is not None
+        self.follower = self.follow(int(announce["stream"]), int(announce["boot"]),
+                                    int(announce["seq"]), self._on_change)  # fmt: skip
+        await self.ch.send({"op": "go"})
+        dumped = await self.ch.recv()
+        if not isinstance(dumped, dict) or dumped.get("op") != "dumped":
+            await self._until_dumped(dumped)  # raises on an error reply
+            raise PeerError("source sent entries on the channel after naming a stream")
+        await self._reach(int(dumped["seq"]))
+        self.following = True
+        return self.follower.entries()
+
+    def _on_change(self, ev: Event) -> None:
+        """The precopy stream changed D's copy of S's entries (after the first dump)."""
+        if not self.following:
+            return  # part of the first dump, which ``open`` returns whole
+        if self.ready and self.ready[-1].snapshot is None:
+            self.ready[-1].events.append(ev)
+        else:
+            self.ready.append(FeedBatch(events=[ev]))
+        self.arrived.set()
+
+    async def _reach(self, seq: int) -> None:
+        assert self.follower is not None
+        try:
+            await self.follower.reach(seq, self.retry_s, lambda: self.lost is not None)
+        except TimeoutError as exc:
+            raise FeedLost(str(self.lost or exc)) from None
 
     async def _read(self) -> None:
         assert self.ch is not None
@@ -335,6 +460,7 @@ class PeerFeed(SourceFeed):
                     self.ready.append(FeedBatch(snapshot=await self._until_dumped()))
                 elif msg.get("op") == "barrier":
                     self.echoed = int(msg.get("n") or 0)
+                    self.echo_seq = msg.get("seq")
                 elif msg.get("op") == "error":
                     raise FeedLost(f"source: {msg.get('error')}")
                 self.arrived.set()
@@ -363,6 +489,8 @@ class PeerFeed(SourceFeed):
                 raise FeedLost(str(self.lost))
             self.arrived.clear()
             await self.arrived.wait()
+        if self.follower is not None and self.echo_seq is not None:
+            await self._reach(int(self.echo_seq))  # the delta rode the stream: applied yet?
         return await self.take()
 
     async def close(self, released: bool = False) -> None:
@@ -371,6 +499,9 @@ class PeerFeed(SourceFeed):
             with _quiet():
                 await self.reader
             self.reader = None
+        if self.follower is not None:
+            self.follower.close()
+            self.follower = None
         if self.ch is None:
             return
         if released:

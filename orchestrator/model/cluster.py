@@ -198,6 +198,9 @@ class Sync(_Strict):
     backlog: int = Field(4096, ge=16, le=1 << 20)  # datagrams kept for NACKed resends
     flush_ms: float = Field(5.0, gt=0, le=1000)
     resync_rate: int = Field(50_000, ge=100)  # entries/s a full resync may send
+    # what carries a handover's precopy: the agents' TCP peer channel, or a stream of the
+    # replicator (NACKed UDP on the sync link; control stays on the peer channel)
+    precopy: Literal["peer", "replicator"] = "peer"
 
     @field_validator("mark_bit")
     @classmethod

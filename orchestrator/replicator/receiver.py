@@ -31,6 +31,7 @@ from orchestrator.model.conntrack import Entry, Event
 
 from .cache import ExternalCache
 from .wire import (
+    SEQ_MOD,
     SEQUENCED,
     Codec,
     DecodeError,
@@ -126,6 +127,33 @@ class Receiver:
         """Drop a sender stream (a finished precopy); returns its last cache."""
         st = self._streams.pop((tag, stream), None)
         return _EMPTY if st is None else st.cache.entries
+
+    def follow(self, tag: int, stream: int, boot: int, seq: int, peer: Peer, now: float,
+               listener: Callable[[Event], None] | None = None) -> None:  # fmt: skip
+        """Follow a sender stream announced out of band (a precopy the source named over the
+        peer channel): its first datagram will be ``seq``, so losing even that one is a gap
+        to NACK, not a reason to resync. ``listener`` hears every change to its cache."""
+        st = _Stream(tag, stream, boot, peer, ExternalCache(listener), now)
+        st.expected = st.since = seq % SEQ_MOD
+        st.highest = st.expected - 1
+        self._streams[tag, stream] = st
+        self._count(st, "followed")
+
+    def expect(self, tag: int, stream: int, last: int, now: float) -> list[Outgoing]:
+        """The sender said (out of band) that it has sent up to ``last`` and someone waits
+        for it: NACK every hole up to there now, rather than at its next ALIVE or retry."""
+        st = self._streams.get((tag, stream))
+        if st is None:
+            return []
+        last = unwrap(last, st.expected)
+        if last < st.expected:
+            return []
+        st.highest = max(st.highest, last)
+        holes = _holes(st)[: self.config.max_nacks]
+        if holes:
+            self._count(st, "gap")
+            st.nack_at = now
+        return [self._nack(st, lo, hi) for lo, hi in holes]
 
     def position(self, tag: int, stream: int = 0) -> int | None:
         """The next seq this receiver will apply from that sender (unbounded int)."""

@@ -233,6 +233,10 @@ class Sender:
             out.append(self._control(MsgType.ALIVE, now))
         return out
 
+    def flush(self, now: float) -> list[Outgoing]:
+        """Send what waits for company now (a precopy barrier cannot wait for a deadline)."""
+        return self._drain(now, force=True) if self._queue else []
+
     def request_resync(self, now: float) -> list[Outgoing]:
         """Start a resync for everyone (e.g. after an event overrun refilled the table)."""
         return self._start_resync(now)

@@ -19,17 +19,18 @@ import contextlib
 import secrets
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from orchestrator.errors import ConvergentError
 from orchestrator.model.cluster import Topology
-from orchestrator.model.conntrack import Entry, IPAddress
+from orchestrator.model.conntrack import Entry, Event, IPAddress
 from orchestrator.netfilter.conntrack import ConntrackTable
 
 from .channel import Address, Channel, ChannelSpec
 from .commit import commit as commit_entries
 from .feed import ConntrackFeed, Scope, close_quietly
+from .precopy import PrecopyFollower, PrecopySource, precopy_sender
 from .protocol import Replicator
 from .receiver import Receiver, ReceiverConfig, StreamInfo
 from .sender import Sender, SenderConfig
@@ -90,6 +91,9 @@ class SyncService:
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started_at = 0.0
+        self._precopy_sending: dict[int, str] = {}  # our precopy streams -> destination node
+        self._precopy_following: dict[tuple[int, int], str] = {}  # (tag, stream) -> source
+        self._last_stream = 0
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -163,8 +167,45 @@ class SyncService:
         await self._need(self.feed).resync()
         self._emit(self.sender.request_resync(self._now()))
 
+    def open_precopy(self, dst_node: str) -> PrecopySource:
+        """A stream of our own for one guest's precopy, unicast to ``dst_node``. Numbers go
+        round 1..65535 so a stream closed a moment ago is not named again at once."""
+        dst = self.topology.node(dst_node)
+        free = [n for n in range(self._last_stream + 1, 1 << 16)
+                if n not in self._precopy_sending] or [
+                n for n in range(1, self._last_stream + 1) if n not in self._precopy_sending]
+        if not free:
+            raise SyncError("every precopy stream number is in use")
+        self._last_stream = stream = free[0]
+        sender = precopy_sender(self.sender, stream, (str(dst.peer_ip), self.spec.port),
+                                secrets.randbits(32))  # fmt: skip
+        self.replicator.add_sender(sender)
+        self._precopy_sending[stream] = dst_node
+        self.counters["precopy_sent"] += 1
+        return PrecopySource(sender, self._emit, self._now, self._close_precopy)
+
+    def follow_precopy(self, src_node: str, stream: int, boot: int, seq: int,
+                       listener: Callable[[Event], None] | None = None) -> PrecopyFollower:
+        """Follow ``src_node``'s precopy stream, announced to us over the peer channel."""
+        src = self.topology.node(src_node)
+        self.receiver.follow(src.tag, stream, boot, seq, (str(src.peer_ip), self.spec.port),
+                             self._now(), listener)  # fmt: skip
+        self._precopy_following[src.tag, stream] = src_node
+        self.counters["precopy_followed"] += 1
+        return PrecopyFollower(self.receiver, src.tag, stream, self._emit, self._now,
+                               self._forget_precopy)  # fmt: skip
+
+    def _close_precopy(self, stream: int) -> None:
+        self.replicator.remove_sender(stream)
+        self._precopy_sending.pop(stream, None)
+
+    def _forget_precopy(self, tag: int, stream: int) -> None:
+        self.receiver.forget(tag, stream)
+        self._precopy_following.pop((tag, stream), None)
+
     def status(self) -> dict[str, Any]:
-        streams = {i.tag: i for i in self.receiver.stream_info() if i.stream == 0}
+        infos = self.receiver.stream_info()
+        streams = {i.tag: i for i in infos if i.stream == 0}
         now = self._now()
         return {
             "node": self.node.name, "tag": self.node.tag, "boot": self.boot,
@@ -179,7 +220,19 @@ class SyncService:
             "peers": [self._peer(n.name, n.tag, streams.get(n.tag), now)
                       for n in self.topology.nodes if n.name != self.node.name],
             "unattributed_drops": dict(self._source_drops.get("?", {})),
+            "precopy": self._precopy_status(infos),
         }  # fmt: skip
+
+    def _precopy_status(self, infos: list[StreamInfo]) -> dict[str, Any]:
+        """Precopy streams in flight, both ways."""
+        sending = [{"stream": n, "to": node, "seq": self.replicator.sender(n).last_seq % SEQ_MOD,
+                    "entries": len(self.replicator.sender(n))}
+                   for n, node in sorted(self._precopy_sending.items())]  # fmt: skip
+        following = [{"stream": i.stream, "from": self._precopy_following[i.tag, i.stream],
+                      "expected_seq": i.expected % SEQ_MOD, "lag": i.lag, "entries": i.entries,
+                      "nacks": i.counters["nack_sent"]}
+                     for i in infos if (i.tag, i.stream) in self._precopy_following]  # fmt: skip
+        return {"sending": sending, "following": following}
 
     # --- internals -------------------------------------------------------------------------
 

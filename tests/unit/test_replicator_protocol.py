@@ -895,6 +895,88 @@ def test_first_contact_mid_stream_asks_for_resync() -> None:
     assert [(m.type, m.first) for m in out] == [(MsgType.RESYNC_REQUEST, 1)]
 
 
+def test_followed_stream_nacks_a_lost_first_datagram_instead_of_resyncing() -> None:
+    """A precopy stream announced out of band: even its first datagram lost is a plain gap,
+    and the listener hears every change of the followed cache."""
+    start = SEQ_MOD - 1  # wraps on the very next datagram
+    sender = Sender(CODEC, 1, 100, stream=9, initial_seq=start, config=SMALL, dest="D")
+    heard: list[Event] = []
+    rx = Receiver(CODEC, 2, 200)
+    rx.follow(1, 9, 100, start, "S", 0.0, heard.append)
+    lost = sender.reconcile([entry(i) for i in range(5)], 0.0) + sender.flush(0.0)
+    assert len(lost) == 2 and sender.flush(0.0) == []
+    last = sender.last_seq % SEQ_MOD
+    assert rx.expect(1, 9, start - 1, 0.1) == []  # nothing was sent before ``start``
+    nacks = decode(rx.expect(1, 9, last, 0.1))
+    assert [(m.type, m.first, m.last, m.stream) for m in nacks] == [
+        (MsgType.NACK, start, last, 9)]  # fmt: skip
+    for o in sender.on_message(nacks[0], "D", 0.1):
+        rx.on_datagram(o.data, "S", 0.2)
+    assert dict(rx.cache(1, 9)) == dict(sender.state())
+    assert rx.position(1, 9) == start + 2 and rx.counters["resync_requested"] == 0
+    assert [(ev.type, ev.entry) for ev in heard] == [(EventType.NEW, entry(i)) for i in range(5)]
+    sender.update(Event(EventType.DESTROY, entry(0)), 1.0)
+    for o in sender.flush(1.0):
+        rx.on_datagram(o.data, "S", 1.0)
+    assert heard[-1].type == EventType.DESTROY and len(rx.cache(1, 9)) == 4
+    # the contrast: the same loss on a stream first met through its datagrams
+    blind = Receiver(CODEC, 3, 300)
+    assert blind.expect(1, 9, last, 0.1) == []
+    fresh = Sender(CODEC, 1, 100, stream=9, initial_seq=start, config=SMALL)
+    fresh.reconcile([entry(0)], 0.0)
+    fresh.flush(0.0)  # lost
+    fresh.update(entry(1), 0.0)
+    (second,) = fresh.flush(0.0)
+    assert [m.type for m in decode(blind.on_datagram(second.data, "S", 0.1))] == [
+        MsgType.RESYNC_REQUEST]  # fmt: skip
+
+
+def test_precopy_halves_carry_a_guest_through_loss() -> None:
+    """PrecopySource on S, PrecopyFollower on D, a datagram lost each way: ``reach`` returns
+    once D holds everything S flushed, and ``holds`` compares seqs across the wrap."""
+    import asyncio
+
+    from orchestrator.replicator.precopy import PrecopyFollower, PrecopySource
+
+    clock = [0.0]
+    sender = Sender(CODEC, 1, 100, stream=4, initial_seq=SEQ_MOD - 2, config=SMALL, dest="D")
+    rx = Receiver(CODEC, 2, 200)
+    to_d: list[Outgoing] = []
+    src = PrecopySource(sender, to_d.extend, lambda: clock[0], lambda n: None)
+    first = src.announce["seq"]
+    rx.follow(1, 4, src.announce["boot"], first, "S", 0.0)
+    closed: list[tuple[int, int]] = []
+
+    def deliver(out: list[Outgoing]) -> None:  # D's NACKs reach S; S's answers reach D
+        for o in out:
+            for back in sender.on_datagram(o.data, "D", clock[0]):
+                rx.on_datagram(back.data, "S", clock[0])
+
+    follower = PrecopyFollower(rx, 1, 4, deliver, lambda: clock[0],
+                               lambda t, s: closed.append((t, s)))  # fmt: skip
+    src.put_snapshot([entry(i) for i in range(7)])
+    last = src.flush()
+    assert len(to_d) == 3 and not follower.holds(last)
+    for o in to_d[1:]:  # the first datagram is lost; the gap's NACK is lost too
+        assert [m.type for m in decode(rx.on_datagram(o.data, "S", 0.0))] in (
+            [], [MsgType.NACK])  # fmt: skip
+    asyncio.run(follower.reach(last, timeout=1.0))
+    assert follower.holds(last) and sorted(follower.entries(), key=str) == sorted(
+        sender.state().values(), key=str)  # fmt: skip
+    to_d.clear()
+    src.put([Event(EventType.UPDATE, entry(3, mark=5)), Event(EventType.DESTROY, entry(6))])
+    last = src.flush()
+    assert (first, last) == (SEQ_MOD - 2, 1)  # four datagrams: the seqs wrapped past 2**32
+    with pytest.raises(TimeoutError):  # the delta is lost and nobody answers NACKs
+        asyncio.run(PrecopyFollower(rx, 1, 4, lambda out: None, lambda: 0.0,
+                                    lambda t, s: None).reach(last, timeout=0.01))
+    asyncio.run(follower.reach(last, timeout=1.0))
+    assert {e.key: e.mark for e in follower.entries()} == {
+        entry(i).key: 5 if i == 3 else 0 for i in range(6)}  # fmt: skip
+    follower.close()
+    assert closed == [(1, 4)]
+
+
 def test_silent_sender_is_not_pestered() -> None:
     f = Feed(ReceiverConfig(nack_retry=0.1, dead_after=3.0))
     d0, _, d2 = f.data((0, 1)), f.data((1, 1)), f.data((2, 1))
