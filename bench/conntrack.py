@@ -150,6 +150,7 @@ def push_pyroute2(table: ConntrackTable, entries: list[Entry]) -> float:
 
 # --- conntrackd ------------------------------------------------------------------------------
 
+CONNTRACKD_PORT = 3780
 CONNTRACKD_CONF = """\
 Sync {{
     Mode FTFW {{
@@ -158,7 +159,7 @@ Sync {{
     UDP {{
         IPv4_address {me}
         IPv4_Destination_Address {peer}
-        Port 3780
+        Port {port}
         Interface {dev}
         SndSocketBuffer 24985600
         RcvSocketBuffer 24985600
@@ -198,7 +199,8 @@ class Conntrackd:
     def __init__(self, lab: Lab, workdir: Path, entries: list[Entry]) -> None:
         self.lab, self.dir, self.n = lab, workdir, len(entries)
         self.a, self.b = lab.netns("ctda"), lab.netns("ctdb")
-        dev_a, dev_b = lab.veth(self.a, self.b, "10.250.0.1/24", "10.250.0.2/24")
+        self.dev_a, self.dev_b = dev_a, dev_b = lab.veth(self.a, self.b, "10.250.0.1/24",
+                                                         "10.250.0.2/24")
         self.conf = {
             side: self._write_conf(side, me, peer, dev)
             for side, me, peer, dev in (
@@ -211,7 +213,8 @@ class Conntrackd:
 
     def _write_conf(self, side: str, me: str, peer: str, dev: str) -> Path:
         path = self.dir / f"{side}.conf"
-        path.write_text(CONNTRACKD_CONF.format(me=me, peer=peer, dev=dev, dir=self.dir, side=side))
+        path.write_text(CONNTRACKD_CONF.format(me=me, peer=peer, dev=dev, dir=self.dir, side=side,
+                                              port=CONNTRACKD_PORT))
         return path
 
     def ctl(self, side: str, *args: str, timeout: float = 120) -> str:

@@ -12,8 +12,13 @@ Per replicator: converged_s (push start to full cache), per_s = N / converged_s,
 (the push alone) and lag_s = converged_s - push_s, CPU seconds of both daemons (utime +
 stime from /proc), peak RSS (VmHWM) of each. Both replicators follow kernel events, so
 neither can converge before the push ends: per_s is bounded by the kernel's event rate and
-lag_s is what tells them apart. convergent also runs with random loss on both sync links
-(an nft ``numgen`` drop at each ingress: this kernel has no netem), 5 % and 20 %.
+lag_s is what tells them apart. ``kernel`` measures that bound: the same push with no
+listener, then with the leanest listener possible (a socket drained and discarded); its
+``ceiling_per_s`` is the most any event-following replicator can reach here, and
+``of_ceiling`` says how close each came. convergent also runs with random loss on both
+sync links (an nft ``numgen`` drop at each ingress: this kernel has no netem), 5 % and
+20 %, and so does conntrackd (``loss_conntrackd``; FTFW may never converge: then it
+says how many entries B still missed ``held_after_s`` seconds after the push began).
 
 ``join``: A already holds N entries and B starts empty (a node joins or restarts): the
 time until B's cache holds all N. conntrackd: ``conntrackd -n`` on B after flushing its
@@ -37,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import Lab, load_average, ratio, run_in, wait_until
-from bench.conntrack import Conntrackd, synthetic
+from bench.conntrack import CONNTRACKD_PORT, Conntrackd, synthetic
 from orchestrator.model.cluster import Topology
 from orchestrator.netfilter.conntrack import ConntrackTable
 
@@ -46,6 +51,10 @@ MARK_BIT = 0x80000000
 POLL = 0.02
 UNPACED = 10_000_000  # a resync_rate no sender reaches: the join at full speed
 ROOT = Path(__file__).resolve().parent.parent
+LOSSY_DEADLINE = 20.0  # conntrackd under loss: what it holds by then (it may never converge)
+NETLINK_NETFILTER = 12
+SO_RCVBUFFORCE = 33
+CONNTRACK_GROUPS = 0b111  # NFNLGRP_CONNTRACK_NEW, _UPDATE, _DESTROY (groups 1..3)
 
 
 def topology(resync_rate: int | None = None) -> Topology:
@@ -78,12 +87,12 @@ def pair(lab: Lab) -> tuple[str, str]:
     return a, b
 
 
-def lose(ns: str, loss: float) -> None:
-    """Random loss of sync datagrams arriving on ``sync0`` (both directions: apply to both)."""
+def lose(ns: str, loss: float, dev: str = "sync0", port: int = PORT) -> None:
+    """Random loss of sync datagrams arriving on ``dev`` (both directions: apply to both)."""
     script = (
         "table netdev cvbloss {\n chain rx {\n"
-        '  type filter hook ingress device "sync0" priority 0; policy accept;\n'
-        f"  udp dport {PORT} numgen random mod 10000 < {int(loss * 10000)} drop\n }}\n}}\n"
+        f'  type filter hook ingress device "{dev}" priority 0; policy accept;\n'
+        f"  udp dport {port} numgen random mod 10000 < {int(loss * 10000)} drop\n }}\n}}\n"
     )
     out = run_in(ns, "nft", "-f", "-", input=script)
     if out.returncode != 0:
@@ -101,6 +110,12 @@ def proc_usage(pid: int) -> tuple[float, int]:
     return cpu, hwm
 
 
+class NotConverged(RuntimeError):
+    def __init__(self, deadline: float, held: int, wanted: int) -> None:
+        super().__init__(f"not converged after {deadline} s: {held} of {wanted}")
+        self.deadline, self.held, self.wanted = deadline, held, wanted
+
+
 def push_and_wait(table: ConntrackTable, items: list[Any], count: Callable[[], int],
                   deadline: float) -> tuple[float, float]:  # fmt: skip
     """Push in a thread, poll ``count`` until it reaches len(items): (push_s, converged_s)."""
@@ -116,7 +131,7 @@ def push_and_wait(table: ConntrackTable, items: list[Any], count: Callable[[], i
     while count() < n:
         if time.perf_counter() - t0 > deadline:
             t.join()
-            raise RuntimeError(f"not converged after {deadline} s: {count()} of {n}")
+            raise NotConverged(deadline, count(), n)
         time.sleep(POLL)
     converged = time.perf_counter() - t0
     t.join()
@@ -244,14 +259,24 @@ def child(name: str, key_file: str, resync_rate: int | None = None) -> None:
 # --- conntrackd ------------------------------------------------------------------------------
 
 
-def conntrackd_run(items: list[Any], deadline: float) -> dict[str, Any]:
+def conntrackd_run(items: list[Any], deadline: float, loss: float = 0.0) -> dict[str, Any]:
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="cvb-rep-ctd-") as tmp:
         ctd = Conntrackd(lab, Path(tmp), [])  # A starts empty, like convergent's
         ctd.start()
+        if loss:
+            for ns, dev in ((ctd.a, ctd.dev_a), (ctd.b, ctd.dev_b)):
+                lose(ns, loss, dev, CONNTRACKD_PORT)
         pids = {k: p.pid for k, p in zip(("a", "b"), lab.procs, strict=True)}
         before = {k: proc_usage(pid)[0] for k, pid in pids.items()}
         cached = lambda: ctd.cache_size("b", "external")  # noqa: E731
-        push_s, converged = push_and_wait(ConntrackTable(ctd.a), items, cached, deadline)
+        try:
+            push_s, converged = push_and_wait(ConntrackTable(ctd.a), items, cached, deadline)
+        except NotConverged as exc:
+            if not loss:
+                raise
+            lab.close()  # FTFW lost entries for good (its resend queue moved on)
+            return {"converged_s": None, "per_s": None, "held_after_s": exc.deadline,
+                    "held": exc.held, "missing": exc.wanted - exc.held}  # fmt: skip
         usage = {k: proc_usage(pid) for k, pid in pids.items()}
         lab.close()  # the daemons stop before their temp dir goes
     return {
@@ -262,18 +287,85 @@ def conntrackd_run(items: list[Any], deadline: float) -> dict[str, Any]:
     }  # fmt: skip
 
 
+# --- the kernel's own ceiling -----------------------------------------------------------------
+
+
+def kernel_ceiling(items: list[Any], deadline: float) -> dict[str, Any]:
+    """The push alone, then with the leanest event listener there is (a socket subscribed
+    to the conntrack groups, drained and discarded): no replicator that follows kernel
+    events can converge faster than the second push, whatever it does with them."""
+    with Lab() as lab:
+        ns = lab.netns("rk")
+        table = ConntrackTable(ns)
+        bare = push_timed(table, items)
+        table.flush()
+        drain = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "bench.replicator", "--drain"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=str(ROOT), text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        lab.procs.append(drain)
+        assert drain.stdout is not None and drain.stdin is not None
+        if drain.stdout.readline().strip() != "ready":
+            raise RuntimeError("event drain did not start")
+        listened = push_timed(table, items)
+        drain.stdin.close()  # it reports what it read, then exits
+        heard = int(drain.stdout.readline() or 0)
+        drain.wait(deadline)
+    return {"push_s": round(bare, 3), "push_with_listener_s": round(listened, 3),
+            "ceiling_per_s": round(len(items) / listened), "events_heard": heard}  # fmt: skip
+
+
+def push_timed(table: ConntrackTable, items: list[Any]) -> float:
+    t0 = time.perf_counter()
+    result = table.push(items)
+    seconds = time.perf_counter() - t0
+    if not result.ok:
+        raise RuntimeError(f"push: {len(result.errors)} errors, first {result.errors[0]}")
+    return seconds
+
+
+def drain_events() -> None:
+    """The ``--drain`` child: subscribe to conntrack NEW/UPDATE/DESTROY, read and discard,
+    until stdin closes; then print how many messages came."""
+    import select
+    import socket
+
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
+    sock.bind((0, CONNTRACK_GROUPS))
+    sock.setblocking(False)
+    print("ready", flush=True)
+    buf, heard = bytearray(1 << 16), 0
+    while True:
+        ready, _, _ = select.select([sock, sys.stdin], [], [])
+        if sock in ready:
+            try:
+                while sock.recv_into(buf):
+                    heard += 1
+            except BlockingIOError:
+                pass
+        if sys.stdin in ready and not sys.stdin.readline():
+            break
+    print(heard, flush=True)
+
+
 # --- the run ---------------------------------------------------------------------------------
 
 
-def run(n: int, losses: list[float], deadline: float = 60.0) -> dict[str, Any]:
+def run(n: int, losses: list[float], deadline: float = 60.0,
+        lossy_deadline: float = LOSSY_DEADLINE) -> dict[str, Any]:  # fmt: skip
     env: dict[str, Any] = {"kernel": os.uname().release, "cpus": os.cpu_count(),
                            "load_before": load_average()}  # fmt: skip
     items = entries(n)
     have_ctd = subprocess.run(["which", "conntrackd"], capture_output=True).returncode == 0
     missing: dict[str, Any] = {"per_s": None, "error": "conntrackd is not installed"}
+    kernel = kernel_ceiling(items, deadline)
     mine = convergent_run(items, 0.0, deadline)
     theirs = conntrackd_run(items, deadline) if have_ctd else missing
     loss = {str(p): convergent_run(items, p, deadline) for p in losses}
+    loss_ctd = {str(p): conntrackd_run(items, lossy_deadline, p) if have_ctd else missing
+                for p in losses}  # fmt: skip
     join = {
         "convergent": convergent_join(items, None, deadline),
         "convergent_unpaced": convergent_join(items, UNPACED, deadline),
@@ -283,7 +375,11 @@ def run(n: int, losses: list[float], deadline: float = 60.0) -> dict[str, Any]:
     return {
         "entries": n, "convergent_per_s": mine["per_s"], "conntrackd_per_s": theirs["per_s"],
         "ratio": ratio(mine["per_s"], theirs["per_s"]), "hmac": "HMAC-SHA256-128",
-        "convergent": mine, "conntrackd": theirs, "loss": loss, "join": join, "env": env,
+        "kernel": kernel, "of_ceiling": {
+            "convergent": ratio(mine["per_s"], kernel["ceiling_per_s"]),
+            "conntrackd": ratio(theirs["per_s"], kernel["ceiling_per_s"])},
+        "convergent": mine, "conntrackd": theirs, "loss": loss, "loss_conntrackd": loss_ctd,
+        "join": join, "env": env,
     }  # fmt: skip
 
 
@@ -299,7 +395,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--key-file", help=argparse.SUPPRESS)
     parser.add_argument("--resync-rate", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--drain", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.drain:
+        drain_events()
+        return
     if args.child:
         child(args.child, args.key_file, args.resync_rate)
         return
