@@ -19,9 +19,12 @@ from orchestrator.agent.client import acall
 from orchestrator.lab import netns as ns
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.migrate import migrate
-from orchestrator.lab.plan import default_config
-from tests.conftest import unique
-from tests.functional.test_migration import established_pair, owners, received_within
+from tests.functional.test_migration import (
+    established_pair,
+    lab_with_precopy_over,
+    owners,
+    received_within,
+)
 
 pytestmark = pytest.mark.root
 
@@ -29,15 +32,7 @@ pytestmark = pytest.mark.root
 @pytest.fixture(params=["peer", "replicator"], ids=["precopy-peer", "precopy-replicator"])
 def lab(request, tmp_path) -> Iterator[Lab]:  # type: ignore[no-untyped-def]
     """Both carriers of the precopy: the peer channel, and a replicator stream."""
-    lab = Lab(unique("f"))
-    config = tmp_path / "cluster.toml"
-    config.write_text(default_config(3, lab.name, lab.dir)
-                      + f'\n[sync]\nprecopy = "{request.param}"\n')
-    try:
-        lab.up(3, config=config)
-        yield lab
-    finally:
-        lab.down()
+    yield from lab_with_precopy_over(request.param, "f", tmp_path)
 
 
 def restart_with(lab: Lab, node: str, failpoints: str) -> None:

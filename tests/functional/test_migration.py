@@ -7,6 +7,7 @@ import re
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ from orchestrator.lab import netns as ns
 from orchestrator.lab.hypervisor import LabHypervisor
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.migrate import bootstrap_ownership, migrate, node_handles, store_url
+from orchestrator.lab.plan import default_config
 from orchestrator.migration.coordinator import Coordinator
 from orchestrator.store import open_store
 from tests.conftest import unique
@@ -30,6 +32,19 @@ def lab() -> Iterator[Lab]:
     lab = Lab(unique("m"))
     try:
         lab.up(3)
+        yield lab
+    finally:
+        lab.down()
+
+
+def lab_with_precopy_over(carrier: str, prefix: str, tmp_path: Path) -> Iterator[Lab]:
+    """For a fixture: a lab with agents whose precopy rides ``carrier`` (``[sync] precopy``:
+    "peer" or "replicator"), taken down afterwards."""
+    lab = Lab(unique(prefix))
+    config = tmp_path / "cluster.toml"
+    config.write_text(default_config(3, lab.name, lab.dir) + f'\n[sync]\nprecopy = "{carrier}"\n')
+    try:
+        lab.up(3, config=config)
         yield lab
     finally:
         lab.down()

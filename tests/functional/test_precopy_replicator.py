@@ -13,24 +13,15 @@ import pytest
 from orchestrator.lab import netns as ns
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.migrate import migrate
-from orchestrator.lab.plan import default_config
-from tests.conftest import unique
 from tests.functional.test_agent_faults import assert_completed
-from tests.functional.test_migration import agent, established_pair
+from tests.functional.test_migration import agent, established_pair, lab_with_precopy_over
 
 pytestmark = pytest.mark.root
 
 
 @pytest.fixture
 def lab(tmp_path) -> Iterator[Lab]:  # type: ignore[no-untyped-def]
-    lab = Lab(unique("pr"))
-    config = tmp_path / "cluster.toml"
-    config.write_text(default_config(3, lab.name, lab.dir) + '\n[sync]\nprecopy = "replicator"\n')
-    try:
-        lab.up(3, config=config)
-        yield lab
-    finally:
-        lab.down()
+    yield from lab_with_precopy_over("replicator", "pr", tmp_path)
 
 
 def drop_every_other_precopy_datagram(lab: Lab, node: str) -> None:
