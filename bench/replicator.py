@@ -274,7 +274,7 @@ def conntrackd_run(items: list[Any], deadline: float, loss: float = 0.0) -> dict
         except NotConverged as exc:
             if not loss:
                 raise
-            lab.close()  # FTFW lost entries for good (its resend queue moved on)
+            lab.close()  # FTFW did not recover them by the deadline
             return {"converged_s": None, "per_s": None, "held_after_s": exc.deadline,
                     "held": exc.held, "missing": exc.wanted - exc.held}  # fmt: skip
         usage = {k: proc_usage(pid) for k, pid in pids.items()}
@@ -328,6 +328,7 @@ def push_timed(table: ConntrackTable, items: list[Any]) -> float:
 def drain_events() -> None:
     """The ``--drain`` child: subscribe to conntrack NEW/UPDATE/DESTROY, read and discard,
     until stdin closes; then print how many messages came."""
+    import errno
     import select
     import socket
 
@@ -345,6 +346,9 @@ def drain_events() -> None:
                     heard += 1
             except BlockingIOError:
                 pass
+            except OSError as exc:  # ENOBUFS: the kernel dropped events; keep draining
+                if exc.errno != errno.ENOBUFS:
+                    raise
         if sys.stdin in ready and not sys.stdin.readline():
             break
     print(heard, flush=True)

@@ -33,6 +33,7 @@ from orchestrator.migration.feed import SourceFeed, SourceSide
 from orchestrator.migration.nodeops import NodeOps
 from orchestrator.model.cluster import Topology
 from orchestrator.netfilter.conntrack import ConntrackTable
+from orchestrator.replicator.precopy import PrecopySource
 from orchestrator.store import open_store
 from orchestrator.store.base import ABORTABLE, Address, MigrationRecord, Phase, Store
 
@@ -194,10 +195,13 @@ class Agent:
                         {"migration": record.id, "guest": record.guest},
                         self.settings.peer_retry_s, follow)
 
-    def _open_precopy(self, dst: str) -> Any:
+    def _open_precopy(self, dst: str) -> PrecopySource | None:
         """A replicator stream for a precopy D asked to get that way (None: replication is
         off here, so the peer channel carries it)."""
-        return None if self.sync is None else self.sync.open_precopy(dst)
+        if self.sync is None:
+            return None
+        stream: PrecopySource = self.sync.open_precopy(dst)
+        return stream
 
     async def _authorize(self, peer: str, req: dict[str, Any]) -> SourceSide:
         mig = await self.store.get_migration(str(req.get("migration")))
