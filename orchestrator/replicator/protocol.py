@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 from .receiver import Receiver, ReceiverConfig
 from .sender import Sender, SenderConfig
-from .wire import Codec, DecodeError, Message, MsgType, Outgoing, Peer
+from .wire import Codec, Message, MsgType, Outgoing, Peer, decode_counted
 
 __all__ = ["Receiver", "ReceiverConfig", "Replicator", "Sender", "SenderConfig"]
 
@@ -49,12 +49,8 @@ class Replicator:
         return self._senders[stream]
 
     def on_datagram(self, data: bytes, peer: Peer, now: float) -> list[Outgoing]:
-        try:
-            msg = self.codec.decode(data)
-        except DecodeError as exc:
-            self.receiver.counters[exc.reason.value] += 1
-            return []
-        return self.on_message(msg, peer, now)
+        msg = decode_counted(self.codec, data, self.receiver.counters)
+        return [] if msg is None else self.on_message(msg, peer, now)
 
     def on_message(self, msg: Message, peer: Peer, now: float) -> list[Outgoing]:
         """A datagram the caller decoded itself (to attribute decode failures to a peer)."""

@@ -34,12 +34,12 @@ from .wire import (
     SEQ_MOD,
     SEQUENCED,
     Codec,
-    DecodeError,
     Key,
     Message,
     MsgType,
     Outgoing,
     Peer,
+    decode_counted,
     unwrap,
 )
 
@@ -176,12 +176,8 @@ class Receiver:
     # --- inputs -------------------------------------------------------------------------
 
     def on_datagram(self, data: bytes, peer: Peer, now: float) -> list[Outgoing]:
-        try:
-            msg = self.codec.decode(data)
-        except DecodeError as exc:
-            self.counters[exc.reason.value] += 1
-            return []
-        return self.on_message(msg, peer, now)
+        msg = decode_counted(self.codec, data, self.counters)
+        return [] if msg is None else self.on_message(msg, peer, now)
 
     def on_message(self, msg: Message, peer: Peer, now: float) -> list[Outgoing]:
         drop = self._screen(msg)

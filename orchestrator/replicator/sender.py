@@ -36,7 +36,6 @@ from .wire import (
     MAC_SIZE,
     SEQ_MOD,
     Codec,
-    DecodeError,
     EncodeError,
     Flag,
     Key,
@@ -46,6 +45,7 @@ from .wire import (
     Peer,
     Record,
     WireKey,
+    decode_counted,
     destroy_record,
     encode_upsert,
     key_of_record,
@@ -205,12 +205,8 @@ class Sender:
         return out
 
     def on_datagram(self, data: bytes, peer: Peer, now: float) -> list[Outgoing]:
-        try:
-            msg = self.codec.decode(data)
-        except DecodeError as exc:
-            self.counters[exc.reason.value] += 1
-            return []
-        return self.on_message(msg, peer, now)
+        msg = decode_counted(self.codec, data, self.counters)
+        return [] if msg is None else self.on_message(msg, peer, now)
 
     def on_message(self, msg: Message, peer: Peer, now: float) -> list[Outgoing]:
         """NACK and RESYNC_REQUEST addressed to this stream; anything else is ignored."""

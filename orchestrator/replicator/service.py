@@ -171,12 +171,11 @@ class SyncService:
         """A stream of our own for one guest's precopy, unicast to ``dst_node``. Numbers go
         round 1..65535 so a stream closed a moment ago is not named again at once."""
         dst = self.topology.node(dst_node)
-        free = [n for n in range(self._last_stream + 1, 1 << 16)
-                if n not in self._precopy_sending] or [
-                n for n in range(1, self._last_stream + 1) if n not in self._precopy_sending]
-        if not free:
+        after = ((self._last_stream + i - 1) % 0xFFFF + 1 for i in range(1, 1 << 16))
+        stream = next((n for n in after if n not in self._precopy_sending), 0)
+        if not stream:
             raise SyncError("every precopy stream number is in use")
-        self._last_stream = stream = free[0]
+        self._last_stream = stream
         sender = precopy_sender(self.sender, stream, (str(dst.peer_ip), self.spec.port),
                                 secrets.randbits(32))  # fmt: skip
         self.replicator.add_sender(sender)

@@ -17,7 +17,7 @@ import enum
 import hashlib
 import hmac
 import struct
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, MutableMapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
@@ -655,3 +655,13 @@ def boot_id(wall_seconds: int, random_bits: int) -> int:
     greater, which lets receivers refuse replayed datagrams of an older boot), 32 random
     bits below. The agent calls ``boot_id(int(time.time()), secrets.randbits(32))``."""
     return ((wall_seconds % SEQ_MOD) << 32) | (random_bits % SEQ_MOD)
+
+
+def decode_counted(codec: Codec, data: bytes, counters: MutableMapping[str, int]) -> Message | None:
+    """``codec.decode``, or None with the reason counted: a bad datagram is dropped, never
+    applied (what every ``on_datagram`` of the protocol core does first)."""
+    try:
+        return codec.decode(data)
+    except DecodeError as exc:
+        counters[exc.reason.value] += 1
+        return None

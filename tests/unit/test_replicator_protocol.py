@@ -1090,3 +1090,23 @@ def test_cache_versions_tombstones_and_sweep() -> None:
     assert cache.apply(Record.upsert(entry(1, 2)), 0, 1) == Outcome.APPLIED
     assert [e.type for e in events] == [EventType.NEW, EventType.NEW, EventType.DESTROY,
                                         EventType.UPDATE]  # fmt: skip
+
+
+def test_precopy_stream_numbers_go_round_and_skip_those_in_use() -> None:
+    from orchestrator.model.cluster import Topology
+    from orchestrator.replicator.service import SyncError, SyncService
+
+    nodes = [{"name": n, "tag": i, "mac_prefix": f"0a:00:0{i}", "pub_ip": f"192.168.122.1{i}",
+              "guest_ip": f"10.5.5.25{i}", "pipes": ["pipe0"]} for i, n in ((1, "a"), (2, "b"))]
+    t = Topology.model_validate({"cluster": {"guest_subnet": "10.5.5.0/24",
+                                             "gateway": "10.5.5.254"}, "nodes": nodes})
+    svc = SyncService(t, "a", KEY)
+    first, second = svc.open_precopy("b"), svc.open_precopy("b")
+    assert (first.number, second.number) == (1, 2)
+    first.close()
+    assert svc.open_precopy("b").number == 3  # a number just closed is not named again at once
+    svc._last_stream = 0xFFFF  # the end of the range: round to the lowest free number
+    assert svc.open_precopy("b").number == 1
+    svc._precopy_sending.update(dict.fromkeys(range(1, 1 << 16), "b"))
+    with pytest.raises(SyncError, match="every precopy stream number is in use"):
+        svc.open_precopy("b")
