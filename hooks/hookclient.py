@@ -1,0 +1,105 @@
+"""The hook side of the agent's intake: stdlib only, so a hook starts in a few ms under
+``python3 -I -S`` (DESIGN §5). Hooks forward, they don't think: a hook builds one raw call
+(argv, env, stdin, what only exists at hook time), sends it as one JSON line to the local
+agent's socket and waits ``timeout_s`` for the answer. When the agent is absent, hung or
+answers nonsense, the call is spooled (written whole, then renamed into place) and the
+hook carries on as if the agent had said "allow": a hypervisor is never blocked or failed
+because convergent is down.
+
+Where the agent is comes from ``hook.json`` beside the installed hook (libvirt gives hooks
+an environment of only LC_ALL, PATH and HOME), or from ``$CONVERGENT_HOOK_CONF``:
+``{"socket": "/run/convergent/agent-n1.sock", "spool_dir": "/var/spool/convergent",
+"timeout_s": 1.5, "node": "n1"}``.
+
+Request: ``{"op": "hook.deliver", "args": {"call": {...}}}``; answer:
+``{"ok": true, "result": {"verdict": "allow" | "deny", "reason": "..."}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from typing import Any
+
+DEFAULT_CONF = {"socket": "/run/convergent/agent.sock", "spool_dir": "/var/spool/convergent",
+                "timeout_s": 1.5, "node": ""}
+SPOOL_SUFFIX = ".call.json"
+
+
+def load_conf(hook_path: str) -> dict[str, Any]:
+    """The hook's settings: ``$CONVERGENT_HOOK_CONF``, else ``hook.json`` beside the hook
+    (the real path: hooks are often symlinked into the hypervisor's directory)."""
+    conf = dict(DEFAULT_CONF)
+    path = os.environ.get("CONVERGENT_HOOK_CONF") or os.path.join(
+        os.path.dirname(os.path.realpath(hook_path)), "hook.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            conf.update(json.load(f))
+    except (OSError, ValueError):
+        pass  # defaults: still spool where the agent looks by default
+    return conf
+
+
+def make_call(hook: str, argv: list[str], env: dict[str, str] | None = None, stdin: str = "",
+              extra: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"hook": hook, "argv": list(argv), "env": dict(env or {}), "stdin": stdin,
+            "extra": dict(extra or {}), "at": time.time(), "id": uuid.uuid4().hex}
+
+
+def deliver(call: dict[str, Any], conf: dict[str, Any]) -> dict[str, Any]:
+    """Send ``call`` to the agent; on any failure spool it. Returns the agent's verdict,
+    or ``{"verdict": "allow", "spooled": path, "reason": why}`` when it was spooled."""
+    try:
+        reply = _ask(conf["socket"], call, float(conf["timeout_s"]))
+    except (OSError, ValueError) as exc:
+        return {"verdict": "allow", "spooled": spool(call, conf["spool_dir"]),
+                "reason": f"agent unavailable: {exc or type(exc).__name__}"}
+    if reply.get("ok") is True and isinstance(reply.get("result"), dict):
+        result: dict[str, Any] = reply["result"]
+        return result
+    # the agent answered but could not take the event: keep it for the replay
+    return {"verdict": "allow", "spooled": spool(call, conf["spool_dir"]),
+            "reason": f"agent refused: {reply.get('error') or 'no result'}"}
+
+
+def _ask(path: str, call: dict[str, Any], timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(json.dumps({"op": "hook.deliver", "args": {"call": call}},
+                             separators=(",", ":")).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("timed out")
+            s.settimeout(left)
+            chunk = s.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed without an answer")
+            buf += chunk
+    reply = json.loads(buf)
+    if not isinstance(reply, dict):
+        raise ValueError("answer is not an object")
+    return reply
+
+
+def spool(call: dict[str, Any], spool_dir: str) -> str:
+    """Write the call whole under a temporary name, fsync, then rename: the agent's replay
+    never sees half a file. Names sort by time, so replay keeps the order."""
+    os.makedirs(spool_dir, mode=0o700, exist_ok=True)
+    name = f"{int(float(call.get('at') or time.time()) * 1e9):020d}-{call['id']}"
+    tmp = os.path.join(spool_dir, f".{name}.tmp")
+    final = os.path.join(spool_dir, name + SPOOL_SUFFIX)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, json.dumps(call, separators=(",", ":")).encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    return final
