@@ -26,5 +26,5 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[dev,plot]'
+.venv/bin/python -m pip install -q -e '.[dev,plot,lab,bench]'
 echo "setup: ok ($(.venv/bin/python --version), $(nft --version))"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
 
 import click
+
+from orchestrator.errors import ConvergentError
 
 LAB_NAME = click.option(
     "--name", default=lambda: os.environ.get("CONVERGENT_LAB", "lab"), show_default="lab",
@@ -17,6 +20,8 @@ LAB_NAME = click.option(
 @click.group("lab")
 def lab() -> None:
     """Build, check and tear down a cluster in network namespaces."""
+    if importlib.util.find_spec("websockets") is None:  # the lab's flows are real websockets
+        raise ConvergentError("the lab needs the 'lab' extra: pip install 'convergent[lab]'")
 
 
 @lab.command("up")

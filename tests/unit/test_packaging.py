@@ -1,0 +1,77 @@
+"""The distribution a wheel built from this tree installs: one namespace (``orchestrator``),
+``kvm/``, ``xen/`` and ``hooks/`` inside it, no ``bench``; the licence; extras for what only
+the lab and the benchmarks need; and entry points that resolve."""
+
+from __future__ import annotations
+
+import email
+import subprocess
+import sys
+import zipfile
+from importlib import import_module, metadata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+# repository folder -> where the wheel puts it
+MAPPED = {"orchestrator": "orchestrator", "kvm": "orchestrator/kvm", "xen": "orchestrator/xen",
+          "hooks": "orchestrator/hooks"}
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(out), str(ROOT)],
+                   check=True, capture_output=True, timeout=300)
+    (path,) = out.glob("convergent-*.whl")
+    return zipfile.ZipFile(path)
+
+
+def test_wheel_holds_one_top_level_namespace(wheel: zipfile.ZipFile) -> None:
+    tops = {name.split("/")[0] for name in wheel.namelist()}
+    dist_info = {t for t in tops if t.endswith(".dist-info")}
+    assert tops - dist_info == {"orchestrator"}
+    for banned in ("bench", "hooks", "kvm", "xen", "tests"):
+        assert banned not in tops
+
+
+def test_every_package_in_the_tree_is_in_the_wheel(wheel: zipfile.ZipFile) -> None:
+    names = set(wheel.namelist())
+    expected = []
+    for folder, installed in MAPPED.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.relative_to(ROOT / folder).as_posix()
+            expected.append(f"{installed}/{rel}")
+    assert expected and not [e for e in expected if e not in names]
+    assert "orchestrator/hooks/hookclient.py" in names
+    assert not [n for n in names if n.startswith("bench/") or "/bench/" in n]
+
+
+def test_metadata_licence_version_and_extras(wheel: zipfile.ZipFile) -> None:
+    (meta_name,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
+    meta = email.message_from_bytes(wheel.read(meta_name))
+    assert meta["License-Expression"] == "MIT"
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in wheel.namelist())
+    assert meta["Version"] not in ("0.0.0", "0.1.0")  # from git, not the fallback
+    requires = meta.get_all("Requires-Dist") or []
+    unconditional = [r for r in requires if "extra ==" not in r]
+    for lab_only in ("pyroute2", "websockets", "matplotlib"):
+        assert not [r for r in unconditional if r.startswith(lab_only)], lab_only
+    assert any(r.startswith("websockets") and 'extra == "lab"' in r for r in requires)
+    assert any(r.startswith("pyroute2") and 'extra == "bench"' in r for r in requires)
+
+
+def test_installed_entry_points_resolve() -> None:
+    eps = metadata.distribution("convergent").entry_points
+    assert {ep.group for ep in eps} >= {"console_scripts", "convergent.hypervisors"}
+    for ep in eps:
+        assert ep.load() is not None, ep
+
+
+def test_mapped_packages_import_under_the_namespace() -> None:
+    hookclient = import_module("orchestrator.hooks.hookclient")
+    assert Path(hookclient.__file__).parent == ROOT / "hooks"
+    for name in ("orchestrator.kvm", "orchestrator.xen"):
+        assert Path(import_module(name).__file__).parent == ROOT / name.split(".")[1]
