@@ -10,6 +10,8 @@ from typing import Any
 import click
 
 from orchestrator.errors import ConvergentError
+from orchestrator.logs import FORMATS, LEVELS
+from orchestrator.logs import configure as configure_logs
 
 # command name -> "module:attribute"
 COMMANDS = {
@@ -36,10 +38,17 @@ class LazyGroup(click.Group):
         return cmd
 
 
-@click.group(cls=LazyGroup)
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="convergent")
-def cli() -> None:
+@click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True,
+              envvar="CONVERGENT_LOG_LEVEL", help="Least severe log level written.")
+@click.option("--log-format", type=click.Choice(FORMATS), default="auto", show_default=True,
+              envvar="CONVERGENT_LOG_FORMAT",
+              help="Logs on stderr: json lines, key=value text, or auto (json unless stderr "
+                   "is a terminal, and always under systemd's journal).")
+def cli(log_level: str, log_format: str) -> None:
     """Keep established flows alive while guests live-migrate across a stateless-NAT cluster."""
+    configure_logs(log_level, log_format)
 
 
 def main(argv: list[str] | None = None) -> Any:

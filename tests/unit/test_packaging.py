@@ -5,6 +5,7 @@ the lab and the benchmarks need; and entry points that resolve."""
 from __future__ import annotations
 
 import email
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -22,9 +23,14 @@ MAPPED = {"orchestrator": "orchestrator", "kvm": "orchestrator/kvm", "xen": "orc
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(out), str(ROOT)],
-                   check=True, capture_output=True, timeout=300)
+    had_build = (ROOT / "build").exists()
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                        "--no-build-isolation", "-w", str(out), str(ROOT)],
+                       check=True, capture_output=True, timeout=300)
+    finally:
+        if not had_build:  # setuptools builds in the tree; leave it as we found it
+            shutil.rmtree(ROOT / "build", ignore_errors=True)
     (path,) = out.glob("convergent-*.whl")
     return zipfile.ZipFile(path)
 
