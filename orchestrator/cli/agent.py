@@ -14,11 +14,12 @@ from orchestrator.cli.rules import CONFIG, NODE, load_for_node
 @click.command("agent")
 @CONFIG
 @NODE
-def agent(config_path: str, node: str) -> None:
+def agent(config_path: str | None, node: str | None) -> None:
     """Run this node's agent until SIGTERM or SIGINT."""
     from orchestrator.agent.daemon import Agent
 
-    daemon = Agent(load_for_node(config_path, node), node)
+    topology, node = load_for_node(config_path, node)
+    daemon = Agent(topology, node)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -34,11 +35,11 @@ def agent(config_path: str, node: str) -> None:
 @CONFIG
 @NODE
 @click.option("--json", "as_json", is_flag=True, help="print the agent's answer as JSON")
-def status(config_path: str, node: str, as_json: bool) -> None:
+def status(config_path: str | None, node: str | None, as_json: bool) -> None:
     """What the node's agent owns, migrates and reconciles."""
     from orchestrator.agent.client import call
 
-    topology = load_for_node(config_path, node)
+    topology, node = load_for_node(config_path, node)
     result = call(topology.agent.socket(node), "status", timeout=10)
     if as_json:
         click.echo(json.dumps(result, indent=2))

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from orchestrator.config.defaults import CONFIG_ENV, DEFAULT_CONFIG, this_node
+from orchestrator.config.defaults import config_path as config_path_default
 from orchestrator.config.loader import load
 from orchestrator.errors import ConfigError
 from orchestrator.model.cluster import Topology
@@ -15,30 +17,39 @@ if TYPE_CHECKING:
     from orchestrator.audit.log import AuditLog
 
 CONFIG = click.option(
-    "--config", "config_path", required=True, type=click.Path(dir_okay=False),
-    help="cluster TOML file",
+    "--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE",
+    help=f"Cluster TOML file.  [default: ${CONFIG_ENV}, else {DEFAULT_CONFIG}]",
 )
-NODE = click.option("--node", required=True, help="the node this ruleset is for")
+NODE = click.option(
+    "--node", metavar="NAME",
+    help="This node's name.  [default: the node with an address on this host, else the "
+         "hostname]",
+)
 
 
-def load_for_node(config_path: str, node: str) -> Topology:
-    topology = load(config_path)
+def load_for_node(config_path: str | None, node: str | None) -> tuple[Topology, str]:
+    """The cluster and this node's name, from the options or their defaults."""
+    path = config_path_default(config_path)
+    topology = load(path)
+    if node is None:
+        return topology, this_node(topology)
     if node not in {n.name for n in topology.nodes}:
         known = ", ".join(n.name for n in topology.nodes)
-        raise ConfigError(f"{config_path}: nodes: no node named {node!r} (known: {known})")
-    return topology
+        raise ConfigError(f"{path}: nodes: no node named {node!r} (known: {known})")
+    return topology, node
 
 
 @click.command("render-rules")
 @CONFIG
 @NODE
 @click.option("--check", is_flag=True, help="also have nft -c validate it")
-def render_rules(config_path: str, node: str, check: bool) -> None:
+def render_rules(config_path: str | None, node: str | None, check: bool) -> None:
     """Print the node's whole nftables ruleset."""
     from orchestrator.netfilter import nft
     from orchestrator.netfilter.render import render
 
-    script = render(load_for_node(config_path, node), node).script()
+    topology, node = load_for_node(config_path, node)
+    script = render(topology, node).script()
     if check:
         nft.run(script, check_only=True)
     click.echo(script)
@@ -52,14 +63,15 @@ def render_rules(config_path: str, node: str, check: bool) -> None:
     "--audit-log", "audit_log", default=None, type=click.Path(dir_okay=False),
     help="audit log to record the attempt in (default: the config's [agent] audit_log)",
 )
-def apply(config_path: str, node: str, netns: str | None, audit_log: str | None) -> None:
+def apply(config_path: str | None, node: str | None, netns: str | None,
+          audit_log: str | None) -> None:
     """Set the node's sysctls and replace its tables atomically (no-op when unchanged).
 
     Every attempt writes one ``ruleset.apply`` audit record (changed, unchanged or failed);
     a log that cannot be opened is a warning, never a reason not to apply."""
     from orchestrator.netfilter.apply import apply as do_apply
 
-    topology = load_for_node(config_path, node)
+    topology, node = load_for_node(config_path, node)
     audit = _open_audit(Path(audit_log) if audit_log else topology.agent.audit_log, node)
     try:
         result = do_apply(topology, node, netns, audit, warn=_warn)

@@ -11,15 +11,13 @@ from typing import Any
 
 import click
 
-from orchestrator.cli.rules import CONFIG, load_for_node
-
-NODE = click.option("--node", required=True, help="the node whose agent to ask")
+from orchestrator.cli.rules import CONFIG, NODE, load_for_node
 
 
-def _call(config_path: str, node: str, op: str, **args: Any) -> Any:
+def _call(config_path: str | None, node: str | None, op: str, **args: Any) -> Any:
     from orchestrator.agent.client import call
 
-    topology = load_for_node(config_path, node)
+    topology, node = load_for_node(config_path, node)
     return call(topology.agent.socket(node), op, **args)
 
 
@@ -32,7 +30,7 @@ def sync() -> None:
 @CONFIG
 @NODE
 @click.option("--json", "as_json", is_flag=True, help="the agent's answer as JSON")
-def status(config_path: str, node: str, as_json: bool) -> None:
+def status(config_path: str | None, node: str | None, as_json: bool) -> None:
     """This node's sender and what it holds of every peer."""
     result = _call(config_path, node, "sync.status")
     if as_json:
@@ -46,7 +44,7 @@ def status(config_path: str, node: str, as_json: bool) -> None:
 @NODE
 @click.option("--from", "from_node", required=True, help="the peer whose cached flows to take")
 @click.option("--guest", default=None, help="only this guest's flows")
-def commit(config_path: str, node: str, from_node: str, guest: str | None) -> None:
+def commit(config_path: str | None, node: str | None, from_node: str, guest: str | None) -> None:
     """Write a peer's cached entries into this node's kernel, translated as a handover."""
     result = _call(config_path, node, "sync.commit", from_node=from_node, guest=guest)
     click.echo(render_commit(result))
