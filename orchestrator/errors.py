@@ -27,3 +27,15 @@ class StoreError(ConvergentError):
 
 class MigrationError(ConvergentError):
     pass
+
+
+class UnknownName(ConvergentError, KeyError):
+    """A node or guest name that is not in the cluster config. Still a KeyError for the
+    callers that look names up speculatively; its text is one readable line."""
+
+    def __init__(self, kind: str, name: str, known: list[str]) -> None:
+        super().__init__(f"unknown {kind} {name!r} (known: {', '.join(known) or 'none'})")
+        self.kind, self.name = kind, name
+
+    def __str__(self) -> str:  # KeyError would print the repr of its argument
+        return str(self.args[0])

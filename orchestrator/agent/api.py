@@ -8,6 +8,7 @@ its one-line description, and the agent carries on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import Awaitable, Callable
@@ -30,20 +31,32 @@ class ApiServer:
         self.server: asyncio.AbstractServer | None = None
         self.requests = 0
         self.errors = 0
+        self._inode: int | None = None  # the socket file this process made
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_socket():
-            self.path.unlink()  # left by a killed agent; nobody else may own our path
-        self.server = await asyncio.start_unix_server(self._client, str(self.path),
-                                                      limit=MAX_LINE)
+            self.path.unlink()  # left by a killed agent: the caller holds the node's lock
+        try:
+            self.server = await asyncio.start_unix_server(self._client, str(self.path),
+                                                          limit=MAX_LINE)
+        except OSError as exc:
+            raise ConvergentError(f"API socket {self.path}: {exc.strerror or exc}") from None
         os.chmod(self.path, 0o660)
+        self._inode = self.path.stat().st_ino
 
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
-        self.path.unlink(missing_ok=True)
+        self._remove_own_socket()
+
+    def _remove_own_socket(self) -> None:
+        """Unlink the socket only if it is still the one this process created."""
+        with contextlib.suppress(FileNotFoundError):
+            if self._inode is not None and self.path.stat().st_ino == self._inode:
+                self.path.unlink()
+        self._inode = None
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -58,11 +71,8 @@ class ApiServer:
     async def dispatch(self, line: bytes) -> dict[str, Any]:
         self.requests += 1
         try:
-            req = json.loads(line)
-            op, args = req["op"], req.get("args") or {}
-            if not isinstance(args, dict):
-                raise TypeError("args must be an object")
-        except (ValueError, KeyError, TypeError) as exc:
+            op, args = parse_request(line)
+        except ValueError as exc:
             self.errors += 1
             return {"ok": False, "error": f"bad request: {exc}"}
         handler = self.handlers.get(op)
@@ -82,3 +92,19 @@ class ApiServer:
             self.errors += 1
             log.exception("api.error", op=op)
             return {"ok": False, "error": f"{op} failed: {type(exc).__name__}: {exc}"}
+
+
+def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
+    """``(op, args)`` of one request line, or ValueError saying what is wrong with it."""
+    try:
+        req = json.loads(line)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    if not isinstance(req, dict):
+        raise ValueError(f"expected a JSON object, got {type(req).__name__}")
+    op, args = req.get("op"), req.get("args") or {}
+    if not isinstance(op, str):
+        raise ValueError("'op' must be a string")
+    if not isinstance(args, dict):
+        raise ValueError("args must be an object")
+    return op, args

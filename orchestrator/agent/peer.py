@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import struct
 import time
@@ -242,7 +243,12 @@ class PeerServer:
         self.refused = 0
 
     async def start(self, host: str, port: int) -> None:
-        self.server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+        try:
+            self.server = await asyncio.start_server(self._serve, host, port,
+                                                     reuse_address=True)
+        except OSError as exc:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise PeerError(f"peer channel: cannot listen on {host}:{port}: {why}") from None
 
     async def close(self) -> None:
         if self.server is not None:

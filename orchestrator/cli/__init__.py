@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import traceback
 from typing import Any
 
 import click
@@ -38,6 +40,14 @@ class LazyGroup(click.Group):
         return cmd
 
 
+_debug = {"on": bool(os.environ.get("CONVERGENT_DEBUG"))}
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        _debug["on"] = True
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="convergent")
 @click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True,
@@ -46,13 +56,17 @@ class LazyGroup(click.Group):
               envvar="CONVERGENT_LOG_FORMAT",
               help="Logs on stderr: json lines, key=value text, or auto (json unless stderr "
                    "is a terminal, and always under systemd's journal).")
+@click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+              help="On an error, print the traceback too (also CONVERGENT_DEBUG=1).")
 def cli(log_level: str, log_format: str) -> None:
     """Keep established flows alive while guests live-migrate across a stateless-NAT cluster."""
     configure_logs(log_level, log_format)
 
 
 def main(argv: list[str] | None = None) -> Any:
-    """Entry point: every ConvergentError becomes one readable line and exit status 1."""
+    """Entry point: no traceback ever reaches the user unless asked for (``--debug``).
+    A ConvergentError is its own message, one line per problem; anything else (a bug, or
+    an OS error nobody wrapped) is one line naming its type; exit status non-zero."""
     try:
         return cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:
@@ -61,9 +75,31 @@ def main(argv: list[str] | None = None) -> Any:
     except click.ClickException as exc:
         click.echo(f"convergent: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
     except ConvergentError as exc:
+        _traceback()
         for line in str(exc).splitlines() or ["error"]:
             click.echo(f"convergent: {line}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except OSError as exc:  # a busy port, a missing file: say what and where
+        _traceback()
+        where = f"{exc.filename}: " if exc.filename else ""
+        why = os.strerror(exc.errno) if exc.errno else one_line(str(exc))
+        click.echo(f"convergent: {where}{why}", err=True)
+        sys.exit(1)
+    except Exception as exc:
+        _traceback()
+        hint = "" if _debug["on"] else " (--debug shows the traceback)"
+        click.echo(f"convergent: internal error: {type(exc).__name__}: "
+                   f"{one_line(str(exc))}{hint}", err=True)
+        sys.exit(70)  # EX_SOFTWARE
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split()) or "no detail"
+
+
+def _traceback() -> None:
+    if _debug["on"]:
+        traceback.print_exc(file=sys.stderr)

@@ -17,18 +17,20 @@ from orchestrator.cli.rules import CONFIG, NODE, load_for_node
 def agent(config_path: str | None, node: str | None) -> None:
     """Run this node's agent until SIGTERM or SIGINT."""
     from orchestrator.agent.daemon import Agent
+    from orchestrator.agent.lock import agent_lock
 
     topology, node = load_for_node(config_path, node)
-    daemon = Agent(topology, node)
+    with agent_lock(topology.agent.run_dir, node):  # before anything is touched
+        daemon = Agent(topology, node)
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await daemon.run(stop)
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await daemon.run(stop)
 
-    asyncio.run(main())
+        asyncio.run(main())
 
 
 @click.command("status")

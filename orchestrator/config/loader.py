@@ -14,16 +14,27 @@ from typing import Any
 from pydantic import ValidationError
 
 from orchestrator.errors import ConfigError
-from orchestrator.model.cluster import Topology
+from orchestrator.model.cluster import Parts, Topology, cross_check
 
 
 def load(path: str | Path) -> Topology:
+    return parse(read_text(path), str(path))
+
+
+def read_text(path: str | Path) -> str:
+    """The file's text; a file that is not UTF-8 (TOML's only encoding) is a ConfigError
+    naming where the first bad byte is."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return parse(raw.decode("utf-8", errors="replace"), str(path))
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 (byte {raw[exc.start]:#04x} at "
+                          f"offset {exc.start}); TOML files are UTF-8") from None
 
 
 def parse(text: str, source: str = "<config>") -> Topology:
@@ -34,18 +45,24 @@ def parse(text: str, source: str = "<config>") -> Topology:
     try:
         return Topology.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError("\n".join(problems(source, exc.errors()))) from None
+        raise ConfigError("\n".join(problems(source, exc.errors(), data))) from None
 
 
-def problems(source: str, errors: Iterable[Any]) -> list[str]:
-    lines = []
+def problems(source: str, errors: Iterable[Any], data: Any = None) -> list[str]:
+    """One line per problem. When some fields are invalid the cross-field checks did not
+    run; they are run here on every part that did validate, so one run names it all."""
+    lines: list[str] = []
+    crossed = False
     for err in errors:
         ctx = err.get("ctx") or {}
         if err["type"] == "topology":
             lines += [f"{source}: {loc}: {msg}" for loc, msg in ctx["problems"]]
+            crossed = True
             continue
         lines.append(f"{source}: {_path(err['loc']) or '(top level)'}: {_reason(err)}")
-    return lines
+    if not crossed and data is not None:
+        lines += [f"{source}: {loc}: {msg}" for loc, msg in cross_check(Parts.salvage(data))]
+    return list(dict.fromkeys(lines))  # in order, each once
 
 
 def _path(loc: tuple[Any, ...]) -> str:

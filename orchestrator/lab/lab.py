@@ -16,14 +16,13 @@ import shutil
 import signal
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.agent.client import AgentUnavailable, acall
 from orchestrator.agent.keys import write_new_key
-from orchestrator.config.loader import load, parse
-from orchestrator.errors import LabError
+from orchestrator.config.loader import load, parse, read_text
+from orchestrator.errors import ConfigError, LabError
 from orchestrator.lab import netns as ns
 from orchestrator.lab.plan import (
     GUEST_IFACE,
@@ -32,12 +31,13 @@ from orchestrator.lab.plan import (
     SYNC_BRIDGE,
     WAN_BRIDGE,
     LabNames,
-    agent_section,
     default_config,
+    outside_lab,
     switch_pipe_port,
     switch_sync_port,
     switch_wan_port,
     vif_name,
+    with_lab_agent,
 )
 from orchestrator.model.cluster import Guest, Topology
 from orchestrator.netfilter.apply import apply
@@ -75,10 +75,13 @@ class Lab:
         each guest's home agent claim it. Without them, ``lab migrate`` coordinates
         in-process."""
         preflight()
-        text = config.read_text() if config else default_config(nodes, self.name, self.dir)
-        if config and "agent" not in _toml_or_empty(text):
-            text += "\n" + agent_section(self.dir)  # a lab never touches /var's state
-        topology = parse(text, str(config) if config else "<lab default>")
+        text = read_text(config) if config else default_config(nodes, self.name, self.dir)
+        source = str(config) if config else "<lab default>"
+        text = with_lab_agent(text, self.dir)  # a lab never touches /var's state
+        topology = parse(text, source)
+        problems = self.names.clashes(topology) + outside_lab(topology, self.dir)
+        if problems:
+            raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
         if self.is_up(topology) and self.config_path.read_text() == text:
             for node in topology.nodes:  # idempotent: re-apply is a no-op when unchanged
                 apply(topology, node.name, self.names.node(node.name))
@@ -268,13 +271,6 @@ class Lab:
             "namespaces": [n for n in ns.list_netns() if n.startswith(self.names.prefix)],
             "guests": {g.name: self.guest_node(t, g.name) for g in t.guests},
         }
-
-
-def _toml_or_empty(text: str) -> dict[str, object]:
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError:
-        return {}  # parse() reports it properly
 
 
 def preflight() -> None:

@@ -6,9 +6,12 @@ if its state file is gone. Links only ever live inside those namespaces.
 
 from __future__ import annotations
 
+import re
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.errors import ConfigError
 from orchestrator.model.cluster import Topology
 
 MAX_NODES = 16
@@ -45,6 +48,28 @@ class LabNames:
             *(self.guest(g.name) for g in t.guests),
         ]
 
+    def clashes(self, t: Topology) -> list[str]:
+        """Config names that would collide with a namespace or link the lab makes itself,
+        as ``key: reason`` (else ``ip netns add`` fails later with "File exists")."""
+        ours = {self.switch: "switch", self.workstation: "workstation",
+                **{self.guest(g.name): f"guest {g.name}'s" for g in t.guests}}  # fmt: skip
+        out = [f"nodes[{i}].name: node {n.name!r} would be namespace {self.node(n.name)}, "
+               f"which is the lab's {ours[self.node(n.name)]} namespace"
+               for i, n in enumerate(t.nodes) if self.node(n.name) in ours]  # fmt: skip
+        links = {NODE_UPLINK_PORT: "the node's uplink port",
+                 **{vif_name(t, g.name): f"guest {g.name}'s vif" for g in t.guests}}
+        for i, n in enumerate(t.nodes):
+            for k, pipe in enumerate(n.pipes):
+                if pipe in links:
+                    out.append(f"nodes[{i}].pipes[{k}]: {pipe} is the lab's name for "
+                               f"{links[pipe]}")
+        for key, name in (("cluster.guest_bridge", t.cluster.guest_bridge),
+                          ("cluster.uplink", t.cluster.uplink),
+                          ("sync.interface", t.sync.interface)):
+            if name in links:
+                out.append(f"{key}: {name} is the lab's name for {links[name]}")
+        return out
+
 
 # interface names (kernel limit: 15 characters)
 WAN_BRIDGE = "wan"
@@ -71,14 +96,52 @@ def vif_name(t: Topology, guest: str) -> str:
     return f"vif{[g.name for g in t.guests].index(guest) + 1}"
 
 
+def lab_agent_paths(state: Path) -> dict[str, str]:
+    """Where a lab's agents keep their state: under the lab's directory, never in /var."""
+    return {"run_dir": f"{state}/run", "store": f"sqlite://{state}/store.db",
+            "audit_log": f"{state}/audit.log", "spool_dir": f"{state}/spool",
+            "key_file": f"{state}/cluster.key"}  # fmt: skip
+
+
 def agent_section(state: Path) -> str:
-    """The lab's agents keep everything under the lab's directory, never in /var."""
-    return (
-        f'[agent]\nrun_dir = "{state}/run"\nstore = "sqlite://{state}/store.db"\n'
-        f'audit_log = "{state}/audit.log"\nspool_dir = "{state}/spool"\n'
-        f'key_file = "{state}/cluster.key"\nreconcile_interval_s = 5.0\n'
-        'peer_retry_s = 5.0\n'
-    )
+    lines = [f'{k} = "{v}"' for k, v in lab_agent_paths(state).items()]
+    return "\n".join(["[agent]", *lines, "reconcile_interval_s = 5.0", "peer_retry_s = 5.0"]) + "\n"
+
+
+_AGENT_HEADER = re.compile(r"^[ \t]*\[[ \t]*agent[ \t]*\][ \t]*(#.*)?$", re.M)
+
+
+def with_lab_agent(text: str, state: Path) -> str:
+    """A lab config with the lab's own state paths for every ``[agent]`` path it leaves out
+    (a lab never falls back to the production defaults under /var and /etc)."""
+    try:
+        agent = tomllib.loads(text).get("agent")
+    except tomllib.TOMLDecodeError:
+        return text  # the loader reports it, with its line
+    if agent is None:
+        return text + "\n" + agent_section(state)
+    if not isinstance(agent, dict):
+        return text  # the loader says what is wrong with it
+    missing = [f'{k} = "{v}"' for k, v in lab_agent_paths(state).items() if k not in agent]
+    if not missing:
+        return text
+    header = _AGENT_HEADER.search(text)
+    if header is None:
+        raise ConfigError("lab config: write [agent] as a table (an [agent] header) so lab up "
+                          f"can add the lab's own {', '.join(k.split()[0] for k in missing)}")
+    return text[: header.end()] + "\n" + "\n".join(missing) + text[header.end() :]
+
+
+def outside_lab(t: Topology, state: Path) -> list[str]:
+    """Agent paths a lab config points outside the lab's directory, as ``key: reason``."""
+    a = t.agent
+    paths = {"run_dir": a.run_dir, "audit_log": a.audit_log, "spool_dir": a.spool_dir,
+             "key_file": a.key_file}  # fmt: skip
+    if a.store.startswith("sqlite://"):
+        paths["store"] = Path(a.store.removeprefix("sqlite://"))
+    root = state.resolve()
+    return [f"agent.{k}: {p} is outside the lab's directory {state}: a lab keeps all its "
+            "state there" for k, p in paths.items() if not p.resolve().is_relative_to(root)]
 
 
 def default_config(nodes: int = 3, lab: str = "lab", state: Path | None = None) -> str:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -79,3 +84,76 @@ def test_peer_channel_refuses_a_wrong_key_and_a_request_without_migration(lab):
     refused = _open_feed_from(lab, "n2", key, {"migration": "x", "guest": "guest1"})
     assert isinstance(refused, PeerError) and "without an active migration" in str(refused)
     assert agent(lab, "n1", "status")["peer"]["refused"] >= 1
+
+
+# --- one agent per node; no traceback reaches the user ------------------------------------
+
+CLI = [sys.executable, "-m", "orchestrator"]
+
+
+def cli_in(lab: Lab, node: str, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(ns.exec_argv(lab.names.node(node), [*CLI, *argv]), capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "CONVERGENT_LAB_DIR":
+                                                           str(lab.dir.parent)})
+
+
+def test_a_second_agent_for_a_node_is_refused_and_the_first_keeps_its_socket(lab):
+    first = agent(lab, "n1", "ping")["pid"]
+    second = cli_in(lab, "n1", "agent", "--config", str(lab.config_path), "--node", "n1")
+    assert second.returncode == 1
+    assert second.stderr == (f"convergent: another agent for node n1 is running (pid {first}; "
+                             f"lock {lab.topology().agent.run_dir}/agent-n1.lock)\n")
+    assert agent(lab, "n1", "ping")["pid"] == first  # its socket is still there, still its own
+    # SIGKILL leaves no stale lock: the kernel drops it with the process
+    lab.kill_agent("n1")
+    lab.start_agent("n1")
+    assert agent(lab, "n1", "ping")["pid"] not in (first, None)
+
+
+def test_a_busy_peer_port_is_one_line(lab):
+    t = lab.topology()
+    lab.kill_agent("n3")
+    busy = in_netns(lab.names.node("n3"), socket.create_server,
+                    (str(t.node("n3").peer_ip), t.agent.peer_port))
+    try:
+        got = cli_in(lab, "n3", "agent", "--config", str(lab.config_path), "--node", "n3")
+    finally:
+        busy.close()
+        lab.start_agent("n3")
+    assert got.returncode == 1 and "Traceback" not in got.stderr, got.stderr
+    assert got.stderr.splitlines()[-1] == (f"convergent: peer channel: cannot listen on "
+                                           f"{t.node('n3').peer_ip}:{t.agent.peer_port}: "
+                                           "Address already in use")
+
+
+def test_an_unknown_guest_is_one_line_and_debug_shows_the_traceback(lab):
+    got = cli_in(lab, "n1", "lab", "migrate", "nosuch", "--to", "n2", "--name", lab.name)
+    assert (got.returncode, got.stderr) == (1, "convergent: unknown guest 'nosuch' "
+                                               "(known: guest1)\n")
+    debug = cli_in(lab, "n1", "--debug", "lab", "migrate", "nosuch", "--to", "n2",
+                   "--name", lab.name)
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    assert debug.stderr.endswith("convergent: unknown guest 'nosuch' (known: guest1)\n")
+
+
+def _raw_api(lab: Lab, line: bytes) -> dict[str, Any]:
+    async def go() -> dict[str, Any]:
+        reader, writer = await asyncio.open_unix_connection(
+            str(lab.topology().agent.socket("n2")), limit=1 << 24)
+        writer.write(line + b"\n")
+        await writer.drain()
+        reply = await reader.readline()
+        writer.close()
+        return dict(json.loads(reply))
+    return asyncio.run(go())
+
+
+def test_malformed_api_requests_get_an_error_and_the_agent_carries_on(lab):
+    for line, why in [(b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply"),
+                      (b'{"op": ["status"]}', "'op' must be a string"),
+                      (b'"status"', "expected a JSON object, got str"),
+                      (b"[]", "expected a JSON object, got list")]:
+        assert _raw_api(lab, line) == {"ok": False, "error": f"bad request: {why}"}
+    assert agent(lab, "n2", "ping")["node"] == "n2"
+    log = (lab.dir / "logs" / "agent-n2.log").read_text()
+    assert "Traceback" not in log
