@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(nftables conntrack conntrackd iproute2 socat tcpdump iputils-arping iputils-ping
-          openssh-server openssh-client procps psmisc kmod python3 python3-venv python3-pip)
+          openssh-server openssh-client procps psmisc kmod python3 python3-venv python3-pip
+          systemd)
 
 if [ "$(id -u)" != 0 ]; then
     echo "setup: run as root (network namespaces, apt-get)" >&2

@@ -26,6 +26,7 @@ from orchestrator.agent.failpoints import Failpoints
 from orchestrator.agent.keys import load_key
 from orchestrator.agent.peer import PeerFeed, PeerServer
 from orchestrator.agent.reconcile import Reconciler
+from orchestrator.agent.reload import reload_problems
 from orchestrator.audit.log import AuditLog
 from orchestrator.errors import ConvergentError, MigrationError
 from orchestrator.migration.coordinator import Coordinator, Handover, NodeHandle
@@ -59,6 +60,8 @@ class Agent:
         self.wake = asyncio.Event()
         self.started = time.time()
         self.sync: Any = None  # replicator SyncService, when the sync interface exists
+        self.ready = asyncio.Event()  # set once it serves: systemd's READY=1 (lifecycle.py)
+        self.stop_reason = "stopped"
 
     # lifecycle ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -90,16 +93,49 @@ class Agent:
                                                       self._watchdog(), self._sync_audit())]
             log.info("agent.ready", node=self.node, socket=str(self.api.path))
             print(f"convergent agent {self.node} ready", flush=True)
+            self.ready.set()
             await stop.wait()
+        except asyncio.CancelledError:
+            self.stop_reason = "cancelled"
+            raise
+        except BaseException as exc:
+            self.stop_reason = f"failed: {type(exc).__name__}: {exc}"
+            raise
         finally:
             for t in tasks:
                 t.cancel()
+            with contextlib.suppress(Exception):  # a record, never a reason not to stop
+                await self.audit.arecord("agent.stop", detail=self.stop_reason, outcome=(
+                    "failed" if self.stop_reason.startswith("failed") else "ok"))
             await self.api.close()
             await self.peer.close()
             if self.sync is not None:
                 await self.sync.stop()
             self.table.close()
             await self.store.close()
+
+    async def reload(self, new: Topology) -> list[str]:
+        """Take a re-read cluster file (SIGHUP): the reasons it cannot, or apply it and
+        re-apply the ruleset. A ruleset the kernel rejects keeps the old file in force."""
+        problems = reload_problems(self.topology, new, self.node, list(self.handovers))
+        if problems:
+            return problems
+        old = self.topology
+        self._use(new)
+        try:
+            await self.reconciler.run(ruleset=True)
+        except Exception as exc:
+            self._use(old)
+            return [f"the new ruleset was refused ({type(exc).__name__}: {exc}); "
+                    f"the old one stays"]
+        return []
+
+    def _use(self, topology: Topology) -> None:
+        self.topology, self.settings = topology, topology.agent
+        self.me = topology.node(self.node)
+        self.reconciler.topology = self.coordinator.topology = topology
+        if self.sync is not None:
+            self.sync.topology = topology  # same peers (reload_problems checked)
 
     async def _start_sync(self) -> None:
         iface = self.topology.sync.interface

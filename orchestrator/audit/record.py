@@ -35,6 +35,8 @@ ACTIONS = frozenset(
         "sync.resync",
         "sync.commit",
         "agent.start",
+        "agent.stop",
+        "agent.reload",
         "agent.recover",
         "hook.veto",
         "hook.spooled",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 
 import click
 
@@ -15,22 +14,17 @@ from orchestrator.cli.rules import CONFIG, NODE, load_for_node
 @CONFIG
 @NODE
 def agent(config_path: str | None, node: str | None) -> None:
-    """Run this node's agent until SIGTERM or SIGINT."""
+    """Run this node's agent until SIGTERM or SIGINT; SIGHUP re-reads the cluster file.
+
+    Under systemd (Type=notify) it reports readiness, reloads and stopping."""
     from orchestrator.agent.daemon import Agent
+    from orchestrator.agent.lifecycle import serve
     from orchestrator.agent.lock import agent_lock
+    from orchestrator.config.defaults import config_path as resolve
 
     topology, node = load_for_node(config_path, node)
     with agent_lock(topology.agent.run_dir, node):  # before anything is touched
-        daemon = Agent(topology, node)
-
-        async def main() -> None:
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-            await daemon.run(stop)
-
-        asyncio.run(main())
+        asyncio.run(serve(Agent(topology, node), resolve(config_path)))
 
 
 @click.command("status")
