@@ -141,7 +141,9 @@ class Hypervisor(abc.ABC):
 
     @abc.abstractmethod
     async def describe(self, guest: str) -> GuestInfo:
-        """Name, MACs, addresses and current node of a guest; raises if unknown here."""
+        """Name, MACs, addresses and current node of a guest; raises if unknown here.
+        A guest arriving here and not yet resumed: ``node`` is this node, ``running``
+        False (a restarted agent keeps waiting for it rather than aborting)."""
 
     @abc.abstractmethod
     async def running(self) -> list[GuestInfo]:
@@ -150,7 +152,9 @@ class Hypervisor(abc.ABC):
     @abc.abstractmethod
     async def migrate(self, guest: str, dst: str, progress: ProgressFn) -> None:
         """Move a guest running here to ``dst``; raise ``HypervisorError`` on failure.
-        The agents learn the moments from hooks and events, as for any migration."""
+        The agents learn the moments from hooks and events, as for any migration.
+        Cancelling the task (``convergent migrate --abort``) must cancel the hypervisor's
+        job too, so the guest stays here."""
 
     async def close(self) -> None:
         return None
@@ -182,6 +186,18 @@ class NoopHypervisor(Hypervisor):
     async def migrate(self, guest: str, dst: str, progress: ProgressFn) -> None:
         raise HypervisorError(f"node {self.node} runs no hypervisor (kind noop): "
                               f"cannot migrate {guest}")
+
+
+def open_hypervisor(kind: str, settings: Mapping[str, Any], node: str) -> Hypervisor:
+    """The adapter of ``kind`` for ``node``; its construction errors become one line."""
+    cls = load_hypervisor(kind)
+    try:
+        return cls(settings, node)
+    except ConvergentError:
+        raise
+    except Exception as exc:  # the facade wraps an adapter's surprise once, here
+        raise HypervisorError(f"hypervisor {kind!r} on {node}: {type(exc).__name__}: "
+                              f"{exc}") from exc
 
 
 def load_hypervisor(kind: str) -> type[Hypervisor]:

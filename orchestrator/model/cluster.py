@@ -210,9 +210,17 @@ class Agent(_Strict):
     migration_timeout_s: FLOAT = Field(900.0, gt=0)
     # how long a destination keeps retrying a source agent that went away mid-migration
     peer_retry_s: FLOAT = Field(5.0, ge=0, le=300)
+    # a migration a restarted agent finds half-done gets this long to hear its resume or
+    # failure; then the hypervisor's view settles it (runs here: cut over; absent: abort)
+    recovery_settle_s: FLOAT = Field(30.0, gt=0, le=3600)
 
     def socket(self, node: str) -> Path:
         return self.run_dir / f"agent-{node}.sock"
+
+    def spool(self, node: str) -> Path:
+        """Where this node's hooks spool (``{node}`` is replaced: agents sharing one file,
+        as in the lab, each replay only their own node's calls)."""
+        return Path(str(self.spool_dir).replace("{node}", node))
 
 
 class Sync(_Strict):
@@ -244,6 +252,19 @@ class Sync(_Strict):
         return v
 
 
+class HypervisorSection(BaseModel):
+    """``[hypervisor]``: which adapter the node's agent runs (an entry point of group
+    ``convergent.hypervisors``, or ``noop`` for a node that only NATs) and that adapter's
+    own settings: every other key, handed to it as written."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    kind: NAME = "noop"
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class Topology(_Strict):
     """One file describes the whole cluster."""
 
@@ -254,6 +275,7 @@ class Topology(_Strict):
     lab: Lab = Field(default_factory=Lab)
     agent: Agent = Field(default_factory=Agent)
     sync: Sync = Field(default_factory=Sync)
+    hypervisor: HypervisorSection = Field(default_factory=HypervisorSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Topology:
