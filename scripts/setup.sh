@@ -28,4 +28,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[dev,plot,lab,bench]'
+# Debian's Xen hotplug scripts for the Xen tests and `lab up --hypervisor xl`: downloaded and
+# unpacked into a cache, never installed (xen-utils-common pulls in udev and systemd-sysv)
+.venv/bin/python -m orchestrator.xen.lab.debian
 echo "setup: ok ($(.venv/bin/python --version), $(nft --version))"

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from orchestrator.xen.names import Phase, parse_vif, split_name, uuid_from_vm_path
-from orchestrator.xen.vifcall import guest_addresses, parse_vif_call
 
 from orchestrator.hypervisor import EventKind, HookCall
+from orchestrator.xen.names import Phase, parse_vif, split_name, uuid_from_vm_path
+from orchestrator.xen.vifcall import guest_addresses, parse_vif_call
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "xen"
 

@@ -7,6 +7,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
+
 from orchestrator.xen.names import Phase
 from orchestrator.xen.xllist import parse_list, parse_list_long
 

@@ -20,11 +20,12 @@ if [ "$mode" = "$prog" ]; then
     shift
 fi
 
-prefix=0 tidy=0
+prefix=0 tidy=0 nr=-1
 while [ $# -gt 0 ]; do
     case $1 in
         -p) prefix=1 ;;
         -t) tidy=1 ;;
+        -n) nr=$2; shift ;;
         -s|-R|-r) ;;  # socket / raw / no transaction: meaningless for a directory tree
         --) shift; break ;;
         -*) echo "xenstore-$mode: unknown option $1" >&2; exit 2 ;;
@@ -37,11 +38,14 @@ done
 node() {
     case $1 in
         ''|*[!A-Za-z0-9/_@-]*|*//*) echo "xenstore-$mode: invalid path $1" >&2; exit 1 ;;
-        /) d=$root ;;
-        /*) d=$root${1%/} ;;
-        *) d=$root/local/domain/0/${1%/} ;;
+        /) d=$root abs=/ ;;
+        /*) abs=${1%/} ;;
+        *) abs=/local/domain/0/${1%/} ;;
     esac
+    d=$root$abs
 }
+
+changed() { printf '%s\n' "$abs" >> "$root/.changes"; }
 
 value() {  # value of node $d into $v ("" when it has none)
     v=
@@ -79,6 +83,7 @@ case $mode in
             [ -d "$d" ] || mkdir -p "$d" || exit 1
             printf '%s\n' "$2" > "$d/.v.$$" && mv -f "$d/.v.$$" "$d/.v" || {
                 echo "xenstore-write: could not write path $1" >&2; exit 1; }
+            changed
             shift 2
         done
         ;;
@@ -93,6 +98,7 @@ case $mode in
             node "$p"
             if [ -d "$d" ]; then
                 rm -rf "$d"
+                changed
             elif [ ! -d "${d%/*}" ]; then
                 echo "xenstore-rm: could not remove path $p" >&2
                 exit 1
@@ -113,6 +119,26 @@ case $mode in
                 if [ $prefix = 1 ]; then printf '%s/%s\n' "${p%/}" "${c##*/}"; else printf '%s\n' "${c##*/}"; fi
             done
         done
+        ;;
+    watch)
+        node "${1:?usage: xenstore-watch [-n NR] PATH}"
+        [ -d "$root" ] || mkdir -p "$root"
+        : >> "$root/.changes"
+        pat=$abs
+        [ "$abs" = / ] && pat=
+        printf '%s\n' "$1"
+        [ "$nr" = 1 ] && exit 0
+        tail -n 0 -F "$root/.changes" 2>/dev/null | {
+            seen=1
+            while IFS= read -r c; do
+                case $c in
+                    "$pat"|"$pat"/*)
+                        printf '%s\n' "$c" || exit 0
+                        seen=$((seen + 1))
+                        [ "$seen" = "$nr" ] && exit 0 ;;
+                esac
+            done
+        }
         ;;
     *)
         echo "xenstore: unknown mode $mode" >&2
