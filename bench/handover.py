@@ -80,7 +80,8 @@ from orchestrator.model.conntrack import (
     Tuple,
 )
 from orchestrator.netfilter import ctnetlink as nl
-from orchestrator.netfilter.conntrack import ConntrackTable, in_netns, open_socket
+from orchestrator.netfilter.conntrack import ConntrackTable, open_socket
+from orchestrator.netns import in_netns
 from orchestrator.store import open_store
 from orchestrator.store.base import Store
 

@@ -31,7 +31,7 @@ from orchestrator.audit.log import AuditLog
 from orchestrator.errors import ConvergentError, MigrationError
 from orchestrator.migration.coordinator import Coordinator, Handover, NodeHandle
 from orchestrator.migration.feed import SourceFeed, SourceSide
-from orchestrator.migration.nodeops import NodeOps
+from orchestrator.migration.nodeops import NftNodeOps
 from orchestrator.model.cluster import Topology
 from orchestrator.netfilter.conntrack import ConntrackTable
 from orchestrator.replicator.precopy import PrecopySource
@@ -70,7 +70,7 @@ class Agent:
                               node=self.node, actor="agent")
         self.table = ConntrackTable(None)
         handle = NodeHandle(self.node, self.table,
-                            NodeOps(self.node, None, self.topology.cluster.guest_bridge))
+                            NftNodeOps(self.node, None, self.topology.cluster.guest_bridge))
         self.coordinator = Coordinator(self.topology, self.store, {self.node: handle},
                                        self.audit, feed_factory=self._feed,
                                        failpoint=self.failpoint)

@@ -1,8 +1,9 @@
 """Program one node's kernel from the store (DESIGN §3: the store is the truth; events only
 trigger a pass, as kube-proxy learned).
 
-``desired_sets`` is pure; ``Reconciler`` reads the node's nft sets, writes the difference in
-one nft batch per set, and keeps the ruleset itself applied (a no-op while its digest holds).
+``desired_sets`` and ``changes`` are pure; ``Reconciler`` reads the node's sets through its
+:class:`~orchestrator.migration.nodeops.NodeOps`, writes the difference in one transaction,
+and keeps the ruleset itself applied (a no-op while its digest holds).
 """
 
 from __future__ import annotations
@@ -15,23 +16,12 @@ from dataclasses import dataclass, field
 import structlog
 
 from orchestrator.audit.log import AuditLog
+from orchestrator.migration.nodeops import NftNodeOps, NodeOps, NodeSets
 from orchestrator.model.cluster import Topology
-from orchestrator.netfilter import nft
-from orchestrator.netfilter.apply import apply
-from orchestrator.netfilter.render import IP_TABLE, SET_LOCAL_GUESTS, SET_RACE_GATE
 from orchestrator.store.base import Phase, Snapshot, Store
 
 log = structlog.get_logger("convergent.reconcile")
 GATED_PHASES = frozenset({Phase.PREPARE, Phase.PRECOPY, Phase.CUTOVER})
-
-
-@dataclass(frozen=True)
-class NodeSets:
-    local_guests: frozenset[str] = frozenset()
-    race_gate: frozenset[str] = frozenset()
-
-    def by_set(self) -> dict[str, frozenset[str]]:
-        return {SET_LOCAL_GUESTS: self.local_guests, SET_RACE_GATE: self.race_gate}
 
 
 def desired_sets(snap: Snapshot, node: str, ungated: Container[str] = ()) -> NodeSets:
@@ -70,21 +60,17 @@ class ReconcileStats:
 
 
 class Reconciler:
+    """Passes over one node: ``ops`` defaults to the node's real nft in this namespace."""
+
     def __init__(self, topology: Topology, node: str, store: Store,
-                 netns: str | None = None, ungated: Container[str] = (),
+                 ops: NodeOps | None = None, ungated: Container[str] = (),
                  audit: AuditLog | None = None) -> None:
-        self.topology, self.node, self.store, self.netns = topology, node, store, netns
+        self.topology, self.node, self.store = topology, node, store
+        self.ops = ops or NftNodeOps(node, None, topology.cluster.guest_bridge)
         self.ungated = ungated
         self.audit = audit
         self.stats = ReconcileStats()
         self._lock = asyncio.Lock()
-
-    async def current(self) -> NodeSets:
-        def read(name: str) -> frozenset[str]:
-            return frozenset(nft.set_elements("ip", IP_TABLE, name, self.netns))
-        local = await asyncio.to_thread(read, SET_LOCAL_GUESTS)
-        gate = await asyncio.to_thread(read, SET_RACE_GATE)
-        return NodeSets(local, gate)
 
     async def run(self, ruleset: bool = False) -> dict[str, tuple[list[str], list[str]]]:
         """One pass; ``ruleset``: also re-apply the rules (cheap when unchanged)."""
@@ -93,15 +79,12 @@ class Reconciler:
             self.stats.runs += 1
             try:
                 if ruleset:
-                    # recorded only when it changed something (someone flushed our rules)
-                    await asyncio.to_thread(apply, self.topology, self.node, self.netns,
-                                            self.audit, record_unchanged=False)
+                    await self.ops.apply_rules(self.topology, self.audit)
                 snap = await self.store.snapshot()
-                todo = changes(await self.current(),
+                todo = changes(await self.ops.sets(),
                                desired_sets(snap, self.node, self.ungated))
-                for name, (add, remove) in todo.items():
-                    await asyncio.to_thread(nft.update_set, "ip", IP_TABLE, name, add, remove,
-                                            self.netns)
+                if todo:
+                    await self.ops.update_sets(todo)
             except Exception as exc:
                 self.stats.errors += 1
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"

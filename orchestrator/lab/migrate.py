@@ -16,7 +16,7 @@ from orchestrator.errors import ConvergentError, MigrationError
 from orchestrator.lab.hypervisor import LabHypervisor
 from orchestrator.lab.lab import Lab
 from orchestrator.migration.coordinator import Coordinator, NodeHandle
-from orchestrator.migration.nodeops import NodeOps
+from orchestrator.migration.nodeops import NftNodeOps
 from orchestrator.netfilter.conntrack import ConntrackTable
 from orchestrator.store import open_store
 from orchestrator.store.base import Store
@@ -61,7 +61,7 @@ def node_handles(lab: Lab) -> dict[str, NodeHandle]:
     t = lab.topology()
     return {
         n.name: NodeHandle(n.name, ConntrackTable(lab.names.node(n.name)),
-                           NodeOps(n.name, lab.names.node(n.name), t.cluster.guest_bridge))
+                           NftNodeOps(n.name, lab.names.node(n.name), t.cluster.guest_bridge))
         for n in t.nodes
     }
 

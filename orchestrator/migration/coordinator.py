@@ -32,8 +32,8 @@ from orchestrator.handover.planner import (
 from orchestrator.migration.feed import FeedBatch, FeedLost, LocalFeed, SourceFeed, SourceSide
 from orchestrator.migration.nodeops import NodeOps
 from orchestrator.model.cluster import Topology
-from orchestrator.model.conntrack import Entry, EventType
-from orchestrator.netfilter.conntrack import ConntrackTable, Key
+from orchestrator.model.conntrack import Entry, EventType, Key
+from orchestrator.netfilter.conntrack import Conntrack
 from orchestrator.store.base import Address, EpochConflict, MigrationRecord, Phase, Store
 
 log = structlog.get_logger("convergent.migration")
@@ -50,7 +50,7 @@ class NodeHandle:
     """One node as the coordinator drives it: its kernel table and its nft sets."""
 
     name: str
-    table: ConntrackTable
+    table: Conntrack
     ops: NodeOps
 
 

@@ -19,7 +19,7 @@ from ipaddress import IPv4Address
 from orchestrator.handover.planner import SourceKind, plan_handover
 from orchestrator.model.cluster import Topology
 from orchestrator.model.conntrack import Entry, Event, EventType
-from orchestrator.netfilter.conntrack import ConntrackTable, EventStream, Overrun
+from orchestrator.netfilter.conntrack import Conntrack, Events, Overrun
 
 
 @dataclass
@@ -63,13 +63,13 @@ class SourceFeed(abc.ABC):
 class SourceSide:
     """The source's half: runs next to S's conntrack table."""
 
-    def __init__(self, table: ConntrackTable, topology: Topology, guest: str, src: str,
+    def __init__(self, table: Conntrack, topology: Topology, guest: str, src: str,
                  dst: str, addresses: Iterable[IPv4Address]) -> None:
         self.table = table
         self.topology = topology
         self.guest, self.src, self.dst = guest, src, dst
         self.addresses = list(addresses)
-        self.stream: EventStream | None = None
+        self.stream: Events | None = None
         self.seen: dict[object, tuple[object, ...]] = {}  # key -> what D needs of it
 
     async def open(self) -> list[Entry]:

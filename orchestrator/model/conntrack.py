@@ -121,6 +121,9 @@ def _icmp_reply(icmp_type: int) -> int:
     return _ICMP_REPLY.get(icmp_type, icmp_type)
 
 
+Key = tuple[Tuple, int]  # (orig tuple, zone): what identifies an entry, as in the kernel
+
+
 @dataclass(frozen=True, slots=True)
 class TcpInfo:
     state: TcpState = TcpState.ESTABLISHED
@@ -144,7 +147,7 @@ class Entry:
     id: int | None = field(default=None, compare=False)
 
     @property
-    def key(self) -> tuple[Tuple, int]:
+    def key(self) -> Key:
         return (self.tuple_orig, self.zone)
 
     @property

@@ -25,7 +25,7 @@ from ipaddress import IPv4Address
 from typing import Final, Literal
 
 from orchestrator.errors import ConvergentError
-from orchestrator.netfilter.conntrack import in_netns
+from orchestrator.netns import in_netns
 
 Address = tuple[str, int]
 Receive = Callable[[list[tuple[bytes, Address]]], None]

@@ -17,7 +17,7 @@ from orchestrator.errors import ConvergentError
 from orchestrator.handover.planner import DestKind, plan_handover
 from orchestrator.model.cluster import Topology
 from orchestrator.model.conntrack import Entry
-from orchestrator.netfilter.conntrack import ConntrackTable
+from orchestrator.netfilter.conntrack import Conntrack
 
 
 class CommitError(ConvergentError):
@@ -45,7 +45,7 @@ class CommitResult:
 
 
 async def commit(
-    table: ConntrackTable, topology: Topology, entries: Iterable[Entry], from_node: str,
+    table: Conntrack, topology: Topology, entries: Iterable[Entry], from_node: str,
     to_node: str, guest: str | None = None,
 ) -> CommitResult:  # fmt: skip
     """Plan and write ``entries`` (from ``from_node``'s cache) into ``table`` (``to_node``)."""

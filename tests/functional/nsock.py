@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 
-from orchestrator.netfilter.conntrack import in_netns
+from orchestrator.netns import in_netns
 
 
 def socket_in(netns: str, family: int = socket.AF_INET,

@@ -19,7 +19,7 @@ from orchestrator.agent.peer import PeerError, PeerFeed
 from orchestrator.lab import netns as ns
 from orchestrator.lab.lab import Lab
 from orchestrator.migration.feed import FeedLost
-from orchestrator.netfilter.conntrack import in_netns
+from orchestrator.netns import in_netns
 from tests.conftest import unique
 from tests.functional.test_migration import agent
 

@@ -28,8 +28,9 @@ from orchestrator.model.conntrack import (
     TcpState,
     Tuple,
 )
-from orchestrator.netfilter.conntrack import ConntrackTable, in_netns
+from orchestrator.netfilter.conntrack import ConntrackTable
 from orchestrator.netfilter.render import render
+from orchestrator.netns import in_netns
 from orchestrator.replicator.service import SyncService
 from orchestrator.replicator.wire import (
     HEADER_SIZE,
