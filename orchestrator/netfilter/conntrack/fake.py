@@ -14,9 +14,10 @@ which runs every case against this fake and against a real namespace):
 - every successful add, change and delete is an event (NEW, UPDATE, DESTROY), also a change
   that changes nothing; a DESTROY carries ``DYING``.
 
-Not modelled: timeouts do not tick, entries never expire. ``inject_overrun`` stands in for
-a kernel that dropped events, and a stream whose ``rcvbuf`` holds fewer events than are
-pending overruns too (at ~640 bytes per event, as the kernel's skbs cost).
+Not modelled: timeouts do not tick, entries never expire. For tests, ``track`` stands in
+for traffic (entries with NAT bindings, which only the kernel's own tracking makes) and
+``inject_overrun`` for a kernel that dropped events; a stream whose ``rcvbuf`` holds fewer
+events than are pending overruns too (at ~640 bytes per event, as the kernel's skbs cost).
 """
 
 from __future__ import annotations
@@ -80,9 +81,7 @@ class FakeConntrack:
         self._streams: list[FakeEvents] = []
         self._next_id = 1
         self.calls: list[str] = []  # the operations asked for, in order (for tests)
-        for e in entries:
-            if err := self._create(e):
-                raise ValueError(f"{e}: {errno.errorcode[err]}")
+        self.track(entries)
 
     def close(self) -> None:
         pass
@@ -294,6 +293,20 @@ class FakeConntrack:
             return self.events(addresses=addrs), self.dump(addrs, **filters)
 
     # --- for tests ----------------------------------------------------------------------------
+
+    def track(self, entries: Iterable[Entry], reported: bool = True) -> None:
+        """Entries as traffic made them (NAT bindings and all, which ``push`` cannot
+        write), each a NEW event (``reported=False``: events the kernel dropped; pair it
+        with ``inject_overrun``)."""
+        with self._lock:
+            for e in entries:
+                if self._find(e.tuple_orig, e.zone) or self._find(e.tuple_reply, e.zone):
+                    raise ValueError(f"{e}: a tuple of it is already tracked")
+                e = replace(e, id=self._next_id)
+                self._next_id += 1
+                self._store(e)
+                if reported:
+                    self._emit(EventType.NEW, e)
 
     def inject_overrun(self) -> None:
         """As if the kernel had dropped events on every open stream."""
