@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(nftables conntrack conntrackd iproute2 socat tcpdump iputils-arping iputils-ping
           openssh-server openssh-client procps psmisc kmod python3 python3-venv python3-pip
-          systemd)
+          systemd etcd-server etcd-client)
 
 if [ "$(id -u)" != 0 ]; then
     echo "setup: run as root (network namespaces, apt-get)" >&2
@@ -18,8 +18,19 @@ for p in "${PACKAGES[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
+    # Packages such as etcd-server start a daemon from their postinst. Nothing here wants
+    # one (tests and the lab start their own members on Unix sockets): forbid starting
+    # services during the install, unless the machine already has its own policy.
+    policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        policy=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' > "$policy"
+        chmod 755 "$policy"
+    fi
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+        || { [ -z "$policy" ] || rm -f "$policy"; exit 1; }
+    [ -z "$policy" ] || rm -f "$policy"
 fi
 
 PY=${PYTHON:-python3}

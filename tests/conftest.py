@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.lab.etcd import EtcdCluster, etcd_binary
 from orchestrator.lab.netns import del_netns
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,3 +55,19 @@ def netns() -> Iterator[Callable[[str], str]]:
     yield make
     for name in made:
         del_netns(name)
+
+
+@pytest.fixture(scope="session")
+def etcd_url() -> Iterator[str]:
+    """A real etcd for the session: ``CONVERGENT_TEST_ETCD`` if set, else one member of
+    Debian's etcd-server started here on Unix sockets only (no network, no root)."""
+    given = os.environ.get("CONVERGENT_TEST_ETCD")
+    if given:
+        yield given.rstrip("/")
+        return
+    if etcd_binary() is None:
+        pytest.skip("needs etcd (Debian package etcd-server; scripts/setup.sh installs it)")
+    with EtcdCluster.create(["solo"]) as cluster:
+        cluster.start()
+        cluster.wait_ready()
+        yield cluster.url(prefix="")

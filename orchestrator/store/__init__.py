@@ -1,7 +1,8 @@
 """Ownership store (DESIGN §3): ``open_store(url)`` picks the backend.
 
 ``sqlite:///var/lib/convergent/store.db`` (or a bare path) is the embedded default;
-``etcd://host:2379[,host:2379]/prefix`` is for real clusters (not implemented yet).
+``etcd://host:2379[,host:2379]/prefix`` (``etcds://`` with TLS) is for real clusters: see
+``orchestrator/store/etcdurl.py`` for the options.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from orchestrator.store.base import (
     Change,
     Compacted,
     EpochConflict,
+    Liveness,
     MigrationRecord,
     NodeRecord,
     Ownership,
     Phase,
     PhaseConflict,
+    PublicAddress,
+    PublicConflict,
     Snapshot,
     Store,
 )
@@ -30,11 +34,14 @@ __all__ = [
     "Change",
     "Compacted",
     "EpochConflict",
+    "Liveness",
     "MigrationRecord",
     "NodeRecord",
     "Ownership",
     "Phase",
     "PhaseConflict",
+    "PublicAddress",
+    "PublicConflict",
     "Snapshot",
     "Store",
     "open_store",
@@ -65,6 +72,9 @@ async def open_store(url: str = DEFAULT_URL, **options: Any) -> Store:
         return await asyncio.to_thread(SqliteStore, path, **options)
     scheme = url.split("://", 1)[0]
     if scheme in ("etcd", "etcds"):
-        raise StoreError(f"store {url}: the etcd backend is not implemented yet; "
-                         "use sqlite:///path/to/store.db")
+        from orchestrator.store.etcd import EtcdStore
+
+        if options:
+            raise StoreError(f"store {url}: options go in the URL's query for etcd")
+        return await EtcdStore.open(url)
     raise StoreError(f"store {url}: unknown scheme {scheme!r}; use sqlite:///path or etcd://")

@@ -1,10 +1,15 @@
 """The ownership store: records, rules and the backend interface (DESIGN §3).
 
-Every backend (SQLite now, etcd v3 later) keeps the same three kinds of record and the
-same guarantees, so agents and tests never care which one runs:
+Every backend (SQLite, etcd v3) keeps the same kinds of record and the same guarantees,
+so agents and tests never care which one runs:
 
 - a guest IP has at most one owner; every change of its record is a compare-and-swap on
   its epoch, and a successful change raises the epoch by exactly one (a fencing token);
+- a node's public address has one holder at a time (its node, or a survivor that adopted
+  it in a failover), changed by the same compare-and-swap on its own epoch, so a node that
+  comes back after a partition is fenced until an operator fails it back;
+- a node is alive while its lease is: granted with a TTL, renewed by heartbeats, expired
+  when they stop (etcd: a real lease; SQLite: an expiry time read against the clock);
 - a guest has at most one active migration, whose phase moves only along ``NEXT``;
 - every change gets a revision; ``watch(after=R)`` yields the changes after R in order,
   and a watcher resumes by passing the last revision it saw (etcd's watch semantics:
@@ -27,7 +32,7 @@ from typing import Any, Literal, Self
 from orchestrator.errors import StoreError
 
 Address = IPv4Address | str
-Kind = Literal["ownership", "node", "migration"]
+Kind = Literal["ownership", "node", "migration", "public"]
 
 
 class Phase(StrEnum):
@@ -100,7 +105,34 @@ class MigrationRecord:
         return self.phase not in TERMINAL
 
 
-Record = Ownership | NodeRecord | MigrationRecord
+@dataclass(frozen=True)
+class PublicAddress:
+    """A node's public address and who answers for it. ``holder != node``: a survivor
+    adopted it (failover); ``node`` must not take it back until a failback."""
+
+    node: str
+    ip: IPv4Address
+    holder: str
+    epoch: int
+    since: float
+
+    @property
+    def adopted(self) -> bool:
+        return self.holder != self.node
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """A node's liveness lease. ``ttl`` 0: never granted. ``remaining``: seconds before it
+    expires without another heartbeat (0 once dead)."""
+
+    node: str
+    alive: bool
+    ttl: float
+    remaining: float
+
+
+Record = Ownership | NodeRecord | MigrationRecord | PublicAddress
 
 
 @dataclass(frozen=True)
@@ -121,6 +153,7 @@ class Snapshot:
     ownership: tuple[Ownership, ...]
     nodes: tuple[NodeRecord, ...]
     migrations: tuple[MigrationRecord, ...]  # active ones
+    public: tuple[PublicAddress, ...] = ()
 
 
 # --- errors -------------------------------------------------------------------------
@@ -140,6 +173,10 @@ class EpochConflict(StoreError):
     @property
     def stale(self) -> list[IPv4Address]:
         return [ip for ip, e in self.expected.items() if epoch_of(self.current.get(ip)) != e]
+
+
+class PublicConflict(StoreError):
+    """A public-address swap saw another epoch: someone else adopted or gave it back."""
 
 
 class PhaseConflict(StoreError):
@@ -190,6 +227,19 @@ def check_epochs(expected: Mapping[IPv4Address, int],
         raise EpochConflict(expected, current)
 
 
+def check_public(node: str, ip: IPv4Address, holder: str, expected: int,
+                 current: PublicAddress | None, known: set[str]) -> None:
+    """The rules of a public-address swap (all of them: there is no no-op swap)."""
+    check_known_nodes(known, node, holder)
+    if current is not None and current.ip != ip:
+        raise StoreError(f"public address of {node} is {current.ip}, not {ip}")
+    have = current.epoch if current else 0
+    if have != expected:
+        held = f"held by {current.holder} at epoch {have}" if current else "never claimed"
+        raise PublicConflict(f"public address {ip} of {node}: expected epoch {expected}, "
+                             f"it is {held}")
+
+
 def to_phase(value: Phase | str) -> Phase:
     try:
         return Phase(value)
@@ -238,6 +288,24 @@ def check_migration_start(guest: str, src: str, dst: str, active: Iterable[Migra
             raise StoreError(f"migration of {guest} from {src}: {ip} {describe(own)}")
 
 
+def guest_after(ip: IPv4Address, old: Ownership | None, guest: str | None) -> str:
+    """A claim names the guest; a release keeps the last one on the record."""
+    if guest is not None:
+        return guest
+    if old is None:
+        raise StoreError(f"cannot release {ip}: it was never claimed")
+    return old.guest
+
+
+def same_migration(old: MigrationRecord, guest: str, ips: tuple[IPv4Address, ...],
+                   src: str, dst: str) -> MigrationRecord:
+    """Creating a migration again with its id: the same one, or a clear refusal."""
+    if (old.guest, old.addresses, old.src, old.dst) != (guest, ips, src, dst):
+        raise StoreError(f"migration id {old.id} is already used by {old.guest} "
+                         f"({old.src} -> {old.dst})")
+    return old
+
+
 def check_known_nodes(known: set[str], *names: str) -> None:
     """Before any node registers, everything goes (tests, first boot); after, no typos."""
     unknown = [n for n in names if known and n not in known]
@@ -252,6 +320,9 @@ def to_dict(rec: Record) -> dict[str, Any]:
     if isinstance(rec, Ownership):
         return {"ip": str(rec.ip), "node": rec.node, "guest": rec.guest, "epoch": rec.epoch,
                 "since": rec.since}
+    if isinstance(rec, PublicAddress):
+        return {"node": rec.node, "ip": str(rec.ip), "holder": rec.holder, "epoch": rec.epoch,
+                "since": rec.since}
     if isinstance(rec, NodeRecord):
         return {"name": rec.name, "tag": rec.tag, "mac_prefix": rec.mac_prefix,
                 "pub_ip": str(rec.pub_ip), "heartbeat": rec.heartbeat}
@@ -265,6 +336,9 @@ def to_dict(rec: Record) -> dict[str, Any]:
 def from_dict(kind: Kind, d: Mapping[str, Any]) -> Record:
     if kind == "ownership":
         return Ownership(IPv4Address(d["ip"]), d["node"], d["guest"], d["epoch"], d["since"])
+    if kind == "public":
+        return PublicAddress(d["node"], IPv4Address(d["ip"]), d["holder"], d["epoch"],
+                             d["since"])
     if kind == "node":
         return NodeRecord(d["name"], d["tag"], d["mac_prefix"], IPv4Address(d["pub_ip"]),
                           d["heartbeat"])
@@ -315,13 +389,47 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def heartbeat(self, name: str) -> NodeRecord:
-        """Liveness only: not a change, watchers see nothing (etcd: a lease keep-alive)."""
+        """Liveness only: renews the node's lease if it has one (granting a new one with
+        the last TTL if it expired); not a change, watchers see nothing."""
 
     @abc.abstractmethod
     async def get_node(self, name: str) -> NodeRecord | None: ...
 
     @abc.abstractmethod
     async def list_nodes(self) -> list[NodeRecord]: ...
+
+    # liveness
+    @abc.abstractmethod
+    async def grant_lease(self, name: str, ttl: float) -> Liveness:
+        """Make ``name`` alive for ``ttl`` seconds from now; heartbeats keep it so."""
+
+    @abc.abstractmethod
+    async def revoke_lease(self, name: str) -> None:
+        """Dead at once (a clean stop); a no-op without a lease."""
+
+    @abc.abstractmethod
+    async def list_liveness(self) -> list[Liveness]:
+        """Every registered node's lease (``ttl`` 0 for a node that never had one)."""
+
+    async def liveness(self, name: str) -> Liveness:
+        for live in await self.list_liveness():
+            if live.node == name:
+                return live
+        return Liveness(name, False, 0.0, 0.0)
+
+    # public addresses
+    @abc.abstractmethod
+    async def get_public(self, node: str) -> PublicAddress | None: ...
+
+    @abc.abstractmethod
+    async def list_public(self) -> list[PublicAddress]: ...
+
+    @abc.abstractmethod
+    async def claim_public(self, node: str, ip: Address, holder: str,
+                           expected_epoch: int) -> PublicAddress:
+        """Give ``node``'s public address to ``holder`` if it is still at
+        ``expected_epoch`` (0: never claimed); the epoch goes up by one. Adoption by a
+        survivor and failback are both this swap."""
 
     # migrations
     @abc.abstractmethod

@@ -36,10 +36,12 @@ from orchestrator.store.base import (
     Change,
     Compacted,
     Kind,
+    Liveness,
     MigrationRecord,
     NodeRecord,
     Ownership,
     Phase,
+    PublicAddress,
     Record,
     Snapshot,
     Store,
@@ -47,15 +49,18 @@ from orchestrator.store.base import (
     check_epochs,
     check_known_nodes,
     check_migration_start,
+    check_public,
     expected_epochs,
     finish_target,
     from_dict,
+    guest_after,
+    same_migration,
     to_dict,
     to_ip,
     to_phase,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: leases, public addresses (a v1 file gains the tables on open)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('revision', 0), ('compacted', 0);
@@ -72,6 +77,11 @@ CREATE TABLE IF NOT EXISTS migrations (
 -- the rule "one active migration per guest", enforced by the file itself too
 CREATE UNIQUE INDEX IF NOT EXISTS one_active_migration ON migrations(guest)
     WHERE phase NOT IN ('done', 'aborted');
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY, ttl REAL NOT NULL, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS public (
+    node TEXT PRIMARY KEY, ip TEXT NOT NULL, holder TEXT NOT NULL, epoch INTEGER NOT NULL,
+    since REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS changes (
     rev INTEGER NOT NULL, idx INTEGER NOT NULL, kind TEXT NOT NULL, key TEXT NOT NULL,
     value TEXT, PRIMARY KEY (rev, idx)) WITHOUT ROWID;
@@ -89,17 +99,13 @@ def _node(row: sqlite3.Row) -> NodeRecord:
                       row["heartbeat"])
 
 
+def _pub(row: sqlite3.Row) -> PublicAddress:
+    return PublicAddress(row["node"], IPv4Address(row["ip"]), row["holder"], row["epoch"],
+                         row["since"])
+
+
 def _mig(row: sqlite3.Row) -> MigrationRecord:
     return cast(MigrationRecord, from_dict("migration", json.loads(row["body"])))
-
-
-def _guest_after(ip: IPv4Address, old: Ownership | None, guest: str | None) -> str:
-    """A claim names the guest; a release keeps the last one on the record."""
-    if guest is not None:
-        return guest
-    if old is None:
-        raise StoreError(f"cannot release {ip}: it was never claimed")
-    return old.guest
 
 
 def _is_locked(exc: BaseException) -> bool:
@@ -228,7 +234,7 @@ class SqliteCore:
             check_epochs(want, current)
             now = self._clock()
             for ip in sorted(want):
-                new = Ownership(ip, node, _guest_after(ip, current[ip], guest), want[ip] + 1,
+                new = Ownership(ip, node, guest_after(ip, current[ip], guest), want[ip] + 1,
                                 now)
                 self._db.execute("INSERT OR REPLACE INTO ownership VALUES (?, ?, ?, ?, ?)",
                                  (str(ip), new.node, new.guest, new.epoch, new.since))
@@ -271,14 +277,62 @@ class SqliteCore:
         return new
 
     def heartbeat(self, name: str) -> NodeRecord:
+        now = self._clock()
         with self._write():
-            cur = self._db.execute("UPDATE nodes SET heartbeat = ? WHERE name = ?",
-                                   (self._clock(), name))
+            cur = self._db.execute("UPDATE nodes SET heartbeat = ? WHERE name = ?", (now, name))
             if cur.rowcount == 0:
                 raise StoreError(f"heartbeat from unknown node {name!r}: upsert it first")
+            self._db.execute("UPDATE leases SET expires = ? + ttl WHERE name = ?", (now, name))
             node = self.get_node(name)
         assert node is not None
         return node
+
+    # --- liveness: an expiry time, read against the clock ---------------------------
+
+    def grant_lease(self, name: str, ttl: float) -> Liveness:
+        if ttl <= 0:
+            raise StoreError(f"lease of {name}: ttl must be positive, got {ttl}")
+        with self._write():
+            if self.get_node(name) is None:
+                raise StoreError(f"lease for unknown node {name!r}: upsert it first")
+            self._db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?)",
+                             (name, float(ttl), self._clock() + ttl))
+        return Liveness(name, True, float(ttl), float(ttl))
+
+    def revoke_lease(self, name: str) -> None:
+        with self._write():
+            self._db.execute("UPDATE leases SET expires = 0 WHERE name = ?", (name,))
+
+    def list_liveness(self) -> list[Liveness]:
+        now = self._clock()
+        rows = self._db.execute("SELECT nodes.name, ttl, expires FROM nodes LEFT JOIN leases "
+                                "ON leases.name = nodes.name ORDER BY nodes.name")
+        out = []
+        for name, ttl, expires in rows:
+            left = max(0.0, (expires or 0.0) - now)
+            out.append(Liveness(name, left > 0, float(ttl or 0.0), left))
+        return out
+
+    # --- public addresses -----------------------------------------------------------
+
+    def get_public(self, node: str) -> PublicAddress | None:
+        row = self._db.execute("SELECT * FROM public WHERE node = ?", (node,)).fetchone()
+        return _pub(row) if row else None
+
+    def list_public(self) -> list[PublicAddress]:
+        return [_pub(r) for r in self._db.execute("SELECT * FROM public ORDER BY node")]
+
+    def claim_public(self, node: str, ip: Address, holder: str,
+                     expected_epoch: int) -> PublicAddress:
+        addr = to_ip(ip)
+        with self._write():
+            check_public(node, addr, holder, expected_epoch, self.get_public(node),
+                         self._node_names())
+            new = PublicAddress(node, addr, holder, expected_epoch + 1, self._clock())
+            self._db.execute("INSERT OR REPLACE INTO public VALUES (?, ?, ?, ?, ?)",
+                             (node, str(addr), holder, new.epoch, new.since))
+            self._log("public", node, new)
+        return new
 
     # --- migrations -----------------------------------------------------------------
 
@@ -302,7 +356,7 @@ class SqliteCore:
         with self._write():
             old = self.get_migration(id) if id else None
             if old is not None:
-                return self._same_migration(old, guest, ips, src, dst)
+                return same_migration(old, guest, ips, src, dst)
             owners = {ip: self.get_ownership(ip) for ip in ips}
             check_migration_start(guest, src, dst, self.list_migrations(guest=guest),
                                   self._node_names(), owners)
@@ -315,14 +369,6 @@ class SqliteCore:
                              (mig.id, guest, mig.phase.value, now, json.dumps(to_dict(mig))))
             self._log("migration", mig.id, mig)
         return mig
-
-    @staticmethod
-    def _same_migration(old: MigrationRecord, guest: str, ips: tuple[IPv4Address, ...],
-                        src: str, dst: str) -> MigrationRecord:
-        if (old.guest, old.addresses, old.src, old.dst) != (guest, ips, src, dst):
-            raise StoreError(f"migration id {old.id} is already used by {old.guest} "
-                             f"({old.src} -> {old.dst})")
-        return old
 
     def _update(self, id: str, change: Callable[[MigrationRecord], MigrationRecord | None]
                 ) -> MigrationRecord:
@@ -371,7 +417,8 @@ class SqliteCore:
     def snapshot(self) -> Snapshot:
         with self._read():
             return Snapshot(self.revision(), tuple(self.list_ownership()),
-                            tuple(self.list_nodes()), tuple(self.list_migrations()))
+                            tuple(self.list_nodes()), tuple(self.list_migrations()),
+                            tuple(self.list_public()))
 
     def changes_since(self, after: int, max_revisions: int = WATCH_BATCH) -> list[Change]:
         with self._read():
@@ -449,6 +496,25 @@ class SqliteStore(Store):
 
     async def get_node(self, name: str) -> NodeRecord | None:
         return await self._call(self._core.get_node, name)
+
+    async def grant_lease(self, name: str, ttl: float) -> Liveness:
+        return await self._call(self._core.grant_lease, name, ttl)
+
+    async def revoke_lease(self, name: str) -> None:
+        await self._call(self._core.revoke_lease, name)
+
+    async def list_liveness(self) -> list[Liveness]:
+        return await self._call(self._core.list_liveness)
+
+    async def get_public(self, node: str) -> PublicAddress | None:
+        return await self._call(self._core.get_public, node)
+
+    async def list_public(self) -> list[PublicAddress]:
+        return await self._call(self._core.list_public)
+
+    async def claim_public(self, node: str, ip: Address, holder: str,
+                           expected_epoch: int) -> PublicAddress:
+        return await self._call(self._core.claim_public, node, ip, holder, expected_epoch)
 
     async def list_nodes(self) -> list[NodeRecord]:
         return await self._call(self._core.list_nodes)

@@ -1,9 +1,10 @@
 """Contract suite for the ownership store (DESIGN §3).
 
 Every test taking ``new_url`` runs against each backend: a fresh, isolated store per call
-(SQLite: a new file; etcd: a new key prefix). The etcd backend plugs in by being reachable
-at ``CONVERGENT_TEST_ETCD`` (e.g. ``etcd://127.0.0.1:2379``); without it those runs skip.
-Tests at the bottom poke SQLite internals (a writer killed mid-transaction) and run there only.
+(SQLite: a new file; etcd: a new key prefix on a real etcd the session starts, or the one
+at ``CONVERGENT_TEST_ETCD``). Revisions are compared, never assumed to count from 1: etcd's
+are global to its cluster. Tests at the bottom poke one backend's internals (a SQLite writer
+killed mid-transaction, etcd's transaction size limit) and run there only.
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ from orchestrator.store import (
     EpochConflict,
     Phase,
     PhaseConflict,
+    PublicConflict,
     Store,
     open_store,
     sqlite_path,
 )
+from orchestrator.store.etcdurl import parse_etcd_url
 from orchestrator.store.sqlite import SqliteCore
 
 A, B, C = "10.5.5.10", "10.5.5.11", "10.5.5.12"
 IPS = (A, B, C)
-ETCD = os.environ.get("CONVERGENT_TEST_ETCD")
 MP = multiprocessing.get_context("spawn")  # no SQLite state inherited across fork
 
 Body = Callable[[Store], Awaitable[None]]
@@ -53,9 +55,8 @@ Body = Callable[[Store], Awaitable[None]]
 def new_url(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], str]:
     """A factory of fresh store URLs for one backend."""
     if request.param == "etcd":
-        if not ETCD:
-            pytest.skip("etcd backend: set CONVERGENT_TEST_ETCD=etcd://host:port to run")
-        return lambda: f"{ETCD}/convergent-test-{uuid.uuid4().hex[:8]}"
+        base = request.getfixturevalue("etcd_url")
+        return lambda: f"{base}/convergent-test-{uuid.uuid4().hex[:8]}"
     return lambda: f"sqlite://{tmp_path}/store-{uuid.uuid4().hex[:8]}.db"
 
 
@@ -323,7 +324,9 @@ def test_writer_killed_at_random_leaves_a_consistent_store(new_url: Callable[[],
             changes = await take(store, 0, 3 * epoch)
             assert [c.record.epoch for c in changes] == [  # type: ignore[union-attr]
                 e for e in range(1, epoch + 1) for _ in IPS]
-            assert await store.revision() == epoch  # one revision per claim, none half-done
+            # one revision per claim, none half-done
+            assert len({c.revision for c in changes}) == epoch
+            assert changes[-1].revision == await store.revision()
             await store.claim_all(dict.fromkeys(IPS, epoch), "n1", "web")  # not locked out
 
     try:
@@ -362,6 +365,93 @@ async def test_node_errors(store: Store) -> None:
         await store.upsert_node("n4", 2, "0e:00", "192.168.122.14")
     with pytest.raises(StoreError, match="heartbeat from unknown node 'n4'"):
         await store.heartbeat("n4")
+
+
+# --- liveness: leases answered the same way by every backend -------------------------
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float) -> float:
+    """Seconds until ``check()`` holds (fails the test past ``timeout``)."""
+    start = time.monotonic()
+    while not await check():
+        assert time.monotonic() - start < timeout, "timed out"
+        await asyncio.sleep(0.05)
+    return time.monotonic() - start
+
+
+@contract
+async def test_lease_keeps_a_node_alive_while_it_beats(store: Store) -> None:
+    await three_nodes(store)
+    assert [(v.node, v.alive, v.ttl) for v in await store.list_liveness()] == [
+        ("n1", False, 0.0), ("n2", False, 0.0), ("n3", False, 0.0)]  # never granted
+    granted = await store.grant_lease("n1", 1)
+    assert (granted.alive, granted.ttl) == (True, 1.0) and granted.remaining >= 1
+    rev = await store.revision()
+    for _ in range(6):  # 1.8 s of heartbeats, well past the 1 s TTL
+        await asyncio.sleep(0.3)
+        await store.heartbeat("n1")
+        assert (await store.liveness("n1")).alive
+    assert await store.revision() == rev  # liveness is not a change
+    assert not (await store.liveness("n2")).alive
+    assert not (await store.liveness("n9")).alive  # unknown: not alive
+    with pytest.raises(StoreError, match="lease for unknown node 'n9'"):
+        await store.grant_lease("n9", 1)
+    with pytest.raises(StoreError, match="ttl must be positive"):
+        await store.grant_lease("n1", 0)
+
+
+@contract
+async def test_lease_expires_without_heartbeats_and_heartbeats_revive_it(store: Store) -> None:
+    await three_nodes(store)
+    await store.grant_lease("n2", 1)
+
+    async def dead() -> bool:
+        return not (await store.liveness("n2")).alive
+
+    # the TTL, plus etcd's expiry sweep (every 0.5 s): within twice the TTL
+    assert await until(dead, 3) <= 2.0
+    gone = await store.liveness("n2")
+    assert (gone.ttl, gone.remaining) == (1.0, 0.0)
+    await store.heartbeat("n2")  # back after a partition: alive again, same TTL
+    assert (await store.liveness("n2")).alive
+    await store.revoke_lease("n2")  # a clean stop: dead at once
+    assert not (await store.liveness("n2")).alive
+    await store.revoke_lease("n2")  # twice is harmless
+
+
+# --- public addresses: adoption is a compare-and-swap that fences the home node -------
+
+
+@contract
+async def test_public_address_adoption_fences_the_home_node(store: Store) -> None:
+    await three_nodes(store)
+    pub = "192.168.122.11"
+    home = await store.claim_public("n1", pub, "n1", 0)
+    assert (home.node, str(home.ip), home.holder, home.epoch, home.adopted) == (
+        "n1", pub, "n1", 1, False)
+    rev = await store.revision()
+    adopted = await store.claim_public("n1", pub, "n3", 1)  # failover to n3
+    assert (adopted.holder, adopted.epoch, adopted.adopted) == ("n3", 2, True)
+    # n1 comes back knowing only what it held: it is fenced, nothing changes
+    with pytest.raises(PublicConflict, match=r"192\.168\.122\.11 of n1: expected epoch 1, "
+                       "it is held by n3 at epoch 2"):
+        await store.claim_public("n1", pub, "n1", 1)
+    with pytest.raises(PublicConflict, match="held by n3"):
+        await store.claim_public("n1", pub, "n2", 1)  # a second survivor loses the race
+    assert await store.get_public("n1") == adopted
+    (change,) = await take(store, rev, 1)
+    assert (change.kind, change.key, change.record) == ("public", "n1", adopted)
+    back = await store.claim_public("n1", pub, "n1", 2)  # failback
+    assert (back.holder, back.epoch) == ("n1", 3)
+    assert await store.list_public() == [back]
+    assert (await store.snapshot()).public == (back,)
+    with pytest.raises(StoreError, match=r"public address of n1 is 192\.168\.122\.11, not "):
+        await store.claim_public("n1", "192.168.122.99", "n1", 3)
+    with pytest.raises(StoreError, match="unknown node 'n9'"):
+        await store.claim_public("n1", pub, "n9", 3)
+    with pytest.raises(PublicConflict, match="never claimed"):
+        await store.claim_public("n2", "192.168.122.12", "n2", 1)
+    assert await store.get_public("n2") is None
 
 
 # --- migrations -----------------------------------------------------------------------
@@ -527,15 +617,17 @@ async def test_snapshot_then_watch(store: Store) -> None:
 
 @contract
 async def test_compacted_revisions_are_reported(store: Store) -> None:
+    revs = []
     for epoch in range(3):
         await store.claim(A, "n1", "web", epoch)
-    await store.compact(2)
+        revs.append(await store.revision())
+    await store.compact(revs[1])
     with pytest.raises(Compacted, match="relist"):
-        await take(store, 1, 1)
-    (change,) = await take(store, 2, 1)
+        await take(store, revs[0], 1)
+    (change,) = await take(store, revs[1], 1)
     assert change.record.epoch == 3  # type: ignore[union-attr]
-    with pytest.raises(StoreError, match="the store is at 3"):
-        await store.compact(9)
+    with pytest.raises(StoreError, match=f"the store is at {revs[2]}"):
+        await store.compact(revs[2] + 6)
 
 
 def test_watch_resumes_after_reopening(new_url: Callable[[], str]) -> None:
@@ -566,9 +658,30 @@ def test_url_parsing() -> None:
         sqlite_path("sqlite://")
 
 
+def test_etcd_url_parsing() -> None:
+    url = parse_etcd_url("etcds://10.0.0.1:2379,etcd2:2379,[fd00::1]:2379/cl/one?ca=/ca.pem"
+                         "&cert=/c.pem&key=/k.pem&timeout=2.5&max_txn_ops=1024&server_name=etcd")
+    assert url.endpoints == ("10.0.0.1:2379", "etcd2:2379", "[fd00::1]:2379")
+    assert (url.prefix, url.tls, url.ca, url.cert, url.key) == ("/cl/one", True, "/ca.pem",
+                                                               "/c.pem", "/k.pem")
+    assert (url.timeout, url.max_txn_ops, url.server_name) == (2.5, 1024, "etcd")
+    assert url.display == "etcds://10.0.0.1:2379,etcd2:2379,[fd00::1]:2379/cl/one"
+    sock = parse_etcd_url("etcd://%2Frun%2Fetcd%2Fa.sock:0,%2Frun%2Fetcd%2Fb.sock:0")
+    assert sock.endpoints == ("unix:/run/etcd/a.sock:0", "unix:/run/etcd/b.sock:0")
+    assert (sock.prefix, sock.tls, sock.timeout, sock.max_txn_ops) == ("/convergent", False,
+                                                                      5.0, 128)
+
+
 @pytest.mark.parametrize(("url", "message"), [
-    ("etcd://127.0.0.1:2379/convergent", "etcd backend is not implemented yet"),
     ("redis://x", "unknown scheme 'redis'"),
+    ("etcd:///convergent", "names no etcd member"),
+    ("etcd://10.0.0.1/convergent", "member '10.0.0.1' is not host:port"),
+    ("etcd://10.0.0.1:2379/c?tls=1", "unknown option 'tls'"),
+    ("etcds://10.0.0.1:2379/c", "etcds:// needs ca=FILE"),
+    ("etcd://10.0.0.1:2379/c?ca=/x.pem", "use etcds://"),
+    ("etcds://10.0.0.1:2379/c?ca=/x.pem&cert=/c.pem", "needs both cert= and key="),
+    ("etcd://10.0.0.1:2379/c?timeout=soon", "timeout='soon' is not a number"),
+    ("etcds://10.0.0.1:2379/c?ca=/nonexistent/ca.pem", r"ca=/nonexistent/ca\.pem: No such file"),
 ])
 def test_open_store_refuses_clearly(url: str, message: str) -> None:
     with pytest.raises(StoreError, match=message):
@@ -662,3 +775,39 @@ def test_agents_creating_the_store_together_all_open_it(tmp_path: Path) -> None:
             p.join(20)
         failures += [r for r in (results.get(timeout=5) for _ in procs) if r != "ok"]
     assert failures == []
+
+
+# --- etcd only ------------------------------------------------------------------------
+
+
+def test_etcd_claims_fit_in_one_transaction_or_are_refused(etcd_url: str) -> None:
+    """etcd runs a transaction of at most --max-txn-ops (128) compares and as many puts:
+    a claim must fit whole, or be refused before anything is written."""
+    fits = {f"10.6.{i // 250}.{i % 250}": 0 for i in range(127)}  # + the node compare
+    too_many = {f"10.7.{i // 250}.{i % 250}": 0 for i in range(128)}
+
+    async def body(store: Store) -> None:
+        await three_nodes(store)
+        assert len(await store.claim_all(fits, "n1", "web")) == 127
+        with pytest.raises(StoreError, match=r"a claim of 128 addresses needs 129 operations "
+                           r"in one transaction, more than max_txn_ops=128"):
+            await store.claim_all(too_many, "n1", "web")
+        assert len(await store.list_ownership()) == 127
+
+    run(opened(f"{etcd_url}/cvt-{uuid.uuid4().hex[:8]}", body))
+
+    async def above_server(store: Store) -> None:  # the URL promising more than the members
+        with pytest.raises(StoreError, match=r"too many operations in txn request.*"
+                           r"--max-txn-ops is below the URL's max_txn_ops=300"):
+            await store.claim_all(too_many, "n1", "web")
+
+    run(opened(f"{etcd_url}/cvt-{uuid.uuid4().hex[:8]}?max_txn_ops=300", above_server))
+
+
+def test_etcd_unreachable_is_one_clear_line(tmp_path: Path) -> None:
+    url = f"etcd://{str(tmp_path / 'none.sock').replace('/', '%2F')}/c?timeout=0.5"
+    with pytest.raises(StoreError) as err:
+        run(open_store(url))
+    msg = str(err.value)
+    assert "\n" not in msg and "no etcd member answered within 0.5 s" in msg
+    assert "is a quorum of the cluster up?" in msg

@@ -1,0 +1,168 @@
+"""Run real etcd members (Debian's ``etcd-server``) for the lab, the tests and the bench.
+
+Clients always reach a member through a Unix socket in the cluster's directory, so the
+store URL works from any namespace and nothing listens on a network the test did not
+make. Members talk to each other over Unix sockets too (``peer_ips`` absent), or over TCP
+on addresses inside the lab's namespaces, so cutting a node's links partitions its member.
+Every member is a child process killed by ``stop()``; a killed member keeps its data
+directory and ``start(name)`` brings it back as the same member.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+from orchestrator.errors import LabError
+from orchestrator.lab.netns import exec_argv
+
+PEER_PORT = 2380
+
+
+def etcd_binary() -> str | None:
+    """Debian's etcd-server installs /usr/bin/etcd (also when PATH lacks /usr/bin)."""
+    return shutil.which("etcd") or ("/usr/bin/etcd" if os.path.exists("/usr/bin/etcd") else None)
+
+
+@dataclass
+class Member:
+    name: str
+    netns: str | None = None
+    peer_ip: str | None = None  # None: peers over a Unix socket
+    proc: subprocess.Popen[bytes] | None = None
+
+    def client_socket(self, root: Path) -> Path:
+        return root / f"{self.name}.sock:0"  # etcd wants host:port; the file is named so
+
+    def peer_url(self) -> str:
+        if self.peer_ip:
+            return f"http://{self.peer_ip}:{PEER_PORT}"
+        return f"unix://{self.name}.peer:0"
+
+
+@dataclass
+class EtcdCluster:
+    """``members``: name -> (netns, peer ip), both optional."""
+
+    root: Path
+    members: dict[str, Member] = field(default_factory=dict)
+    heartbeat_ms: int = 50
+    election_ms: int = 500
+    max_txn_ops: int = 128
+
+    @classmethod
+    def create(cls, names: Sequence[str], root: Path | None = None,
+               places: Mapping[str, tuple[str | None, str | None]] | None = None,
+               **tuning: int) -> EtcdCluster:
+        # Unix socket paths are limited to 108 bytes: keep the directory short
+        root = root or Path(tempfile.mkdtemp(prefix="cvt-etcd-", dir="/tmp"))
+        root.mkdir(parents=True, exist_ok=True)
+        places = places or {}
+        members = {n: Member(n, *places.get(n, (None, None))) for n in names}
+        return cls(root, members, **tuning)
+
+    # --- URLs -------------------------------------------------------------------------
+    def url(self, prefix: str = "/convergent", only: Sequence[str] | None = None,
+            **options: str | int | float) -> str:
+        names = only or list(self.members)
+        hosts = ",".join(quote(str(self.members[n].client_socket(self.root)), safe="")
+                         for n in names)
+        query = "&".join(f"{k}={v}" for k, v in options.items())
+        return f"etcd://{hosts}{prefix}" + (f"?{query}" if query else "")
+
+    def _initial_cluster(self) -> str:
+        return ",".join(f"{m.name}={m.peer_url()}" for m in self.members.values())
+
+    # --- processes --------------------------------------------------------------------
+    def argv(self, m: Member) -> list[str]:
+        binary = etcd_binary()
+        if binary is None:
+            raise LabError("etcd is not installed (Debian package etcd-server; "
+                           "scripts/setup.sh installs it)")
+        sock = f"unix://{m.client_socket(self.root).name}"
+        data = self.root / f"{m.name}.data"
+        listen_peer = f"http://{m.peer_ip}:{PEER_PORT}" if m.peer_ip else m.peer_url()
+        return [binary, "--name", m.name, "--data-dir", str(data),
+                "--listen-client-urls", sock, "--advertise-client-urls", sock,
+                "--listen-peer-urls", listen_peer, "--initial-advertise-peer-urls", m.peer_url(),
+                "--initial-cluster", self._initial_cluster(),
+                "--initial-cluster-token", f"cvt-{self.root.name}",
+                "--initial-cluster-state", "existing" if data.exists() else "new",
+                "--heartbeat-interval", str(self.heartbeat_ms),
+                "--election-timeout", str(self.election_ms),
+                "--max-txn-ops", str(self.max_txn_ops),
+                "--logger", "zap", "--log-level", "warn", "--log-outputs", "stderr"]
+
+    def start(self, *names: str) -> None:
+        for name in names or tuple(self.members):
+            m = self.members[name]
+            if m.proc is not None and m.proc.poll() is None:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                m.client_socket(self.root).unlink()  # a killed member leaves its socket
+            argv = self.argv(m)
+            if m.netns:
+                argv = exec_argv(m.netns, argv)
+            log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 (the child keeps it)
+            m.proc = subprocess.Popen(argv, cwd=self.root, stdout=log, stderr=log,
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
+            log.close()
+
+    def wait_ready(self, *names: str, timeout: float = 20) -> None:
+        """Until each member's socket accepts a connection (etcd serves clients only once
+        it has joined the cluster)."""
+        import socket
+
+        deadline = time.monotonic() + timeout
+        for name in names or tuple(self.members):
+            m = self.members[name]
+            path = str(m.client_socket(self.root))
+            while True:
+                if m.proc is not None and m.proc.poll() is not None:
+                    raise LabError(f"etcd member {name} exited with {m.proc.returncode}: "
+                                   f"{self.log_tail(name)}")
+                with socket.socket(socket.AF_UNIX) as s, contextlib.suppress(OSError):
+                    s.connect(path)
+                    break
+                if time.monotonic() > deadline:
+                    raise LabError(f"etcd member {name} not ready after {timeout:g} s: "
+                                   f"{self.log_tail(name)}")
+                time.sleep(0.05)
+
+    def log_tail(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        text = path.read_text(errors="replace") if path.exists() else "(no log)"
+        return " | ".join(text.strip().splitlines()[-3:])
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        m = self.members[name]
+        if m.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(m.proc.pid, sig)
+        m.proc.wait(10)
+        m.proc = None
+
+    def running(self) -> list[str]:
+        return [n for n, m in self.members.items() if m.proc is not None and m.proc.poll() is None]
+
+    def stop(self, remove: bool = True) -> None:
+        for name in list(self.members):
+            self.kill(name)
+        if remove:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> EtcdCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
