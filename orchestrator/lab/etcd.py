@@ -118,25 +118,29 @@ class EtcdCluster:
             log.close()
 
     def wait_ready(self, *names: str, timeout: float = 20) -> None:
-        """Until each member's socket accepts a connection (etcd serves clients only once
-        it has joined the cluster)."""
-        import socket
-
+        """Until each member answers a linearizable read (``etcdctl endpoint health``):
+        it has joined, and the cluster has a leader."""
         deadline = time.monotonic() + timeout
         for name in names or tuple(self.members):
             m = self.members[name]
-            path = str(m.client_socket(self.root))
-            while True:
+            while not self.healthy(name):
                 if m.proc is not None and m.proc.poll() is not None:
                     raise LabError(f"etcd member {name} exited with {m.proc.returncode}: "
                                    f"{self.log_tail(name)}")
-                with socket.socket(socket.AF_UNIX) as s, contextlib.suppress(OSError):
-                    s.connect(path)
-                    break
                 if time.monotonic() > deadline:
                     raise LabError(f"etcd member {name} not ready after {timeout:g} s: "
                                    f"{self.log_tail(name)}")
                 time.sleep(0.05)
+
+    def healthy(self, name: str) -> bool:
+        sock = self.members[name].client_socket(self.root)
+        if not sock.exists():
+            return False
+        ctl = shutil.which("etcdctl") or "/usr/bin/etcdctl"
+        proc = subprocess.run([ctl, f"--endpoints=unix://{sock}", "--command-timeout=1s",
+                               "endpoint", "health"], env={**os.environ, "ETCDCTL_API": "3"},
+                              capture_output=True, timeout=10)
+        return proc.returncode == 0
 
     def log_tail(self, name: str) -> str:
         path = self.root / f"{name}.log"
