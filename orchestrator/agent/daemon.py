@@ -24,6 +24,7 @@ import structlog
 from orchestrator.agent.api import ApiServer, Handler
 from orchestrator.agent.failpoints import Failpoints
 from orchestrator.agent.keys import load_key
+from orchestrator.agent.metrics import AgentMetrics, timed_store
 from orchestrator.agent.peer import PeerFeed, PeerServer
 from orchestrator.agent.reconcile import Reconciler
 from orchestrator.agent.reload import reload_problems
@@ -60,14 +61,16 @@ class Agent:
         self.wake = asyncio.Event()
         self.started = time.time()
         self.sync: Any = None  # replicator SyncService, when the sync interface exists
+        self.metrics = AgentMetrics(node)
         self.ready = asyncio.Event()  # set once it serves: systemd's READY=1 (lifecycle.py)
         self.stop_reason = "stopped"
 
     # lifecycle ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        self.store: Store = await open_store(self.settings.store)
+        self.store: Store = timed_store(await open_store(self.settings.store), self.metrics)
         self.audit = AuditLog(_per_node(str(self.settings.audit_log), self.node),
                               node=self.node, actor="agent")
+        self.audit.subscribe(self.metrics.on_audit)
         self.table = ConntrackTable(None)
         handle = NodeHandle(self.node, self.table,
                             NftNodeOps(self.node, None, self.topology.cluster.guest_bridge))
@@ -89,6 +92,7 @@ class Agent:
             await self._start_sync()
             await self.recover()
             await self.api.start()
+            self._serve_metrics()
             tasks = [asyncio.create_task(c) for c in (self._reconcile_loop(), self._watch(),
                                                       self._watchdog(), self._sync_audit())]
             log.info("agent.ready", node=self.node, socket=str(self.api.path))
@@ -107,12 +111,25 @@ class Agent:
             with contextlib.suppress(Exception):  # a record, never a reason not to stop
                 await self.audit.arecord("agent.stop", detail=self.stop_reason, outcome=(
                     "failed" if self.stop_reason.startswith("failed") else "ok"))
+            self.metrics.close()
             await self.api.close()
             await self.peer.close()
             if self.sync is not None:
                 await self.sync.stop()
             self.table.close()
             await self.store.close()
+
+    def _serve_metrics(self) -> None:
+        listen = self.settings.metrics_listen()
+        if listen is None:
+            return
+        self.metrics.watch_state(self._metrics_snapshot, asyncio.get_running_loop(),
+                                 self.settings.spool(self.node))
+        self.metrics.serve(*listen)
+
+    async def _metrics_snapshot(self) -> dict[str, Any]:
+        return {"status": await self.status(),
+                "sync": self.sync.status() if self.sync is not None else None}
 
     async def reload(self, new: Topology) -> list[str]:
         """Take a re-read cluster file (SIGHUP): the reasons it cannot, or apply it and
@@ -269,7 +286,8 @@ class Agent:
             "owned": {str(o.ip): {"guest": o.guest, "epoch": o.epoch} for o in owned},
             "migrations": [_mig_view(h) for h in self.handovers.values()],
             "reconcile": {"runs": stats.runs, "changed": stats.changed, "errors": stats.errors,
-                          "last_ms": round(stats.last_ms, 1), "last_error": stats.last_error},
+                          "last_ms": round(stats.last_ms, 1), "total_ms": round(stats.total_ms, 1),
+                          "last_error": stats.last_error},
             "api": {"requests": self.api.requests, "errors": self.api.errors},
             "peer": {"streams": self.peer.streams, "refused": self.peer.refused},
             "sync": self.sync is not None,

@@ -55,6 +55,7 @@ class ReconcileStats:
     changed: int = 0
     errors: int = 0
     last_ms: float = 0.0
+    total_ms: float = 0.0
     last_error: str | None = None
     last_changes: dict[str, tuple[list[str], list[str]]] = field(default_factory=dict)
 
@@ -92,6 +93,7 @@ class Reconciler:
                 raise
             finally:
                 self.stats.last_ms = (time.monotonic() - start) * 1000
+                self.stats.total_ms += self.stats.last_ms
             if todo:
                 self.stats.changed += 1
                 self.stats.last_changes = todo

@@ -17,7 +17,8 @@ from typing import Any
 
 from orchestrator.model.cluster import Topology
 
-LIVE_AGENT_KEYS = frozenset({"reconcile_interval_s", "migration_timeout_s", "peer_retry_s"})
+LIVE_AGENT_KEYS = frozenset({"reconcile_interval_s", "migration_timeout_s", "peer_retry_s",
+                             "recovery_settle_s"})
 RESTART_CLUSTER_KEYS = ("tag_mask", "handover_bit")
 
 

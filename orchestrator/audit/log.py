@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -92,6 +92,12 @@ class AuditLog:
         actor = check_choice("actor", actor, ACTORS)
         context = {"node": node or socket.gethostname(), "actor": actor}
         self._log = _Bound(self.writer, PROCESSORS, context)
+        self._listeners: list[Callable[[AuditRecord], None]] = []
+
+    def subscribe(self, listener: Callable[[AuditRecord], None]) -> None:
+        """Call ``listener`` with every record written through this log or its binds, after
+        it is on disk (metrics count them). A listener must be quick and must not raise."""
+        self._listeners.append(listener)
 
     @property
     def path(self) -> Path:
@@ -105,6 +111,7 @@ class AuditLog:
         bound = object.__new__(AuditLog)
         bound.writer = self.writer
         bound._log = self._log.bind(**fields)
+        bound._listeners = self._listeners
         return bound
 
     def record(
@@ -137,7 +144,10 @@ class AuditLog:
         }
         # None means "not given here", so bound context is not overwritten by it.
         fields = {key: value for key, value in given.items() if value is not None}
-        return cast(AuditRecord, self._log.record(action, **fields))
+        written = cast(AuditRecord, self._log.record(action, **fields))
+        for listener in self._listeners:
+            listener(written)
+        return written
 
     async def arecord(self, action: str, **fields: Any) -> AuditRecord:
         """``record`` in a worker thread: the event loop never waits on the lock or fsync."""

@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, ip_address
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -213,6 +213,14 @@ class Agent(_Strict):
     # a migration a restarted agent finds half-done gets this long to hear its resume or
     # failure; then the hypervisor's view settles it (runs here: cut over; absent: abort)
     recovery_settle_s: FLOAT = Field(30.0, gt=0, le=3600)
+    # Prometheus /metrics: "HOST:PORT" (an address of this host, "[v6]:port" too) or "" (off)
+    metrics: str = "127.0.0.1:9474"
+
+    @field_validator("metrics")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        listen_address(v)
+        return v
 
     def socket(self, node: str) -> Path:
         return self.run_dir / f"agent-{node}.sock"
@@ -221,6 +229,26 @@ class Agent(_Strict):
         """Where this node's hooks spool (``{node}`` is replaced: agents sharing one file,
         as in the lab, each replay only their own node's calls)."""
         return Path(str(self.spool_dir).replace("{node}", node))
+
+    def metrics_listen(self) -> tuple[str, int] | None:
+        return listen_address(self.metrics)
+
+
+def listen_address(value: str) -> tuple[str, int] | None:
+    """``"127.0.0.1:9474"`` -> ``("127.0.0.1", 9474)``; ``"[::1]:9474"``, ``"localhost:9474"``
+    too; ``""`` -> None (off)."""
+    if value == "":
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT with a port from 1 to 65535")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if host != "localhost":
+        try:
+            ip_address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IP address or localhost") from None
+    return host, int(port)
 
 
 class Sync(_Strict):

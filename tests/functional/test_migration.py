@@ -37,14 +37,16 @@ def lab() -> Iterator[Lab]:
         lab.down()
 
 
-def lab_with_precopy_over(carrier: str, prefix: str, tmp_path: Path) -> Iterator[Lab]:
+def lab_with_precopy_over(carrier: str, prefix: str, tmp_path: Path,
+                          nodes: int = 3) -> Iterator[Lab]:
     """For a fixture: a lab with agents whose precopy rides ``carrier`` (``[sync] precopy``:
     "peer" or "replicator"), taken down afterwards."""
     lab = Lab(unique(prefix))
     config = tmp_path / "cluster.toml"
-    config.write_text(default_config(3, lab.name, lab.dir) + f'\n[sync]\nprecopy = "{carrier}"\n')
+    config.write_text(default_config(nodes, lab.name, lab.dir)
+                      + f'\n[sync]\nprecopy = "{carrier}"\n')
     try:
-        lab.up(3, config=config)
+        lab.up(nodes, config=config)
         yield lab
     finally:
         lab.down()
