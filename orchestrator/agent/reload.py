@@ -20,6 +20,9 @@ from orchestrator.model.cluster import Topology
 LIVE_AGENT_KEYS = frozenset({"reconcile_interval_s", "migration_timeout_s", "peer_retry_s",
                              "recovery_settle_s"})
 RESTART_CLUSTER_KEYS = ("tag_mask", "handover_bit")
+# sections taken live (nodes: except the peers, below); agent: only LIVE_AGENT_KEYS; any
+# other section ([sync], [hypervisor], one added later) needs a restart
+LIVE_SECTIONS = frozenset({"cluster", "nodes", "services", "guests", "lab", "agent"})
 
 
 def reload_problems(old: Topology, new: Topology, node: str,
@@ -33,7 +36,10 @@ def reload_problems(old: Topology, new: Topology, node: str,
                         f"they are done")
     restart = [f"agent.{k}" for k in _changed(old.agent.model_dump(), new.agent.model_dump())
                if k not in LIVE_AGENT_KEYS]
-    restart += [f"sync.{k}" for k in _changed(old.sync.model_dump(), new.sync.model_dump())]
+    old_sections, new_sections = old.model_dump(), new.model_dump()
+    for section in sorted(old_sections.keys() - LIVE_SECTIONS):
+        restart += [f"{section}.{k}" for k in _changed(old_sections[section] or {},
+                                                        new_sections[section] or {})]
     restart += [f"cluster.{k}" for k in RESTART_CLUSTER_KEYS
                 if getattr(old.cluster, k) != getattr(new.cluster, k)]
     if _peers(old) != _peers(new):

@@ -34,6 +34,7 @@ def test_unchanged_and_live_changes_are_taken() -> None:
     ('[agent]\nstore = "sqlite:///tmp/x.db"\n', "agent.store"),
     ('[sync]\nport = 7406\n', "sync.port"),
     ('[sync]\nprecopy = "replicator"\n', "sync.precopy"),
+    ('[hypervisor]\nkind = "lab"\n', "hypervisor.kind"),
 ])
 def test_restart_only_settings_are_named(addition: str, named: str) -> None:
     (problem,) = reload_problems(OLD, parse(SEED_TEXT + "\n" + addition), "node1")
