@@ -242,7 +242,8 @@ def child(name: str, key_file: str, resync_rate: int | None = None) -> None:
     from orchestrator.replicator.service import SyncService
 
     async def main() -> None:
-        svc = SyncService(topology(resync_rate), name, Path(key_file).read_bytes(), None)
+        svc = SyncService(topology(resync_rate), name, Path(key_file).read_bytes(), None,
+                          state_path=False)
         await svc.start()
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()

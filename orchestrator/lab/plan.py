@@ -100,7 +100,7 @@ def lab_agent_paths(state: Path) -> dict[str, str]:
     """Where a lab's agents keep their state: under the lab's directory, never in /var."""
     return {"run_dir": f"{state}/run", "store": f"sqlite://{state}/store.db",
             "audit_log": f"{state}/audit.log", "spool_dir": f"{state}/spool",
-            "key_file": f"{state}/cluster.key"}  # fmt: skip
+            "key_file": f"{state}/cluster.key", "state_dir": f"{state}/state"}  # fmt: skip
 
 
 def agent_section(state: Path) -> str:
@@ -136,7 +136,7 @@ def outside_lab(t: Topology, state: Path) -> list[str]:
     """Agent paths a lab config points outside the lab's directory, as ``key: reason``."""
     a = t.agent
     paths = {"run_dir": a.run_dir, "audit_log": a.audit_log, "spool_dir": a.spool_dir,
-             "key_file": a.key_file}  # fmt: skip
+             "key_file": a.key_file, "state_dir": a.state_dir}  # fmt: skip
     if a.store.startswith("sqlite://"):
         paths["store"] = Path(a.store.removeprefix("sqlite://"))
     root = state.resolve()

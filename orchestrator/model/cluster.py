@@ -204,6 +204,8 @@ class Agent(_Strict):
     audit_log: PATH = Path("/var/log/convergent/audit.log")
     spool_dir: PATH = Path("/var/spool/convergent")
     key_file: PATH = Path("/etc/convergent/cluster.key")  # the cluster's HMAC key
+    # what must survive a restart of the agent (the replicator's boot ids)
+    state_dir: PATH = Path("/var/lib/convergent")
     peer_port: INT = Field(7404, ge=1, le=65535)
     reconcile_interval_s: FLOAT = Field(10.0, gt=0, le=3600)
     # a migration with no progress for this long is aborted by its destination

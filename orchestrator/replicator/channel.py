@@ -99,7 +99,11 @@ def _join(sock: socket.socket, spec: ChannelSpec) -> None:
     ifindex = socket.if_nametoindex(spec.interface)  # resolved in this thread's namespace
     mreqn = struct.pack("=4s4si", spec.group.packed, bytes(4), ifindex)
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
-    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
+    # send from our sync address whatever else the interface holds: receivers accept a
+    # node's datagrams from its configured address only
+    local = spec.local.packed if spec.local else bytes(4)
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                    struct.pack("=4s4si", spec.group.packed, local, ifindex))
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, spec.ttl)
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
     sock.setsockopt(socket.IPPROTO_IP, _IP_MULTICAST_ALL, 0)  # only the group we joined

@@ -16,7 +16,7 @@ channel sends to that peer, which is how NACK answers and NACKs travel.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from .receiver import Receiver, ReceiverConfig
 from .sender import Sender, SenderConfig
@@ -29,11 +29,14 @@ class Replicator:
     """Dispatches decoded datagrams: NACK and RESYNC_REQUEST aimed at us go to the sender
     of that stream, the rest to the receiver. Decode failures count on the receiver."""
 
-    def __init__(self, codec: Codec, receiver: Receiver, senders: Iterable[Sender] = ()) -> None:
+    def __init__(self, codec: Codec, receiver: Receiver, senders: Iterable[Sender] = (),
+                 addresses: Mapping[int, Peer] | None = None) -> None:
         self.codec = codec
         self.receiver = receiver
         self.tag = receiver.tag
         self._senders: dict[int, Sender] = {}
+        # sender tag -> the one address it may speak from (and the one we answer to)
+        self._addresses = dict(addresses) if addresses is not None else None
         for sender in senders:
             self.add_sender(sender)
 
@@ -53,9 +56,22 @@ class Replicator:
         return [] if msg is None else self.on_message(msg, peer, now)
 
     def on_message(self, msg: Message, peer: Peer, now: float) -> list[Outgoing]:
-        """A datagram the caller decoded itself (to attribute decode failures to a peer)."""
+        """A datagram the caller decoded itself (to attribute decode failures to a peer).
+        A known tag speaks only from its configured address; a HELLO of a boot of a peer
+        not met before is a peer that holds nothing of ours: one resync for it."""
+        if self._addresses is not None:
+            home = self._addresses.get(msg.tag)
+            if home is not None and peer != home:
+                self.receiver.counters["wrong_source"] += 1
+                return []
         if msg.type not in (MsgType.NACK, MsgType.RESYNC_REQUEST):
-            return self.receiver.on_message(msg, peer, now)
+            before = self.receiver.boot_of(msg.tag)
+            out = self.receiver.on_message(msg, peer, now)
+            own = self._senders.get(0)
+            if (msg.type == MsgType.HELLO and msg.stream == 0 and own is not None
+                    and before != msg.boot and self.receiver.boot_of(msg.tag) == msg.boot):
+                out += own.peer_joined(now)
+            return out
         sender = self._senders.get(msg.stream) if msg.target_tag == self.tag else None
         if sender is None:
             self.receiver.counters["not_for_me"] += 1  # another node's NACK, seen on multicast

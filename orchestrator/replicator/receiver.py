@@ -10,7 +10,11 @@ Per sender stream (tag, stream) it keeps the boot id, the next seq to apply
 datagrams. Datagrams are applied strictly in seq order; anything below ``expected`` or
 already buffered is a duplicate or a replay and is dropped. A gap is NACKed at once and
 again every ``nack_retry`` seconds; ALIVE/HELLO/RESYNC_BEGIN carry the sender's last seq so
-a lost tail shows too. What the sender declares void (older than its backlog), what lies
+a lost tail shows too. A seq further ahead than the sender could have sent since it was
+last heard (``max_rate``) is refused as ``implausible``, so one bad datagram cannot move the
+expectation past everything genuine; an older boot id than the newest seen of a sender is
+always a replay (``stale_boot``), also across this receiver's restart (``boots``).
+What the sender declares void (older than its backlog), what lies
 beyond the window, and what ``nack_retries`` could not recover is skipped, and a resync is
 requested from the first seq after the skip. A RESYNC_END sweeps the cache only if this
 receiver applied everything since the resync's snapshot seq.
@@ -21,7 +25,7 @@ Everything dropped is counted in ``counters`` (``conntrackd -s`` style), never l
 from __future__ import annotations
 
 import math
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -44,6 +48,7 @@ from .wire import (
 )
 
 StreamListener = Callable[[int, int, Event], None]  # (sender tag, stream, what changed)
+_CARRY_LAST = frozenset({MsgType.ALIVE, MsgType.HELLO, MsgType.RESYNC_BEGIN})  # seq = last sent
 _EMPTY: Mapping[Key, Entry] = MappingProxyType({})
 
 
@@ -54,8 +59,10 @@ class ReceiverConfig:
     nack_retries: int = 20  # then skip the gap and ask for a resync
     max_nacks: int = 8  # NACK datagrams per stream per tick
     resync_retry: float = 1.0  # ask again if no RESYNC_END covering us came by then
-    dead_after: float = 3.0  # a silent sender is not pestered; an older boot id may take over
-    boot_memory: int = 8  # retired boot ids remembered per sender
+    dead_after: float = 3.0  # a silent sender is not pestered with NACKs or requests
+    # datagrams/s no sender reaches (~140 MB/s of 1400-byte datagrams): a seq further ahead
+    # than this allows since the sender was last heard is a forgery or a bug, not a gap
+    max_rate: float = 100_000.0
 
 
 @dataclass(slots=True)
@@ -74,7 +81,6 @@ class _Stream:
     nack_tries: int = 0
     resync_from: int | None = None  # waiting for a resync whose snapshot is at or after this
     resync_at: float = -math.inf
-    retired: deque[int] = field(default_factory=deque)
     counters: Counter[str] = field(default_factory=Counter)  # this stream's share
 
 
@@ -105,6 +111,7 @@ class Receiver:
         peers: Collection[int] | None = None,
         config: ReceiverConfig | None = None,
         listener: StreamListener | None = None,
+        boots: Mapping[int, int] | None = None,
     ) -> None:
         self.codec, self.tag, self.boot = codec, tag, boot
         self.config = config or ReceiverConfig()
@@ -112,12 +119,22 @@ class Receiver:
         self._peers = None if peers is None else frozenset(peers)
         self._listener = listener
         self._streams: dict[tuple[int, int], _Stream] = {}
+        self._boots: dict[int, int] = dict(boots or {})  # tag -> newest boot id ever seen
+        self.boots_changed = 0  # bumped when ``boots()`` changes: time to persist it
 
     # --- what the agent and the tests look at -------------------------------------------
 
     def cache(self, tag: int, stream: int = 0) -> Mapping[Key, Entry]:
         st = self._streams.get((tag, stream))
         return _EMPTY if st is None else st.cache.entries
+
+    def boots(self) -> dict[int, int]:
+        """The newest boot id seen of each sender: persist it, hand it to the next life."""
+        return dict(self._boots)
+
+    def boot_of(self, tag: int, stream: int = 0) -> int | None:
+        st = self._streams.get((tag, stream))
+        return None if st is None else st.boot
 
     def senders(self) -> list[tuple[int, int, int]]:
         """(tag, stream, boot) of every sender stream heard of."""
@@ -187,6 +204,9 @@ class Receiver:
         st, out = self._stream_for(msg, peer, now)
         if st is None:
             return out
+        if not self._plausible(st, msg, now):
+            self._count(st, "implausible")  # not heard: last_heard stays the genuine one
+            return out
         st.last_heard, st.peer = now, peer
         if msg.type in SEQUENCED:
             return out + self._on_sequenced(st, msg, now)
@@ -217,6 +237,13 @@ class Receiver:
         self, msg: Message, peer: Peer, now: float
     ) -> tuple[_Stream | None, list[Outgoing]]:
         st = self._streams.get((msg.tag, msg.stream))
+        if msg.boot < self._boots.get(msg.tag, 0) or (st is not None and msg.boot < st.boot):
+            # a replay of an earlier life: never go back, whatever the newer one is doing
+            self.counters["stale_boot"] += 1
+            if st is not None:
+                st.counters["stale_boot"] += 1
+            return None, []
+        self._note_boot(msg.tag, msg.boot)
         if st is None:
             cache = ExternalCache(self._bind(msg.tag, msg.stream))
             st = _Stream(msg.tag, msg.stream, msg.boot, peer, cache, now)
@@ -225,17 +252,32 @@ class Receiver:
             return st, self._first_contact(st, msg, now)
         if msg.boot == st.boot:
             return st, []
-        older_alive = msg.boot < st.boot and now - st.last_heard < self.config.dead_after
-        if msg.boot in st.retired or older_alive:
-            self._count(st, "stale_boot")  # a replay of an earlier life
-            return None, []
         self._count(st, "new_boot")
-        st.retired.append(st.boot)
-        while len(st.retired) > self.config.boot_memory:
-            st.retired.popleft()
         st.boot, st.peer = msg.boot, peer
         st.cache.forget_versions()
         return st, self._first_contact(st, msg, now)
+
+    def _note_boot(self, tag: int, boot: int) -> None:
+        if boot > self._boots.get(tag, 0):
+            self._boots[tag] = boot
+            self.boots_changed += 1
+
+    def _plausible(self, st: _Stream, msg: Message, now: float) -> bool:
+        """Could the sender have sent this seq by now? Since it was last heard it could
+        have sent at most ``max_rate`` datagrams a second beyond what we knew existed (a
+        window's worth of slack on top). RESYNC_END names a snapshot at or before itself."""
+        if msg.type not in SEQUENCED and msg.type not in _CARRY_LAST:
+            return True
+        limit = (max(st.highest, st.expected) + self.config.window
+                 + self.config.max_rate * max(now - st.last_heard, 0.0))  # fmt: skip
+        seq = unwrap(msg.seq, st.expected)
+        if seq > limit:
+            return False
+        if msg.type == MsgType.RESYNC_BEGIN and msg.void:
+            return unwrap(msg.last, st.expected) <= seq
+        if msg.type == MsgType.RESYNC_END:
+            return unwrap(msg.begin, seq) <= seq
+        return msg.as_of is None or unwrap(msg.as_of, seq) <= limit + 1
 
     def _bind(self, tag: int, stream: int) -> Callable[[Event], None] | None:
         return None if self._listener is None else partial(self._listener, tag, stream)

@@ -19,6 +19,12 @@ What it keeps:
 - a resync: a snapshot of the keys fed into the tx queue at ``resync_rate`` records per
   second, so it interleaves with live updates; it ends with a sequenced RESYNC_END naming
   the snapshot seq, at which receivers drop every key the resync did not refresh.
+
+A resync is the expensive answer, so it is given once per need: a request (RESYNC_REQUEST,
+a void NACK, a peer's new boot) that the latest resync already covers (its snapshot seq is
+at or after what the asker needs) starts nothing, so a replayed request costs nothing; a
+request from the future is refused; and resyncs start at most once per ``resync_gap``
+seconds, a need arriving sooner waiting for the next start, which covers every waiter.
 """
 
 from __future__ import annotations
@@ -65,9 +71,11 @@ class SenderConfig:
     backlog: int = 1024  # datagrams kept to answer NACKs
     resync_rate: float = 20_000.0  # records per second during a resync
     alive_every: float = 1.0  # an idle sender says ALIVE{last seq} this often
+    resync_gap: float = 1.0  # at least this long between two resync starts
 
     def __post_init__(self) -> None:
-        if not 200 <= self.mtu <= 65507 or self.backlog < 1 or self.resync_rate <= 0:
+        if (not 200 <= self.mtu <= 65507 or self.backlog < 1 or self.resync_rate <= 0
+                or self.resync_gap < 0):
             raise ValueError(f"bad sender config {self}")
 
 
@@ -115,6 +123,9 @@ class Sender:
         self._next = initial_seq % SEQ_MOD
         self._backlog: deque[_Sent] = deque(maxlen=self.config.backlog)
         self._resync: _Resync | None = None
+        self._resync_begun = -1  # snapshot seq of the latest resync started (running or done)
+        self._resync_started_at = -math.inf
+        self._resync_wanted: int | None = None  # a need that waits for resync_gap
         self._last_sent = -math.inf
 
     # --- what the agent and the tests look at -------------------------------------------
@@ -126,6 +137,11 @@ class Sender:
     @property
     def resyncing(self) -> bool:
         return self._resync is not None
+
+    @property
+    def resync_due(self) -> bool:
+        """A resync runs, or one waits for ``resync_gap``."""
+        return self._resync is not None or self._resync_wanted is not None
 
     @property
     def busy(self) -> bool:
@@ -218,11 +234,24 @@ class Sender:
             return []
         if msg.type == MsgType.NACK:
             return self._on_nack(msg, peer, now)
+        first = unwrap(msg.first, self._next)
+        if first > self._next:
+            self.counters["bad_resync_request"] += 1  # needs what we have not sent yet
+            return []
         self.counters["resync_request"] += 1
-        return self._ensure_resync(min(unwrap(msg.first, self._next), self._next), now)
+        return self._ensure_resync(first, now)
+
+    def peer_joined(self, now: float) -> list[Outgoing]:
+        """A peer (re)started and holds nothing of ours: everything up to now, once."""
+        self.counters["peer_joined"] += 1
+        return self._ensure_resync(self._next, now)
 
     def on_tick(self, now: float) -> list[Outgoing]:
-        out = self._resync_step(now)
+        out: list[Outgoing] = []
+        if self._resync_wanted is not None and self._may_start(now):
+            wanted, self._resync_wanted = self._resync_wanted, None
+            out += self._ensure_resync(wanted, now)
+        out += self._resync_step(now)
         if self._deadline is not None and now >= self._deadline:
             out += self._drain(now, force=True)
         if now - self._last_sent >= self.config.alive_every:
@@ -234,8 +263,9 @@ class Sender:
         return self._drain(now, force=True) if self._queue else []
 
     def request_resync(self, now: float) -> list[Outgoing]:
-        """Start a resync for everyone (e.g. after an event overrun refilled the table)."""
-        return self._start_resync(now)
+        """A resync for everyone from now on (e.g. after an event overrun refilled the
+        table), as soon as ``resync_gap`` allows."""
+        return self._ensure_resync(self._next, now)
 
     # --- tx queue and datagrams ---------------------------------------------------------
 
@@ -332,9 +362,9 @@ class Sender:
         if first < oldest:
             void_last = min(last, oldest - 1)
             out += self._ensure_resync(void_last + 1, now)
-            assert self._resync is not None
-            out.append(self._control(MsgType.RESYNC_BEGIN, now, self._resync.begin,
-                                     (first, void_last), dest=peer))  # fmt: skip
+            begin = self._resync.begin if self._resync is not None else self._next
+            out.append(self._control(MsgType.RESYNC_BEGIN, now, begin, (first, void_last),
+                                     dest=peer))  # fmt: skip
             self.counters["nack_void"] += 1
             first = void_last + 1
         out += [self._resend(seq, oldest, peer, now) for seq in range(first, last + 1)]
@@ -364,15 +394,27 @@ class Sender:
     # --- resync ---------------------------------------------------------------------------
 
     def _ensure_resync(self, needed_from: int, now: float) -> list[Outgoing]:
-        """A resync whose snapshot is at or after ``needed_from`` covers the asker; a running
-        one that started earlier does not, so it starts over."""
-        if self._resync is not None and self._resync.begin >= needed_from:
+        """A resync whose snapshot is at or after ``needed_from`` covers the asker: the
+        latest one, running (it reaches the asker) or done (its records and END are in the
+        backlog for the asker's NACKs, or the asker learns they are void and asks again from
+        after them). A running one that started earlier does not, so it starts over."""
+        if self._resync_begun >= needed_from:
+            self.counters["resync_covered"] += 1
+            return []
+        if not self._may_start(now):
+            self.counters["resync_deferred"] += 1
+            self._resync_wanted = max(self._resync_wanted or needed_from, needed_from)
             return []
         return self._start_resync(now)
+
+    def _may_start(self, now: float) -> bool:
+        return now - self._resync_started_at >= self.config.resync_gap
 
     def _start_resync(self, now: float) -> list[Outgoing]:
         self.counters["resync_started"] += 1
         self._resync = _Resync(self._next, list(self._table), now)
+        self._resync_begun, self._resync_started_at = self._next, now
+        self._resync_wanted = None
         return [self._control(MsgType.RESYNC_BEGIN, now, self._next)]
 
     def _resync_step(self, now: float) -> list[Outgoing]:

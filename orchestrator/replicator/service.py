@@ -20,7 +20,10 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
 
 from orchestrator.errors import ConvergentError
 from orchestrator.model.cluster import Topology
@@ -34,15 +37,17 @@ from .precopy import PrecopyFollower, PrecopySource, precopy_sender
 from .protocol import Replicator
 from .receiver import Receiver, ReceiverConfig, StreamInfo
 from .sender import Sender, SenderConfig
-from .wire import SEQ_MOD, Codec, DecodeError, DecodeReason, Key, MsgType, Outgoing, boot_id
+from .state import SyncState, load_state, save_state
+from .wire import SEQ_MOD, Codec, DecodeError, DecodeReason, Key, Outgoing, boot_id
 
+log = structlog.get_logger("convergent.sync")
 MTU = 1400  # UDP payload per datagram: fits a 1500-byte link with IP and UDP headers
 MAX_IN = 9216  # larger datagrams are dropped unread (``oversized``): jumbo frames at most
 IDLE_TICK = 0.01  # seconds between ticks with nothing queued (NACK retries are 50 ms)
 _DROPS = frozenset(
     {r.value for r in DecodeReason}
     | {"own", "unknown_sender", "not_for_receiver", "not_for_me", "stale_boot", "old",
-       "duplicate", "overrun"}
+       "duplicate", "overrun", "implausible", "wrong_source"}
 )  # fmt: skip
 
 
@@ -59,28 +64,41 @@ def new_boot_id() -> int:
 
 
 class SyncService:
+    """``state_path``: where the boot ids live across restarts (default
+    ``[agent] state_dir``/sync-NODE.json; False: nowhere, for benchmarks and tests)."""
+
     def __init__(
         self, topology: Topology, node_name: str, key: bytes, netns: str | None = None, *,
         sender_config: SenderConfig | None = None, receiver_config: ReceiverConfig | None = None,
+        state_path: Path | Literal[False] | None = None,
     ) -> None:  # fmt: skip
         self.topology, self.netns = topology, netns
         self.node = topology.node(node_name)
         sync = topology.sync
         self.codec = Codec(key, max_size=MAX_IN)
-        self.boot = new_boot_id()
+        self.state_path = (topology.agent.state_dir / f"sync-{node_name}.json"
+                           if state_path is None else state_path or None)  # fmt: skip
+        remembered = load_state(self.state_path) if self.state_path else SyncState()
+        self.boot = max(new_boot_id(), remembered.boot + 1)  # greater even if the clock stepped
         others = [n for n in topology.nodes if n.name != node_name]
         self.receiver = Receiver(self.codec, self.node.tag, self.boot,
-                                 peers={n.tag for n in others}, config=receiver_config)  # fmt: skip
+                                 peers={n.tag for n in others}, config=receiver_config,
+                                 boots=remembered.peers)  # fmt: skip
         self.sender = Sender(self.codec, self.node.tag, self.boot, config=sender_config or
                              SenderConfig(mtu=MTU, flush_after=sync.flush_ms / 1000,
                                           backlog=sync.backlog,
                                           resync_rate=float(sync.resync_rate)))  # fmt: skip
-        self.replicator = Replicator(self.codec, self.receiver, [self.sender])
-        self.scope = Scope(sync.mark_bit)
         self.spec = ChannelSpec(
             sync.transport, sync.port, sync.interface, sync.group, sync.ttl,
             local=self.node.peer_ip, peers=tuple(n.peer_ip for n in others),
         )  # fmt: skip
+        # each peer speaks from its own sync address only, and is answered there: its
+        # sync_ip (multicast leaves from it), or the address a unicast socket is bound to
+        home = {n.tag: (str(n.peer_ip), sync.port) for n in others
+                if n.sync_ip is not None or sync.transport == "unicast"}  # fmt: skip
+        self.replicator = Replicator(self.codec, self.receiver, [self.sender], home)
+        self.scope = Scope(sync.mark_bit)
+        self._saved_boots = -1
         self._node_by_ip = {str(n.peer_ip): n.name for n in others}
         self._node_by_tag = {n.tag: n.name for n in topology.nodes}
         self._source_drops: dict[str, Counter[str]] = {}
@@ -106,6 +124,7 @@ class SyncService:
             self.channel = await asyncio.to_thread(Channel.open, self.spec, self.netns,
                                                    self._on_receive)  # fmt: skip
             self.channel.start()
+            self._persist()  # our boot first: a restart after this one must pick a greater one
             self.table = ConntrackTable(self.netns)
             self.feed = ConntrackFeed(self.table, self.sender, self.scope, self._emit, loop.time)
             self._emit(self.sender.start(loop.time()))
@@ -277,11 +296,21 @@ class SyncService:
                 self._source_drops.setdefault(who, Counter())[exc.reason.value] += 1
                 continue
             out += on_message(msg, addr, now)
-            if msg.type == MsgType.HELLO and msg.tag != self.node.tag:
-                # a node (re)joined: it holds nothing of ours yet (ct_sync's full resync)
-                self.counters["hello"] += 1
-                out += self.sender.request_resync(now)
         self._emit(out)
+        if self.receiver.boots_changed != self._saved_boots:
+            self._persist()
+
+    def _persist(self) -> None:
+        """Save our boot and the newest boot of every peer (rare: a peer restarted)."""
+        self._saved_boots = self.receiver.boots_changed
+        if self.state_path is None:
+            return
+        try:
+            save_state(self.state_path, SyncState(self.boot, self.receiver.boots()))
+        except OSError as exc:
+            self.counters["state_write_failed"] += 1
+            log.warning("sync.state_not_saved", path=str(self.state_path),
+                        error=exc.strerror or str(exc))
 
     async def _ticker(self) -> None:
         assert self._loop is not None

@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, ip_address
+from pathlib import Path
 
 import pytest
 
@@ -31,10 +32,12 @@ from orchestrator.model.conntrack import (
 from orchestrator.netfilter.conntrack import ConntrackTable
 from orchestrator.netfilter.render import render
 from orchestrator.netns import in_netns
+from orchestrator.replicator.receiver import ReceiverConfig
 from orchestrator.replicator.service import SyncService
 from orchestrator.replicator.wire import (
     HEADER_SIZE,
     Codec,
+    Message,
     MsgType,
     encode_upsert,
 )
@@ -99,6 +102,7 @@ RANDOM_CLASSIFIER = "4,32 0 0 4294963256,37 0 1 {thr},6 0 0 0,6 0 0 65568"  # ld
 class Net:
     bridge: str
     nodes: dict[str, str]  # node name -> namespace
+    state: Path  # where the services keep their boot ids across restarts
 
     def impair(self, node: str, loss: float = 0.0, reorder: float = 0.0,
                duplicate: float = 0.0) -> None:  # fmt: skip
@@ -141,7 +145,7 @@ class Net:
 
 
 @pytest.fixture
-def net(netns: Callable[[str], str]) -> Net:
+def net(netns: Callable[[str], str], tmp_path: Path) -> Net:
     br = netns("rbr")
     sh("ip", "-n", br, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
     sh("ip", "-n", br, "link", "set", "br0", "up")
@@ -155,7 +159,7 @@ def net(netns: Callable[[str], str]) -> Net:
         sh("ip", "-n", ns, "link", "set", "sync0", "up")
         # the rendered notrack chains: sync traffic never becomes a conntrack entry
         sh_in(ns, "nft", "-f", "-", stdin=notrack_table(topology()))
-    return Net(br, nodes)
+    return Net(br, nodes, tmp_path)
 
 
 def notrack_table(t: Topology) -> str:
@@ -234,7 +238,8 @@ class Cluster:
 
     async def start(self, *names: str) -> None:
         for name in names or tuple(self.net.nodes):
-            svc = SyncService(self.t, name, KEY, self.net.nodes[name], **self.kw)  # type: ignore[arg-type]
+            svc = SyncService(self.t, name, KEY, self.net.nodes[name],  # type: ignore[arg-type]
+                              state_path=self.net.state / f"sync-{name}.json", **self.kw)
             await svc.start()
             self.svc[name] = svc
 
@@ -433,16 +438,37 @@ def test_commit_writes_the_planners_translation(net: Net) -> None:
 
 # --- security: hostile datagrams through a real socket ---------------------------------------
 
+IP_TRANSPARENT = 19  # linux/in.h: send from an address this host does not hold (a spoofer)
 
-def send_from(ns: str, dest: tuple[str, int], datagrams: list[bytes]) -> None:
+
+def send_from(ns: str, dest: tuple[str, int], datagrams: list[bytes],
+              source: tuple[str, int] | None = None) -> None:  # fmt: skip
+    """Send from namespace ``ns``; ``source``: forge that source address (IP_TRANSPARENT)."""
     import socket
 
     def run() -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            if source is not None:
+                s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                s.bind(source)
             for d in datagrams:
                 s.sendto(d, dest)
 
     in_netns(ns, run)
+
+
+def stranger(net: Net) -> str:
+    """The bridge's own namespace as a host on the sync segment, 10.99.0.9."""
+    sh("ip", "-n", net.bridge, "addr", "add", "10.99.0.9/24", "dev", "br0")
+    return net.bridge
+
+
+def as_node(i: int) -> tuple[str, int]:
+    return (f"10.99.0.{i}", PORT)
+
+
+def peer_of(c: Cluster, at: str, node: str) -> dict:
+    return {q["node"]: q for q in c.svc[at].status()["peers"]}[node]
 
 
 def test_hostile_datagrams_are_counted_and_never_applied(net: Net) -> None:
@@ -451,7 +477,7 @@ def test_hostile_datagrams_are_counted_and_never_applied(net: Net) -> None:
         await churn(c.tables["n1"], 300)
         await converge(c.table("n1"), c.cache("n2", "n1"))
         s1 = c.svc["n1"].status()
-        p = {q["node"]: q for q in c.svc["n2"].status()["peers"]}["n1"]
+        p = peer_of(c, "n2", "n1")
         tag, boot, nxt = 1, s1["boot"], p["expected_seq"]
         forged = replace(entries(1, base=777_777)[0], mark=BIT | 0x77)
         rec = encode_upsert(forged)
@@ -470,13 +496,14 @@ def test_hostile_datagrams_are_counted_and_never_applied(net: Net) -> None:
         }  # fmt: skip
         assert len(attacks["oversized"]) > 9216 and len(attacks["truncated"]) < HEADER_SIZE + 16
         before = c.svc["n2"].status()["receiver"]
-        # from the bridge's own namespace (a stranger on the sync segment) and from n3
-        sh("ip", "-n", net.bridge, "addr", "add", "10.99.0.9/24", "dev", "br0")
-        send_from(net.bridge, ("10.99.0.2", PORT), list(attacks.values()))
-        send_from(net.nodes["n3"], ("10.99.0.2", PORT), [attacks["bad_hmac"]])
+        # a stranger on the sync segment, forging n1's address, then from its own, and n3
+        ns = stranger(net)
+        send_from(ns, as_node(2), list(attacks.values()), source=as_node(1))
+        send_from(ns, as_node(2), [attacks["bad_hmac"], data])
+        send_from(net.nodes["n3"], as_node(2), [attacks["bad_hmac"]])
         await asyncio.sleep(0.5)
         after = c.svc["n2"].status()
-        for reason in attacks:
+        for reason in [*attacks, "wrong_source"]:
             assert after["receiver"].get(reason, 0) > before.get(reason, 0), reason
         assert after["unattributed_drops"]["bad_hmac"] >= 1
         n3 = {q["node"]: q for q in after["peers"]}["n3"]
@@ -485,3 +512,114 @@ def test_hostile_datagrams_are_counted_and_never_applied(net: Net) -> None:
         await converge(c.table("n1"), c.cache("n2", "n1"))
 
     run(net, body)
+
+
+def test_replayed_hello_and_resync_request_cost_no_resync(net: Net) -> None:
+    async def body(c: Cluster) -> None:
+        await c.start()
+        await churn(c.tables["n1"], 300)
+        await converge(c.table("n1"), c.cache("n2", "n1"), c.cache("n3", "n1"))
+        while any(svc.sender.resync_due for svc in c.svc.values()):  # the joins' own resyncs
+            await asyncio.sleep(0.1)
+        n2 = c.svc["n2"]
+        hello = n2.codec.seal(MsgType.HELLO, 2, n2.boot, n2.sender.last_seq % (1 << 32), b"")
+        request = n2.codec.encode(Message(MsgType.RESYNC_REQUEST, 2, n2.boot, target_tag=1,
+                                          target_boot=c.svc["n1"].boot, first=0))  # fmt: skip
+        started = {n: c.svc[n].sender.counters["resync_started"] for n in c.svc}
+        ns = stranger(net)
+        for _ in range(20):  # n2's HELLO and its resync request, captured and replayed
+            send_from(ns, as_node(1), [hello, request], source=as_node(2))
+            send_from(ns, as_node(3), [hello], source=as_node(2))
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.5)  # past resync_gap: a deferred resync would have started
+        assert {n: c.svc[n].sender.counters["resync_started"] for n in c.svc} == started
+        sent = c.svc["n1"].sender.counters
+        assert sent["resync_covered"] >= 20 and sent["resync_request"] >= 20, dict(sent)
+        await churn(c.tables["n1"], 100, base=3000)
+        await converge(c.table("n1"), c.cache("n2", "n1"), c.cache("n3", "n1"))
+
+    run(net, body)
+
+
+def test_an_implausible_seq_jump_does_not_move_the_expectation(net: Net) -> None:
+    async def body(c: Cluster) -> None:
+        await c.start()
+        await churn(c.tables["n1"], 200)
+        await converge(c.table("n1"), c.cache("n2", "n1"))
+        n1, nxt = c.svc["n1"], peer_of(c, "n2", "n1")["expected_seq"]
+        forged = replace(entries(1, base=888_888)[0], mark=BIT | 0x77)
+        jump = n1.codec.seal(MsgType.DATA, 1, n1.boot, (nxt + (1 << 30)) % (1 << 32),
+                             encode_upsert(forged), count=1)  # authenticated, seq + 2**30
+        send_from(stranger(net), as_node(2), [jump], source=as_node(1))
+        await asyncio.sleep(0.3)
+        p = peer_of(c, "n2", "n1")
+        assert p["drops"].get("implausible") == 1 and p["expected_seq"] == nxt, p
+        assert forged.key not in c.svc["n2"].cache("n1")
+        # n1's genuine datagrams still apply: the receiver never lost its place
+        await churn(c.tables["n1"], 200, base=4000)
+        await converge(c.table("n1"), c.cache("n2", "n1"))
+        assert peer_of(c, "n2", "n1")["skipped"] == 0
+
+    run(net, body)
+
+
+def test_a_tag_is_heard_from_its_own_address_only_and_answered_there(net: Net) -> None:
+    import socket
+
+    async def body(c: Cluster) -> None:
+        await c.start()
+        await churn(c.tables["n1"], 100)
+        await converge(c.table("n1"), c.cache("n2", "n1"))
+        n2 = c.svc["n2"]
+        ns = stranger(net)
+        listen = in_netns(ns, socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+        listen.bind(("10.99.0.9", PORT))
+        listen.settimeout(0.5)
+        # a NACK claiming to be n2, from the stranger's address: n1 must not answer it there
+        nack = n2.codec.encode(Message(MsgType.NACK, 2, n2.boot, target_tag=1,
+                                       target_boot=c.svc["n1"].boot, first=0, last=3))  # fmt: skip
+        listen.sendto(nack, as_node(1))
+        with pytest.raises(TimeoutError):
+            await asyncio.to_thread(listen.recvfrom, 65536)
+        listen.close()
+        assert c.svc["n1"].status()["receiver"]["wrong_source"] == 1
+        assert c.svc["n1"].sender.counters["nack"] == 0
+
+    run(net, body)
+
+
+def test_an_older_boot_is_never_taken_back_also_after_the_receivers_restart(net: Net) -> None:
+    async def body(c: Cluster) -> None:
+        await c.start()
+        t1 = c.tables["n1"]
+        made = entries(100)
+        await asyncio.to_thread(t1.push, made)
+        await converge(c.table("n1"), c.cache("n2", "n1"))
+        old = c.svc["n1"]
+        gone = made[0]
+        # a datagram of n1's first life naming an entry n1 destroys later
+        replay = old.codec.seal(MsgType.DATA, 1, old.boot, peer_of(c, "n2", "n1")["expected_seq"],
+                                encode_upsert(gone), count=1)  # fmt: skip
+        await asyncio.to_thread(t1.delete, [gone])
+        await c.stop("n1")
+        await c.start("n1")
+        await converge(c.table("n1"), c.cache("n2", "n1"))
+        assert gone.key not in c.svc["n2"].cache("n1")
+        await c.stop("n1")  # n1 goes silent, for longer than dead_after
+        await asyncio.sleep(0.6)
+        ns = stranger(net)
+        send_from(ns, as_node(2), [replay], source=as_node(1))
+        await asyncio.sleep(0.3)
+        assert gone.key not in c.svc["n2"].cache("n1")
+        assert peer_of(c, "n2", "n1")["drops"]["stale_boot"] >= 1
+        # n2 restarts: what it saw survives in its state file, so the replay is refused still
+        await c.stop("n2")
+        await c.start("n2")
+        send_from(ns, as_node(2), [replay], source=as_node(1))
+        await asyncio.sleep(0.3)
+        assert c.svc["n2"].status()["receiver"]["stale_boot"] >= 1
+        assert gone.key not in c.svc["n2"].cache("n1")
+        result = await c.svc["n2"].commit("n1")
+        assert result["pushed"] == 0, result  # nothing of the old life is written
+
+    run(net, body, receiver_config=ReceiverConfig(dead_after=0.5))

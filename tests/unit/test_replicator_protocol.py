@@ -651,12 +651,13 @@ def test_nack_beyond_backlog_voids_and_resyncs() -> None:
     # a request already covered by the running resync does not restart it
     req = Message(MsgType.RESYNC_REQUEST, 3, 9, target_tag=1, target_boot=1, first=5)
     assert sender.on_message(req, "R2", 0.2) == []
-    # one from after its snapshot does
+    # one from after its snapshot does, once resync_gap has passed since the last start
     sender.update(entry(20), 0.3)
     sender.on_tick(0.31)
     req = Message(MsgType.RESYNC_REQUEST, 3, 9, target_tag=1, target_boot=1, first=6)
-    assert decode(sender.on_message(req, "R2", 0.4))[0].begin == 6
-    assert sender.counters["resync_started"] == 2
+    assert sender.on_message(req, "R2", 0.4) == [] and sender.counters["resync_deferred"] == 1
+    started = [m for m in decode(sender.on_tick(1.2)) if m.type == MsgType.RESYNC_BEGIN]
+    assert [m.begin for m in started] == [6] and sender.counters["resync_started"] == 2
 
 
 def test_sender_ignores_what_is_not_its_business() -> None:
@@ -873,12 +874,18 @@ def test_boot_ids_new_replayed_and_after_silence() -> None:
     # an old boot's datagram (a replay) is refused: retired
     assert f.give(f.data((0, 7))) == [] and f.rx.counters["stale_boot"] == 1
     assert f.marks() == {0: 1}
-    # an older, never seen boot is refused while the current one is alive ...
+    # an older, never seen boot is refused, however long the current one has been silent
     older = CODEC.encode(Message(MsgType.ALIVE, 1, boot_id(999, 1), 3))
     assert f.give(older) == [] and f.rx.counters["stale_boot"] == 2
-    # ... and accepted once the current one has been silent for dead_after (clock went back)
-    f.now += 10
-    assert f.give(older) != [] and f.rx.counters["new_boot"] == 2
+    f.now += 3600
+    assert f.give(older) == [] and f.rx.counters["stale_boot"] == 3
+    assert f.rx.boot_of(1) == boot_id(1001, 9) and f.rx.counters["new_boot"] == 1
+    # ... also by the receiver's next life, handed what this one saw
+    reborn = Receiver(CODEC, 2, 201, boots=f.rx.boots())
+    assert reborn.on_datagram(f.data((0, 7)), "S", f.now) == []
+    assert reborn.counters["stale_boot"] == 1 and reborn.senders() == []
+    reborn.on_datagram(CODEC.encode(hello), "S", f.now)  # the newest is fine
+    assert reborn.boot_of(1) == boot_id(1001, 9) and reborn.counters["stale_boot"] == 1
 
 
 def test_fresh_sender_hello_needs_no_resync() -> None:
@@ -1100,7 +1107,7 @@ def test_precopy_stream_numbers_go_round_and_skip_those_in_use() -> None:
               "guest_ip": f"10.5.5.25{i}", "pipes": ["pipe0"]} for i, n in ((1, "a"), (2, "b"))]
     t = Topology.model_validate({"cluster": {"guest_subnet": "10.5.5.0/24",
                                              "gateway": "10.5.5.254"}, "nodes": nodes})
-    svc = SyncService(t, "a", KEY)
+    svc = SyncService(t, "a", KEY, state_path=False)
     first, second = svc.open_precopy("b"), svc.open_precopy("b")
     assert (first.number, second.number) == (1, 2)
     first.close()
@@ -1110,3 +1117,107 @@ def test_precopy_stream_numbers_go_round_and_skip_those_in_use() -> None:
     svc._precopy_sending.update(dict.fromkeys(range(1, 1 << 16), "b"))
     with pytest.raises(SyncError, match="every precopy stream number is in use"):
         svc.open_precopy("b")
+
+
+# --- hostile but authenticated: replays and jumps cost nothing -------------------------------
+
+
+def _node(tag: int, boot: int, *, addresses: dict[int, str] | None = None) -> Replicator:
+    sender = Sender(CODEC, tag, boot, config=SMALL)
+    for i in range(5):
+        sender.update(entry(i), 0.0)
+    sender.flush(0.0)
+    return Replicator(CODEC, Receiver(CODEC, tag, boot), [sender], addresses)
+
+
+def test_replayed_hello_and_resync_request_start_one_resync_at_most() -> None:
+    node = _node(1, 100)
+    hello = CODEC.encode(Message(MsgType.HELLO, 2, 200, 0))
+    req = CODEC.encode(Message(MsgType.RESYNC_REQUEST, 2, 200, target_tag=1, target_boot=100,
+                               first=0))  # fmt: skip
+    node.on_datagram(hello, "n2", 0.0)  # n2 joined: it gets our table once
+    sender = node.sender()
+    assert sender.counters["resync_started"] == 1
+    for k in range(20):  # captured and replayed, over minutes
+        node.on_datagram(hello, "n2", 1.0 + 10 * k)
+        node.on_datagram(req, "n2", 1.5 + 10 * k)
+        node.on_tick(2.0 + 10 * k)
+    assert sender.counters["resync_started"] == 1
+    assert sender.counters["resync_covered"] == 20 and node.receiver.counters["new_boot"] == 0
+    # a real new need (after the latest resync's snapshot) is served, once
+    for _ in range(5):
+        sender.update(entry(9, 1), 300.0)
+        sender.flush(300.0)
+    late = CODEC.encode(Message(MsgType.RESYNC_REQUEST, 2, 200, target_tag=1, target_boot=100,
+                                first=sender.last_seq))  # fmt: skip
+    for t in (301.0, 301.1, 301.2):
+        node.on_datagram(late, "n2", t)
+    assert sender.counters["resync_started"] == 2
+    # one from the future is refused
+    future = CODEC.encode(Message(MsgType.RESYNC_REQUEST, 2, 200, target_tag=1,
+                                  target_boot=100, first=sender.last_seq + 1000))  # fmt: skip
+    assert node.on_datagram(future, "n2", 400.0) == []
+    assert sender.counters["bad_resync_request"] == 1 and sender.counters["resync_started"] == 2
+
+
+def test_resyncs_are_rate_limited_and_one_covers_every_waiter() -> None:
+    node = _node(1, 100)
+    sender = node.sender()
+    for tag in (2, 3, 4):  # three peers boot within a second, while we keep sending
+        node.on_datagram(CODEC.encode(Message(MsgType.HELLO, tag, 200 + tag, 0)), "p", 0.1 * tag)
+        sender.update(entry(10 + tag), 0.1 * tag)
+        sender.flush(0.1 * tag)
+    assert sender.counters["resync_started"] == 1 and sender.counters["resync_deferred"] == 2
+    node.on_tick(0.9)
+    assert sender.counters["resync_started"] == 1
+    node.on_tick(1.3)  # the gap passed: one more, for both waiters
+    node.on_tick(5.0)
+    assert sender.counters["resync_started"] == 2
+
+
+def test_a_seq_jump_no_sender_could_make_does_not_move_the_expectation() -> None:
+    f = Feed()
+    f.give(f.data((0, 1)), f.data((1, 1)))
+    assert f.rx.position(1) == 2
+    asked = f.rx.counters["resync_requested"]  # at first contact
+    bogus = CODEC.encode(Message(MsgType.DATA, 1, 100, 2 + (1 << 30),
+                                 records=(Record.upsert(entry(7, 7)),)))  # fmt: skip
+    assert f.give(bogus) == [] and f.rx.counters["implausible"] == 1
+    assert f.rx.position(1) == 2 and 7 not in f.marks()
+    # the same for the seq an ALIVE, a void or an END names
+    for msg in (Message(MsgType.ALIVE, 1, 100, 1 << 30),
+                Message(MsgType.RESYNC_BEGIN, 1, 100, 2, begin=3, first=0, last=1 << 30,
+                        void=True),
+                Message(MsgType.RESYNC_END, 1, 100, 2, begin=1 << 30)):
+        assert f.give(CODEC.encode(msg)) == []
+    assert f.rx.counters["implausible"] == 4 and f.rx.position(1) == 2
+    # the genuine stream goes on as if nothing happened: no skip, no resync
+    f.give(f.data((2, 1)), f.data((3, 1)))
+    assert f.rx.position(1) == 4 and f.marks() == {0: 1, 1: 1, 2: 1, 3: 1}
+    assert f.rx.counters["skipped"] == 0 and f.rx.counters["resync_requested"] == asked
+    # a receiver cut off for long enough does accept the genuine far jump (a plain overrun)
+    f.sender._next += 50_000
+    f.now += 60
+    f.give(f.data((4, 1)))
+    assert f.rx.counters["overrun"] == 1 and f.rx.position(1) == f.sender._next
+
+
+def test_a_tag_speaks_only_from_its_address_and_is_answered_there() -> None:
+    node = _node(1, 100, addresses={2: "n2-address"})
+    other = Sender(CODEC, 2, 200, config=SMALL)
+    other.update(entry(1), 0.0)
+    (first,) = other.flush(0.0)
+    other.update(entry(2), 0.0)
+    other.flush(0.0)  # lost
+    other.update(entry(3), 0.0)
+    (third,) = other.flush(0.0)
+    assert node.on_datagram(first.data, "stranger", 0.0) == []
+    assert node.receiver.counters["wrong_source"] == 1 and node.receiver.senders() == []
+    node.on_datagram(first.data, "n2-address", 0.0)
+    nacks = node.on_datagram(third.data, "n2-address", 0.1)
+    assert [(o.type, o.dest) for o in nacks] == [(MsgType.NACK, "n2-address")]
+    # a NACK for our stream from the wrong address gets no resend
+    nack = CODEC.encode(Message(MsgType.NACK, 2, 200, target_tag=1, target_boot=100,
+                                first=0, last=0))  # fmt: skip
+    assert node.on_datagram(nack, "stranger", 0.2) == []
+    assert [o.dest for o in node.on_datagram(nack, "n2-address", 0.2)] == ["n2-address"]
