@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -110,11 +111,22 @@ def test_a_second_agent_for_a_node_is_refused_and_the_first_keeps_its_socket(lab
     assert agent(lab, "n1", "ping")["pid"] not in (first, None)
 
 
+def _listen_soon(netns: str, addr: tuple[str, int]) -> socket.socket:
+    """Listen on ``addr``: the killed agent's socket goes a moment after the process."""
+    deadline = time.monotonic() + 3
+    while True:
+        try:
+            return in_netns(netns, socket.create_server, addr)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def test_a_busy_peer_port_is_one_line(lab):
     t = lab.topology()
     lab.kill_agent("n3")
-    busy = in_netns(lab.names.node("n3"), socket.create_server,
-                    (str(t.node("n3").peer_ip), t.agent.peer_port))
+    busy = _listen_soon(lab.names.node("n3"), (str(t.node("n3").peer_ip), t.agent.peer_port))
     try:
         got = cli_in(lab, "n3", "agent", "--config", str(lab.config_path), "--node", "n3")
     finally:
