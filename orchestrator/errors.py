@@ -2,7 +2,16 @@
 
 
 class ConvergentError(Exception):
-    """Anything an operator should read instead of a traceback."""
+    """Anything an operator should read instead of a traceback (exit status 1)."""
+
+    exit_code = 1
+
+
+class Degraded(ConvergentError):
+    """The command did its job but not all of it (exit status 3): some entries refused,
+    a migration without part of its handover. What was done is printed before it."""
+
+    exit_code = 3
 
 
 class ConfigError(ConvergentError):

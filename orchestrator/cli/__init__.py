@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> Any:
         _traceback()
         for line in str(exc).splitlines() or ["error"]:
             click.echo(f"convergent: {line}", err=True)
-        sys.exit(1)
+        sys.exit(exc.exit_code)
     except OSError as exc:  # a busy port, a missing file: say what and where
         _traceback()
         where = f"{exc.filename}: " if exc.filename else ""

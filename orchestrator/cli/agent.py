@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 import click
 
+from orchestrator.cli.options import JSON, echo_json
 from orchestrator.cli.rules import CONFIG, NODE, load_for_node
 
 
@@ -30,7 +30,7 @@ def agent(config_path: str | None, node: str | None) -> None:
 @click.command("status")
 @CONFIG
 @NODE
-@click.option("--json", "as_json", is_flag=True, help="print the agent's answer as JSON")
+@JSON
 def status(config_path: str | None, node: str | None, as_json: bool) -> None:
     """What the node's agent owns, migrates and reconciles."""
     from orchestrator.agent.client import call
@@ -38,7 +38,7 @@ def status(config_path: str | None, node: str | None, as_json: bool) -> None:
     topology, node = load_for_node(config_path, node)
     result = call(topology.agent.socket(node), "status", timeout=10)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        echo_json(result)
         return
     click.echo(f"node {result['node']} (pid {result['pid']}, up {result['uptime_s']} s)")
     for ip, own in sorted(result["owned"].items()):

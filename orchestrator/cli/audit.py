@@ -7,6 +7,7 @@ stands for its chain: ``audit.log`` reads ``audit.log.1 .. audit.log.N, audit.lo
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections import deque
@@ -162,11 +163,11 @@ def show(logs: tuple[Path, ...], as_json: bool, last: int | None, **opts: Any) -
 @click.option("--json", "as_json", is_flag=True, help="JSON lines: each record as stored.")
 @click.option(
     "-n",
-    "--lines",
+    "--last",
     "backlog",
     default=10,
     show_default=True,
-    help="Matching records of the live file to show first.",
+    help="Show the last N matching records of the live files first.",
 )
 @click.option("--interval", default=0.25, show_default=True, help="Poll period in seconds.")
 def follow(
@@ -195,6 +196,7 @@ def _poll(scanner: Scanner, followers: list[Follower]) -> Iterator[Row]:
 @audit.command()
 @log_option
 @click.option("--partial", is_flag=True, help="Older rotated files were removed on purpose.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: every chain's result.")
 @click.option(
     "--anchor",
     "anchors",
@@ -205,7 +207,8 @@ def _poll(scanner: Scanner, followers: list[Follower]) -> Iterator[Row]:
 )
 @click.pass_context
 def verify(
-    ctx: click.Context, logs: tuple[Path, ...], partial: bool, anchors: tuple[str, ...]
+    ctx: click.Context, logs: tuple[Path, ...], partial: bool, as_json: bool,
+    anchors: tuple[str, ...],
 ) -> None:
     """Check the hash chains: exit 0 intact, 1 tampered, 3 crash-truncated.
 
@@ -218,11 +221,27 @@ def verify(
     if noted and len(chains) > 1:
         raise click.UsageError("--anchor needs exactly one chain")
     worst = 0
+    results = []
     for chain in chains:
         report = verify_chain(chain.files, partial, noted)
-        _say(chain, report)
+        if as_json:
+            results.append(_report_dict(chain, report))
+        else:
+            _say(chain, report)
         worst = max(worst, report.exit_code, key=lambda code: {0: 0, 3: 1, 1: 2}[code])
+    if as_json:
+        click.echo(json.dumps({"chains": results, "exit_code": worst}, indent=2))
     ctx.exit(worst)
+
+
+def _report_dict(chain: Chain, report: Report) -> dict[str, Any]:
+    return {"log": str(chain.live), "files": [str(f) for f in chain.files],
+            "intact": report.problem is None, "records": report.records,
+            "first_seq": report.first_seq, "last_seq": report.last_seq,
+            "head": f"{report.last_seq}:{report.head}" if report.head else None,
+            "problem": str(report.problem) if report.problem else None,
+            "truncated": str(report.truncated) if report.truncated else None,
+            "exit_code": report.exit_code}
 
 
 def _anchors(values: Iterable[str]) -> dict[int, str]:
@@ -252,7 +271,8 @@ def _say(chain: Chain, report: Report) -> None:
 @filter_options
 @click.option("--migration", help="Only this migration's records.")
 @click.option(
-    "--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True
+    "--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True,
+    help="JSON lines (each record as stored) or CSV.",
 )
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="File (default stdout).")
 @click.option("--no-verify", is_flag=True, help="Export even if a chain does not verify.")

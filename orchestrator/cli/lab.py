@@ -9,11 +9,12 @@ from pathlib import Path
 
 import click
 
+from orchestrator.cli.options import JSON, echo_json
 from orchestrator.errors import ConvergentError
 
 LAB_NAME = click.option(
-    "--name", default=lambda: os.environ.get("CONVERGENT_LAB", "lab"), show_default="lab",
-    help="lab name (namespaces are cvg-NAME-*)",
+    "--name", default=lambda: os.environ.get("CONVERGENT_LAB", "lab"), metavar="LAB",
+    help="Lab name; its namespaces are cvg-LAB-*.  [default: $CONVERGENT_LAB, else lab]",
 )
 
 
@@ -26,31 +27,41 @@ def lab() -> None:
 
 @lab.command("up")
 @LAB_NAME
-@click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 16))
+@click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 16),
+              help="How many nodes.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True),
-              help="cluster TOML (default: the seed cluster grown to --nodes)")
-def up(name: str, nodes: int, config_path: str | None) -> None:
+              metavar="FILE", help="Cluster TOML.  [default: the seed cluster grown to --nodes]")
+@JSON
+def up(name: str, nodes: int, config_path: str | None, as_json: bool) -> None:
     """Build the lab (idempotent)."""
     from orchestrator.lab.lab import Lab
 
     t = Lab(name).up(nodes, Path(config_path) if config_path else None)
+    if as_json:
+        echo_json({"lab": name, "nodes": [n.name for n in t.nodes],
+                   "guests": [g.name for g in t.guests], "config": str(Lab(name).config_path)})
+        return
     click.echo(f"lab {name} up: {len(t.nodes)} nodes, guests "
                f"{', '.join(g.name for g in t.guests)}; config {Lab(name).config_path}")
 
 
 @lab.command("down")
 @LAB_NAME
-def down(name: str) -> None:
+@JSON
+def down(name: str, as_json: bool) -> None:
     """Remove every namespace, link and process of the lab (fine if there is none)."""
     from orchestrator.lab.lab import Lab
 
     removed = Lab(name).down()
-    click.echo(f"lab {name} down: removed {len(removed)} namespaces")
+    if as_json:
+        echo_json({"lab": name, "removed": removed})
+    else:
+        click.echo(f"lab {name} down: removed {len(removed)} namespaces")
 
 
 @lab.command("check")
 @LAB_NAME
-@click.option("--json", "as_json", is_flag=True)
+@JSON
 def check(name: str, as_json: bool) -> None:
     """Run the seed acceptance inside the lab."""
     from orchestrator.lab.check import report, run_checks
@@ -69,19 +80,28 @@ def check(name: str, as_json: bool) -> None:
 
 @lab.command("status")
 @LAB_NAME
-def status(name: str) -> None:
+@JSON
+def status(name: str, as_json: bool) -> None:
     """Where each guest is and which namespaces exist."""
-    from orchestrator.lab.lab import Lab, dump_state
+    from orchestrator.lab.lab import Lab
 
-    click.echo(dump_state(Lab(name)))
+    state = Lab(name).status()
+    if as_json:
+        echo_json(state)
+        return
+    namespaces, guests = state["namespaces"], state["guests"]
+    assert isinstance(namespaces, list) and isinstance(guests, dict)
+    click.echo(f"lab {name}: {len(namespaces)} namespaces")
+    for guest, node in sorted(guests.items()):
+        click.echo(f"  {guest:<12} {'on ' + node if node else 'not running'}")
 
 
 @lab.command("migrate")
 @LAB_NAME
 @click.argument("guest")
-@click.option("--to", "dst", required=True, help="destination node")
-@click.option("--control", is_flag=True, help="move the guest without any handover")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--to", "dst", required=True, metavar="NODE", help="Destination node.")
+@click.option("--control", is_flag=True, help="Move the guest without any handover.")
+@JSON
 def migrate(name: str, guest: str, dst: str, control: bool, as_json: bool) -> None:
     """Live-migrate a lab guest to another node, handing its flows over."""
     import asyncio
@@ -101,12 +121,15 @@ def migrate(name: str, guest: str, dst: str, control: bool, as_json: bool) -> No
 
 @lab.command("demo")
 @LAB_NAME
-@click.option("--nodes", default=3, show_default=True, type=click.IntRange(2, 16))
-@click.option("--control", is_flag=True, help="the same tour with the handover disabled")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--plot", type=click.Path(dir_okay=False), help="draw each flow's gaps (PNG)")
-@click.option("--tcp-loose", type=click.IntRange(0, 1), help="set nf_conntrack_tcp_loose")
-@click.option("--keep", is_flag=True, help="leave the lab up afterwards")
+@click.option("--nodes", default=3, show_default=True, type=click.IntRange(2, 16),
+              help="How many nodes the guest tours.")
+@click.option("--control", is_flag=True, help="The same tour with the handover disabled.")
+@JSON
+@click.option("--plot", type=click.Path(dir_okay=False), metavar="FILE.png",
+              help="Draw each flow's gaps and the migrations.")
+@click.option("--tcp-loose", type=click.IntRange(0, 1),
+              help="Set nf_conntrack_tcp_loose on every node.")
+@click.option("--keep", is_flag=True, help="Leave the lab up afterwards.")
 def demo(name: str, nodes: int, control: bool, as_json: bool, plot: str | None,
          tcp_loose: int | None, keep: bool) -> None:
     """Real SSH, websocket, HTTP, UDP and guest-initiated flows while the guest tours the

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from orchestrator.cli.options import JSON, echo_json
 from orchestrator.config.defaults import CONFIG_ENV, DEFAULT_CONFIG, this_node
 from orchestrator.config.defaults import config_path as config_path_default
 from orchestrator.config.loader import load
@@ -42,7 +43,7 @@ def load_for_node(config_path: str | None, node: str | None) -> tuple[Topology, 
 @click.command("render-rules")
 @CONFIG
 @NODE
-@click.option("--check", is_flag=True, help="also have nft -c validate it")
+@click.option("--check", is_flag=True, help="Also have nft -c validate it.")
 def render_rules(config_path: str | None, node: str | None, check: bool) -> None:
     """Print the node's whole nftables ruleset."""
     from orchestrator.netfilter import nft
@@ -58,17 +59,18 @@ def render_rules(config_path: str | None, node: str | None, check: bool) -> None
 @click.command("apply")
 @CONFIG
 @NODE
-@click.option("--netns", default=None, help="apply inside this network namespace")
+@click.option("--netns", default=None, metavar="NS", help="Apply inside this network namespace.")
 @click.option(
-    "--audit-log", "audit_log", default=None, type=click.Path(dir_okay=False),
-    help="audit log to record the attempt in (default: the config's [agent] audit_log)",
+    "--audit-log", "audit_log", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+    help="Audit log to record the attempt in.  [default: the config's [agent] audit_log]",
 )
+@JSON
 def apply(config_path: str | None, node: str | None, netns: str | None,
-          audit_log: str | None) -> None:
+          audit_log: str | None, as_json: bool) -> None:
     """Set the node's sysctls and replace its tables atomically (no-op when unchanged).
 
-    Every attempt writes one ``ruleset.apply`` audit record (changed, unchanged or failed);
-    a log that cannot be opened is a warning, never a reason not to apply."""
+    Every attempt writes one ruleset.apply audit record (changed, unchanged or failed); a
+    log that cannot be opened is a warning, never a reason not to apply."""
     from orchestrator.netfilter.apply import apply as do_apply
 
     topology, node = load_for_node(config_path, node)
@@ -78,7 +80,12 @@ def apply(config_path: str | None, node: str | None, netns: str | None,
     finally:
         if audit is not None:
             audit.close()
-    click.echo(result.summary())
+    if as_json:
+        echo_json({"node": result.node, "changed": result.changed, "digest": result.digest,
+                   "ruleset_changed": result.ruleset_changed,
+                   "sysctls_changed": result.sysctls_changed})
+    else:
+        click.echo(result.summary())
 
 
 def _warn(message: str) -> None:

@@ -6,12 +6,13 @@ The agent runs the ``SyncService``; these commands ask it over its Unix socket
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
 
+from orchestrator.cli.options import JSON, echo_json
 from orchestrator.cli.rules import CONFIG, NODE, load_for_node
+from orchestrator.errors import Degraded
 
 
 def _call(config_path: str | None, node: str | None, op: str, **args: Any) -> Any:
@@ -29,12 +30,12 @@ def sync() -> None:
 @sync.command("status")
 @CONFIG
 @NODE
-@click.option("--json", "as_json", is_flag=True, help="the agent's answer as JSON")
+@JSON
 def status(config_path: str | None, node: str | None, as_json: bool) -> None:
     """This node's sender and what it holds of every peer."""
     result = _call(config_path, node, "sync.status")
     if as_json:
-        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        echo_json(result)
         return
     click.echo(render_status(result))
 
@@ -42,15 +43,23 @@ def status(config_path: str | None, node: str | None, as_json: bool) -> None:
 @sync.command("commit")
 @CONFIG
 @NODE
-@click.option("--from", "from_node", required=True, help="the peer whose cached flows to take")
-@click.option("--guest", default=None, help="only this guest's flows")
-def commit(config_path: str | None, node: str | None, from_node: str, guest: str | None) -> None:
-    """Write a peer's cached entries into this node's kernel, translated as a handover."""
+@click.option("--from", "from_node", required=True, metavar="NODE",
+              help="The peer whose cached flows to take.")
+@click.option("--guest", default=None, help="Only this guest's flows.")
+@JSON
+def commit(config_path: str | None, node: str | None, from_node: str, guest: str | None,
+           as_json: bool) -> None:
+    """Write a peer's cached entries into this node's kernel, translated as a handover.
+
+    Exit status 3 when some entries were refused (the others are written)."""
     result = _call(config_path, node, "sync.commit", from_node=from_node, guest=guest)
-    click.echo(render_commit(result))
+    if as_json:
+        echo_json(result)
+    else:
+        click.echo(render_commit(result))
     if result.get("errors"):
-        raise click.ClickException(f"{result['errors']} entries refused, first: "
-                                   f"{result.get('first_error')}")  # fmt: skip
+        raise Degraded(f"{result['errors']} entries refused, first: "
+                       f"{result.get('first_error')}")
 
 
 def render_status(s: dict[str, Any]) -> str:
