@@ -110,3 +110,23 @@ def test_served_over_http_and_a_busy_port_is_one_line() -> None:
     finally:
         m.close()
         loop.close()
+
+
+def test_the_dashboard_asks_only_for_metrics_that_exist() -> None:
+    import json
+    import re
+
+    m = AgentMetrics("n1")
+    m.on_audit({"action": "migration.cutover", "outcome": "ok", "duration_ms": 5.0,
+                "entries": 1})  # type: ignore[arg-type]
+    m.observe_store("claim_all", 0.001, failed=True)
+    families = [*m.registry.collect(), *agent_families("n1", {"reconcile": {}}),
+                *sync_families({**STATUS, "channel": {}})]
+    exposed = {s.name for f in families for s in f.samples}
+    exposed |= {"convergent_hook_spool_depth"}  # the live collector's own gauge
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "docs" /
+                            "grafana-migrations.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    asked = {name for e in exprs for name in re.findall(r"\bconvergent_[a-z_]+", e)}
+    assert len(dashboard["panels"]) >= 10 and asked
+    assert asked <= exposed, sorted(asked - exposed)
