@@ -1,30 +1,37 @@
 """The handover planner: S's conntrack entries for guest G -> what D writes, what S adjusts.
 
 Pure: entries and the topology in, a :class:`Plan` out; no netlink, no store. DESIGN §2 is the
-contract. Each action names the rules of :data:`orchestrator.handover.explain.RULES` that
+contract. Each action names the rules of :data:`orchestrator.handover.rules.RULES` that
 decided it, so the reasons live in one table.
 
-Applying a plan (the caller's job): PUSH = add; UPDATE = set (status, mark, timeout, TCP
-state, and TCP flags with the written flags as mask, so bits D tracked itself stay); REPLACE =
-delete every entry of ``delete`` by key (ENOENT counts as done), then add; SKIP = nothing.
-MAKE_LIBERAL on S = set the TCP flags with mask BE_LIBERAL only (never NAT attributes).
-Planning again with D's current entries yields only what is left, so a partial apply is
-finished by re-planning, and :func:`abort_actions` over every plan of the migration undoes it.
+D's side is :func:`plan_handover`; S's side, :func:`plan_source`, needs only the
+classification, so S never plans D's writes (``Plan.source`` gives both sides for reading).
+A migration passes its ``handover_bit``: every entry the plan adds carries it (and entries
+an earlier plan added keep it) until finalize, the bit never travels from S, and D's
+entries are compared without it. A failover commit passes none: its writes are final.
+
+Applying a plan (``handover.applier``): PUSH = add; UPDATE = set (status, mark, timeout, TCP
+state and flags, written whole); REPLACE = delete every entry of ``delete`` by key (ENOENT
+counts as done), then add; SKIP = nothing. MAKE_LIBERAL on S = set the TCP flags with mask
+BE_LIBERAL only (never NAT attributes). Planning again with D's current entries yields only
+what is left, so a partial apply is finished by re-planning, and :func:`abort_actions` over
+every plan of the migration undoes it.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Network
 
 from orchestrator.errors import MigrationError
-from orchestrator.handover.explain import Rule, reason, render_abort, render_plan
+from orchestrator.handover.rules import Rule, reason
 from orchestrator.model.cluster import Guest, Node, Topology
 from orchestrator.model.conntrack import (
     Entry,
     IPAddress,
+    Key,
     Proto,
     Status,
     TcpFlag,
@@ -48,8 +55,6 @@ _KEPT_TCP_FLAGS = TcpFlag.WINDOW_SCALE | TcpFlag.SACK_PERM | TcpFlag.CLOSE_INIT
 _OVER = frozenset({TcpState.CLOSE, TcpState.TIME_WAIT})
 _U32 = 0xFFFFFFFF
 _ALL_TCP_FLAGS = TcpFlag(0xFF)
-
-Key = tuple[Tuple, int]
 
 
 class FlowKind(enum.Enum):
@@ -80,11 +85,13 @@ class DestAction:
     """What D does for one of G's entries on S (``origin``).
 
     ``entry`` is what D ends up holding for the flow (written unless SKIP; None when D gets
-    nothing); ``delete`` lists D's entries to delete first (REPLACE only)."""
+    nothing); ``delete`` lists D's entries to delete first (REPLACE only); ``flow`` is the
+    kind of flow ``origin`` is, seen from the node hosting G."""
 
     kind: DestKind
     rules: tuple[Rule, ...]
     origin: Entry
+    flow: FlowKind
     entry: Entry | None = None
     delete: tuple[Entry, ...] = ()
 
@@ -127,8 +134,7 @@ class Plan:
     guest: str
     src: str
     dst: str
-    dest: tuple[DestAction, ...]
-    source: tuple[SourceAction, ...]
+    dest: tuple[DestAction, ...]  # one per entry of G, in input order
     ignored: int  # entries passed in that name none of G's addresses
     min_timeout: int = MIN_TIMEOUT
 
@@ -141,8 +147,10 @@ class Plan:
         """Nothing left to write on D (re-planning after a full apply gives this)."""
         return not self.writes
 
-    def explain(self) -> str:
-        return render_plan(self)
+    @property
+    def source(self) -> tuple[SourceAction, ...]:
+        """What S does with each entry (as :func:`plan_source`), computed when read."""
+        return tuple(_source_action(a.origin, a.flow) for a in self.dest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,12 +163,14 @@ class _Ctx:
     tag_mask: int
     guest_side: dict[IPAddress, Node]  # node guest-side address -> node
     min_timeout: int
+    bit: int = 0  # the migration's handover bit (0: the plan's writes are final)
 
     @classmethod
-    def of(cls, t: Topology, g: Guest, src: Node, dst: Node, min_timeout: int) -> _Ctx:
+    def of(cls, t: Topology, g: Guest, src: Node, dst: Node, min_timeout: int,
+           bit: int = 0) -> _Ctx:  # fmt: skip
         return cls(
             frozenset(g.addresses), t.cluster.guest_subnet, t.cluster.gateway, src, dst,
-            t.cluster.tag_mask, {n.guest_ip: n for n in t.nodes}, min_timeout,
+            t.cluster.tag_mask, {n.guest_ip: n for n in t.nodes}, min_timeout, bit,
         )
 
     def tagged(self, mark: int, tag: int) -> int:
@@ -172,13 +182,6 @@ class _Ctx:
 
 
 # --- classification ------------------------------------------------------------------------
-
-
-def classify(entry: Entry, topology: Topology, guest: str | Guest) -> FlowKind:
-    """The kind of flow ``entry`` is, seen from the node hosting ``guest``."""
-    g = _guest(topology, guest)
-    node = topology.nodes[0]  # classification does not depend on S or D
-    return _classify(entry, _Ctx.of(topology, g, node, node, MIN_TIMEOUT))
 
 
 def _classify(e: Entry, c: _Ctx) -> FlowKind:
@@ -247,7 +250,8 @@ def _translate_snat(e: Entry, c: _Ctx) -> _Target:
 
 
 def _pushed(e: Entry, c: _Ctx, orig: Tuple, reply: Tuple, mark: int) -> Entry:
-    """The form every entry D writes takes (explain.PUSHED_FORM)."""
+    """The form every entry D writes takes (rules.PUSHED_FORM), marked as added by this
+    migration (``_dest_action`` takes the bit off an update of D's own entry)."""
     tcp = None
     if orig.proto == Proto.TCP:
         # a kernel dump always carries protoinfo; without it, liberal ESTABLISHED is safest
@@ -256,7 +260,7 @@ def _pushed(e: Entry, c: _Ctx, orig: Tuple, reply: Tuple, mark: int) -> Entry:
         tuple_orig=orig,
         tuple_reply=reply,
         status=REQUIRED,
-        mark=mark,
+        mark=mark | c.bit,
         timeout=max(e.timeout, c.min_timeout),
         zone=e.zone,
         tcp=tcp,
@@ -310,7 +314,7 @@ def _resolve(t: Entry, d: _DestTable, c: _Ctx) -> _Resolution:
     if not clashes:
         return DestKind.PUSH, Rule.D_ABSENT, t, ()
     if clashes == [same] and same is not None and _settable(same, t):
-        if _satisfies(same, t, c.min_timeout):
+        if _satisfies(same, t, c):
             return DestKind.SKIP, Rule.D_SAME, t, ()
         return DestKind.UPDATE, Rule.D_DIFFERS, t, ()
     return DestKind.REPLACE, Rule.D_CLASH, t, tuple(clashes)
@@ -320,7 +324,7 @@ def _homecoming(t: Entry, same: Entry | None, clashes: list[Entry], c: _Ctx) -> 
     """The flow's public address is D's: D's own NAT binding for it wins over our copy."""
     if same is not None and _snat_by(same, c.dst, c):
         merged = replace(same, status=same.status | REQUIRED, timeout=t.timeout, tcp=t.tcp)
-        if _satisfies(same, merged, c.min_timeout):
+        if _satisfies(same, merged, c):
             return DestKind.SKIP, Rule.D_HOMECOMING, merged, ()
         return DestKind.UPDATE, Rule.D_HOMECOMING, merged, ()
     if any(x.is_dst_nat and x.tuple_reply == t.tuple_reply for x in clashes):
@@ -342,16 +346,17 @@ def _settable(x: Entry, t: Entry) -> bool:
     return x.tuple_reply == t.tuple_reply and not x.status & _CANNOT_SET
 
 
-def _satisfies(x: Entry, t: Entry, min_timeout: int) -> bool:
-    """D's ``x`` already does what ``t`` would: same tuples, mark, status and TCP state,
-    flags at least ``t``'s, and enough time left to survive the cutover."""
+def _satisfies(x: Entry, t: Entry, c: _Ctx) -> bool:
+    """D's ``x`` already does what ``t`` would: same tuples, mark (the handover bit aside),
+    status and TCP state, flags at least ``t``'s, and enough time left to survive the
+    cutover."""
     return (
         x.key == t.key
         and x.tuple_reply == t.tuple_reply
-        and x.mark == t.mark
+        and (x.mark ^ t.mark) & ~c.bit == 0
         and x.status & ~_IGNORED_STATUS == t.status & ~_IGNORED_STATUS
         and _tcp_satisfies(x.tcp, t.tcp)
-        and x.timeout >= min(t.timeout, min_timeout)
+        and x.timeout >= min(t.timeout, c.min_timeout)
     )
 
 
@@ -394,20 +399,21 @@ def plan_handover(
     dest_existing: Iterable[Entry] | None = None,
     *,
     min_timeout: int = MIN_TIMEOUT,
+    handover_bit: int = 0,
 ) -> Plan:
-    """Plan moving ``guest``'s flows from ``src`` to ``dst``.
+    """Plan what D writes to take ``guest``'s flows over from ``src``.
 
     ``entries``: S's dump (anything not naming G is ignored). ``dest_existing``: D's current
-    entries (only G's are looked at); without it every translated entry is a PUSH. One dest
-    action and one source action per entry of G, in input order."""
+    entries (only G's are looked at); without it every translated entry is a PUSH.
+    ``handover_bit``: the migration's bit (module docstring); 0 for a final write. One dest
+    action per entry of G, in input order."""
     g = _guest(topology, guest)
     s, d = _node(topology, src), _node(topology, dst)
     if s.name == d.name:
         raise MigrationError(f"guest {g.name}: source and destination are both {s.name}")
-    c = _Ctx.of(topology, g, s, d, min_timeout)
+    c = _Ctx.of(topology, g, s, d, min_timeout, handover_bit)
     table = _DestTable(x for x in dest_existing or () if x.addresses() & c.addrs)
     dest: list[DestAction] = []
-    source: list[SourceAction] = []
     claimed: set[Key] = set()
     ignored = 0
     for e in entries:
@@ -416,8 +422,18 @@ def plan_handover(
             ignored += 1
             continue
         dest.append(_dest_action(e, kind, c, table, claimed))
-        source.append(_source_action(e, kind))
-    return Plan(g.name, s.name, d.name, tuple(dest), tuple(source), ignored, min_timeout)
+    return Plan(g.name, s.name, d.name, tuple(dest), ignored, min_timeout)
+
+
+def plan_source(entries: Iterable[Entry], topology: Topology,
+                guest: str | Guest) -> list[SourceAction]:  # fmt: skip
+    """What S does with each of its entries naming ``guest`` (make it liberal, or keep it);
+    S needs nothing of D's side for that."""
+    g = _guest(topology, guest)
+    node = topology.nodes[0]  # classification does not depend on S or D
+    c = _Ctx.of(topology, g, node, node, MIN_TIMEOUT)
+    return [_source_action(e, kind) for e in entries
+            if (kind := _classify(e, c)) is not FlowKind.FOREIGN]
 
 
 def _dest_action(
@@ -425,13 +441,22 @@ def _dest_action(
 ) -> DestAction:
     target = _translate(e, kind, c)
     if target.entry is None:
-        return DestAction(DestKind.SKIP, (target.rule,), e)
+        return DestAction(DestKind.SKIP, (target.rule,), e, kind)
     tuples = _tuples(target.entry)
     if claimed.intersection(tuples):
-        return DestAction(DestKind.SKIP, (target.rule, Rule.DUPLICATE), e)
+        return DestAction(DestKind.SKIP, (target.rule, Rule.DUPLICATE), e, kind)
     claimed.update(tuples)
     kind_, rule, written, delete = _resolve(target.entry, table, c)
-    return DestAction(kind_, (target.rule, rule), e, written, delete)
+    if written is not None and c.bit and kind_ in (DestKind.UPDATE, DestKind.SKIP):
+        written = _marked_as_held(written, table.by_key.get(written.key), c.bit)
+    return DestAction(kind_, (target.rule, rule), e, kind, written, delete)
+
+
+def _marked_as_held(written: Entry, held: Entry | None, bit: int) -> Entry:
+    """An update keeps the bit of what D holds: set on what a migration added, off on D's
+    own entries (an abort must not take those)."""
+    want = written.mark | bit if held is not None and held.mark & bit else written.mark & ~bit
+    return written if want == written.mark else replace(written, mark=want)
 
 
 def dest_key(
@@ -460,18 +485,6 @@ def abort_actions(*plans: Plan) -> list[AbortAction]:
             if a.kind in (DestKind.PUSH, DestKind.REPLACE) and a.entry is not None:
                 out.setdefault(a.entry.key, AbortAction(a.entry.key, a.entry))
     return list(out.values())
-
-
-def explain_abort(actions: list[AbortAction]) -> str:
-    return render_abort(actions)
-
-
-def guest_entries(
-    entries: Iterable[Entry], topology: Topology, guest: str | Guest
-) -> Iterator[Entry]:
-    """The entries naming one of ``guest``'s addresses (what S's kernel-side filter selects)."""
-    addrs = frozenset(_guest(topology, guest).addresses)
-    return (e for e in entries if e.addresses() & addrs)
 
 
 def _guest(t: Topology, guest: str | Guest) -> Guest:

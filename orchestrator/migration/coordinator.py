@@ -14,21 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import structlog
 
 from orchestrator.audit.log import AuditLog
 from orchestrator.errors import ConvergentError, MigrationError
-from orchestrator.handover.planner import (
-    DestKind,
-    Plan,
-    abort_actions,
-    dest_key,
-    plan_handover,
-)
+from orchestrator.handover.applier import apply_plan
+from orchestrator.handover.planner import Plan, abort_actions, dest_key, plan_handover
 from orchestrator.migration.feed import FeedBatch, FeedLost, LocalFeed, SourceFeed, SourceSide
 from orchestrator.migration.nodeops import NodeOps
 from orchestrator.model.cluster import Topology
@@ -224,36 +219,18 @@ class Coordinator:
             await self._open_feed(h)
 
     async def _sync(self, h: Handover, entries: list[Entry]) -> None:
-        """Plan against D's current entries and write what differs."""
+        """Plan against D's current entries and write what differs; what the plan adds
+        carries the handover bit."""
         dst = self._dst(h)
         existing = await asyncio.to_thread(dst.table.dump, addresses=list(h.record.addresses))
-        ours = {e.key for e in existing if e.mark & self.bit}
-        plan = plan_handover(self._strip(entries), self.topology, h.record.guest,
-                             h.record.src, h.record.dst, self._strip(existing))
-        await self._apply(h, plan, ours)
-
-    async def _apply(self, h: Handover, plan: Plan, ours: set[Key]) -> None:
+        plan = plan_handover(entries, self.topology, h.record.guest, h.record.src,
+                             h.record.dst, existing, handover_bit=self.bit)
         h.plans.append(plan)
-        dst = self._dst(h)
-        doomed = [d for a in plan.dest if a.kind is DestKind.REPLACE for d in a.delete]
-        if doomed:
-            await asyncio.to_thread(dst.table.delete, doomed)
-        writes = []
-        for a in plan.writes:
-            if a.entry is None:
-                continue
-            pushed = a.kind in (DestKind.PUSH, DestKind.REPLACE) or a.entry.key in ours
-            writes.append(replace(a.entry, mark=a.entry.mark | self.bit) if pushed else a.entry)
-        if writes:
-            result = await asyncio.to_thread(dst.table.push, writes, "update")
-            if result.errors:
-                log.warning("migration.push_errors", count=len(result.errors),
-                            first=str(result.errors[0]))
-            h.entries_pushed += len(writes) - len(result.errors)
-
-    def _strip(self, entries: Iterable[Entry]) -> list[Entry]:
-        bit = self.bit
-        return [replace(e, mark=e.mark & ~bit) if e.mark & bit else e for e in entries]
+        done = await apply_plan(dst.table, plan)
+        if done.write_errors:
+            log.warning("migration.push_errors", count=len(done.write_errors),
+                        first=str(done.write_errors[0]))
+        h.entries_pushed += done.written
 
     async def _follow(self, h: Handover) -> None:
         """Precopy's live part: S's changes for G become D's writes until cutover. Waiting

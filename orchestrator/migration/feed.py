@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
-from orchestrator.handover.planner import SourceKind, plan_handover
+from orchestrator.handover.planner import SourceKind, plan_source
 from orchestrator.model.cluster import Topology
 from orchestrator.model.conntrack import Entry, Event, EventType
 from orchestrator.netfilter.conntrack import Conntrack, Events, Overrun
@@ -84,8 +84,8 @@ class SourceSide:
         segments it now sees only half of (FACTS: without it the SNAT flow dies)."""
         if not entries:
             return
-        plan = plan_handover(entries, self.topology, self.guest, self.src, self.dst)
-        liberal = [a.origin for a in plan.source if a.kind is SourceKind.MAKE_LIBERAL]
+        actions = plan_source(entries, self.topology, self.guest)
+        liberal = [a.origin for a in actions if a.kind is SourceKind.MAKE_LIBERAL]
         if liberal:
             await asyncio.to_thread(self.table.set_liberal, liberal)
 

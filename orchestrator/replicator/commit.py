@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 from orchestrator.errors import ConvergentError
+from orchestrator.handover.applier import apply_plan
 from orchestrator.handover.planner import DestKind, plan_handover
 from orchestrator.model.cluster import Topology
 from orchestrator.model.conntrack import Entry
@@ -74,16 +75,10 @@ async def commit(
                     result.skipped += 1
                 else:
                     result.unchanged += 1
-        doomed = [d for a in plan.dest if a.kind is DestKind.REPLACE for d in a.delete]
-        if doomed:
-            deleted = await asyncio.to_thread(table.delete, doomed)
-            result.deleted += deleted.done
-            _errors(result, [str(e) for e in deleted.errors])
-        writes = [a.entry for a in plan.writes if a.entry is not None]
-        if writes:
-            pushed = await asyncio.to_thread(table.push, writes, "update")
-            result.pushed += len(writes) - len(pushed.errors)
-            _errors(result, [str(e) for e in pushed.errors])
+        done = await apply_plan(table, plan)
+        result.deleted += done.deleted
+        result.pushed += done.written
+        _errors(result, [str(e) for e in done.errors])
     return result
 
 

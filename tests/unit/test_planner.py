@@ -9,7 +9,7 @@ import pytest
 
 from orchestrator.config.loader import load
 from orchestrator.errors import MigrationError
-from orchestrator.handover.explain import RULES, Rule
+from orchestrator.handover.explain import render_abort, render_plan
 from orchestrator.handover.planner import (
     MIN_TIMEOUT,
     DestKind,
@@ -17,12 +17,11 @@ from orchestrator.handover.planner import (
     Plan,
     SourceKind,
     abort_actions,
-    classify,
     dest_key,
-    explain_abort,
-    guest_entries,
     plan_handover,
+    plan_source,
 )
+from orchestrator.handover.rules import RULES, Rule
 from orchestrator.model.cluster import Topology
 from orchestrator.model.conntrack import Entry, Proto, Status, TcpFlag, TcpInfo, TcpState, Tuple
 
@@ -100,7 +99,7 @@ def plan(entries, dest_existing=None, src="n1", dst="n2", **kw) -> Plan:
 
 
 def only(p: Plan):
-    assert len(p.dest) == 1 and len(p.source) == 1, p.explain()
+    assert len(p.dest) == 1 and len(p.source) == 1, render_plan(p)
     return p.dest[0], p.source[0]
 
 
@@ -213,7 +212,7 @@ def test_foreign_entries_are_ignored_even_when_passed():
     other = [flow(CLIENT, 1, H, 80, mark=1), h_snat]
     p = plan(other, dest_existing=[flow(CLIENT, 9, H, 80, mark=2)])
     assert p.dest == () and p.source == () and p.ignored == 2
-    assert {classify(e, T, "g1") for e in other} == {FlowKind.FOREIGN}
+    assert plan_source(other, T, "g1") == []
 
 
 def test_duplicate_entries_in_a_dump_get_one_push():
@@ -257,7 +256,7 @@ def test_fullnat_leg_of_the_destination_defers_to_ds_binding():
 def test_east_west_to_another_guest_is_copied_with_its_mark():
     e = flow(G, 41000, H, 5432, mark=0)
     d, _ = only(plan([e]))
-    assert classify(e, T, "g1") is FlowKind.EAST_WEST
+    assert d.flow is FlowKind.EAST_WEST
     assert d.entry == replace(e, status=REQ, tcp=tcp(flags=WS | LIB))
 
 
@@ -292,6 +291,19 @@ def test_ds_own_snat_of_a_racing_packet_is_replaced():
     assert d.entry is not None and d.entry.tuple_reply == Tuple.of(PEER, G, TCP, 443, 40000)
 
 
+def test_a_migration_marks_what_it_adds_and_only_that():
+    bit = T.cluster.handover_bit
+    added = snat(node=1, mark=1 | bit)  # S still carries an earlier handover's bit
+    inbound = flow(CLIENT, 50000, G, 80, mark=2)
+    ds_own = flow(CLIENT, 50000, G, 80, mark=2, status=S.CONFIRMED, timeout=20)  # via D
+    p = plan([added, inbound], [ds_own], handover_bit=bit)
+    assert [a.kind for a in p.dest] == [DestKind.PUSH, DestKind.UPDATE]
+    assert p.dest[0].entry is not None and p.dest[0].entry.mark == 1 | bit
+    assert p.dest[1].entry is not None and p.dest[1].entry.mark == 2  # D's own: no bit
+    held = [p.dest[0].entry, p.dest[1].entry]
+    assert plan([added, inbound], held, handover_bit=bit).done  # the bit is no difference
+
+
 def test_d_entry_the_other_way_round_is_replaced():
     e = snat(node=1)
     picked_up = flow(PEER, 443, G, 40000, mark=1, status=S.CONFIRMED)  # D saw S's bridged reply first
@@ -321,7 +333,7 @@ def test_homecoming_keeps_ds_snat_binding_and_refreshes_it():
     back = flow(G, 40000, PEER, 443, mark=2, tcp=tcp(TcpState.FIN_WAIT))
     on_d = snat(node=2, tcp=tcp(TcpState.ESTABLISHED), timeout=400000)
     d, _ = only(plan([back], [on_d]))
-    assert classify(back, T, "g1") is FlowKind.OUTBOUND_UNNATED
+    assert d.flow is FlowKind.OUTBOUND_UNNATED
     assert d.kind is DestKind.UPDATE and d.rules == (Rule.OUTBOUND_COPY, Rule.D_HOMECOMING)
     assert d.entry == replace(on_d, timeout=431990, tcp=tcp(TcpState.FIN_WAIT, flags=WS | LIB))
     again = plan([back], [d.entry])
@@ -393,7 +405,7 @@ def test_abort_removes_pushes_but_not_what_d_had():
     after = {k: v for k, v in done.items() if k not in {a.key for a in undo}}
     assert set(after) == {on_d[0].key, on_d[2].key}  # the updated one and g2's stay
     assert after[on_d[2].key] == on_d[2]
-    text = explain_abort(undo)
+    text = render_abort(undo)
     assert "abort-pushed" in text and RULES[Rule.ABORT_PUSHED] in text
 
 
@@ -402,7 +414,7 @@ def test_abort_removes_pushes_but_not_what_d_had():
 
 def test_explain_names_every_used_rule_once():
     on_s, on_d = mixed()
-    text = plan(on_s, on_d).explain()
+    text = render_plan(plan(on_s, on_d))
     assert text.splitlines()[0].startswith("handover g1: n1 -> n2: 5 entries of the guest, 1 others")
     legend = text.split("\nrules:\n")[1]
     for rule in (Rule.SNAT_UNNAT, Rule.INBOUND_COPY, Rule.FULLNAT_LEG, Rule.D_CLASH, Rule.S_LIBERAL):
@@ -424,11 +436,6 @@ def test_errors_are_readable():
         plan([], dst="n9")
     with pytest.raises(MigrationError, match="unknown guest"):
         plan_handover([], T, "nope", "n1", "n2")
-
-
-def test_guest_entries_filters_like_the_kernel_dump():
-    on_s, _ = mixed()
-    assert list(guest_entries(on_s, T, "g1")) == on_s[:5]
 
 
 def test_seed_config_plans_node1_to_node2():

@@ -22,8 +22,8 @@ from orchestrator.handover.planner import (
     Plan,
     SourceKind,
     abort_actions,
-    classify,
     plan_handover,
+    plan_source,
 )
 from orchestrator.model.conntrack import Entry, Proto, Status, TcpFlag, TcpInfo, TcpState, Tuple
 from tests.unit.test_planner import GIP, PUB, T
@@ -137,7 +137,7 @@ def scenarios(draw):
 
 
 def mine(e: Entry) -> bool:
-    return classify(e, T, "g1") is not FlowKind.FOREIGN
+    return bool(e.addresses() & set(T.guest("g1").addresses))
 
 
 def apply(table: dict, p: Plan, upto: int | None = None) -> dict:
@@ -164,6 +164,7 @@ def test_one_plan(sc):
     check_one_action_per_flow_of_the_guest(p, on_s, on_d)
     check_written_form(p, T.node(src).tag, T.node(dst))
     check_source_only_adds_be_liberal(p)
+    assert list(p.source) == plan_source(on_s, T, "g1")  # S's half alone agrees
 
 
 @PROPS
@@ -182,6 +183,38 @@ def test_partial_apply_then_replan_or_abort(sc, data):
     third = plan_handover(on_s, T, "g1", src, dst, done.values())
     assert third.done and all(a.kind is DestKind.SKIP for a in third.dest)
     check_abort(d0, done, first, second)
+
+
+@PROPS
+@given(scenarios(), st.data())
+def test_the_handover_bit_is_what_d_used_to_strip_and_add_back(sc, data):
+    """Planning with the migration's bit gives what the coordinator did before the planner
+    knew it: strip the bit from S's and D's entries, plan, then set it on what the plan adds
+    and on what D already held with it."""
+    src, dst, on_s, on_d = sc
+    bit = T.cluster.handover_bit
+
+    def some_marked(es: list[Entry]) -> list[Entry]:
+        return [replace(e, mark=e.mark | bit) if data.draw(st.booleans()) else e for e in es]
+
+    def strip(es: list[Entry]) -> list[Entry]:
+        return [replace(e, mark=e.mark & ~bit) for e in es]
+
+    on_s = some_marked(on_s)
+    on_d = list({e.key: e for e in some_marked(on_d)}.values())  # the kernel: one per key
+    ours = {e.key for e in on_d if e.mark & bit}
+    old = plan_handover(strip(on_s), T, "g1", src, dst, strip(on_d))
+    new = plan_handover(on_s, T, "g1", src, dst, on_d, handover_bit=bit)
+    assert len(old.dest) == len(new.dest)
+    for was, now in zip(old.dest, new.dest, strict=True):
+        assert (was.kind, was.rules, was.flow) == (now.kind, now.rules, now.flow)
+        assert [x.key for x in was.delete] == [x.key for x in now.delete]
+        if not was.writes:
+            continue
+        assert was.entry is not None
+        added = was.kind in (DestKind.PUSH, DestKind.REPLACE) or was.entry.key in ours
+        assert now.entry == (replace(was.entry, mark=was.entry.mark | bit) if added
+                             else was.entry)
 
 
 def check_one_action_per_flow_of_the_guest(p: Plan, on_s: list[Entry], on_d: list[Entry]) -> None:
@@ -215,7 +248,7 @@ def check_written_form(p: Plan, s_tag: int, d_node) -> None:
             assert e.tcp is not None and e.tcp.flags_orig & e.tcp.flags_reply & LIB
             assert o.tcp is None or (e.tcp.state, e.tcp.wscale_orig, e.tcp.wscale_reply) == (
                 o.tcp.state, o.tcp.wscale_orig, o.tcp.wscale_reply)
-        kind = classify(o, T, "g1")
+        kind = a.flow
         if kind is FlowKind.GUEST_SNAT:  # un-NATed, the source's tag, other mark bits kept
             assert e.tuple_orig == o.tuple_orig and e.tuple_reply == o.tuple_orig.reversed()
             assert e.mark == (o.mark & ~0xFF) | s_tag
