@@ -52,7 +52,6 @@ import os
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -63,9 +62,11 @@ from types import FrameType
 from typing import Any, cast
 
 import structlog
+import tenacity
 
 from bench._common import load_average, read_root_sysctl
 from orchestrator.handover.planner import dest_key, plan_handover
+from orchestrator.lab import netns as ns
 from orchestrator.lab.hypervisor import LabHypervisor
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.migrate import bootstrap_ownership, node_handles
@@ -160,18 +161,24 @@ def _connect(client: socket.socket, srv: socket.socket, dst: tuple[str, int]) ->
 
 
 def stop_guest_responder(lab: Lab) -> None:
-    """The lab's guest responder closes each connection within 2 s; port 80 is ours now."""
+    """The lab's guest responder closes each connection within 2 s; port 80 is ours now
+    (until nothing in the guest's namespace listens on it any more)."""
     g_ns = lab.names.guest(GUEST)
-    out = subprocess.run(["ip", "netns", "pids", g_ns], capture_output=True, text=True)
-    for pid in (int(p) for p in out.stdout.split()):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, 15)
-    deadline = time.monotonic() + 3
-    while subprocess.run(["ip", "netns", "pids", g_ns], capture_output=True,
-                         text=True).stdout.strip():  # fmt: skip
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the responder in {g_ns} did not stop")
-        time.sleep(0.02)
+
+    @tenacity.retry(stop=tenacity.stop_after_delay(5), wait=tenacity.wait_fixed(0.05),
+                    retry=tenacity.retry_if_result(bool))  # fmt: skip
+    def stopped() -> str:
+        """What still listens on the port (empty: free); each try signals what is left."""
+        for pid in map(int, ns.sh(["ip", "netns", "pids", g_ns], check=False).split()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        return ns.in_ns(g_ns, "ss", "-Hltnp", f"sport = :{PORT}", check=False).strip()
+
+    try:
+        stopped()
+    except tenacity.RetryError as exc:
+        raise RuntimeError(f"port {PORT} in {g_ns} stays taken: "
+                           f"{exc.last_attempt.result()}") from None
 
 
 def open_real_flows(lab: Lab, t: Topology, per_node: int, snat: int) -> RealFlows:
