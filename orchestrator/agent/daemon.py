@@ -81,7 +81,8 @@ class Agent:
                                      ungated=self.ungated, audit=self.audit)
         self.api = ApiServer(self.settings.socket(self.node), self._handlers())
         self.peer = PeerServer(self.node, self.key, self._authorize, self.wake.set,
-                               self.failpoint, open_precopy=self._open_precopy)
+                               self.failpoint, open_precopy=self._open_precopy,
+                               addresses={n.name: str(n.peer_ip) for n in self.topology.nodes})
         tasks: list[asyncio.Task[Any]] = []
         try:
             await self.store.upsert_node(self.node, self.me.tag, self.me.mac_prefix,
@@ -289,7 +290,8 @@ class Agent:
                           "last_ms": round(stats.last_ms, 1), "total_ms": round(stats.total_ms, 1),
                           "last_error": stats.last_error},
             "api": {"requests": self.api.requests, "errors": self.api.errors},
-            "peer": {"streams": self.peer.streams, "refused": self.peer.refused},
+            "peer": {"streams": self.peer.streams, "refused": self.peer.refused,
+                     "refusals": dict(self.peer.counters)},
             "sync": self.sync is not None,
         }
 

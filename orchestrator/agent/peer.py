@@ -1,10 +1,16 @@
 """The authenticated channel between two agents: the destination asks the source for a
 migrating guest's entries (DESIGN §2 precopy), over TCP.
 
-Handshake: both sides prove they hold the cluster key over fresh nonces, then every frame
-carries HMAC-SHA256/128 under a per-connection session key and a per-direction counter, so
-a frame can be neither forged, replayed into another connection, nor reordered. Entries
-travel as replicator records (``replicator.wire``): one encoding for both carriers.
+Handshake (``handshake.py``, where its properties are stated): both sides prove they hold
+the cluster key over fresh nonces, then every frame carries HMAC-SHA256/128 under a
+per-connection session key and a per-direction counter, so a frame can be neither forged,
+replayed into another connection, nor reordered. Entries travel as replicator records
+(``replicator.wire``): one encoding for both carriers.
+
+Before the session nothing big is read (``HANDSHAKE_MAX`` a frame, the whole handshake
+within ``HANDSHAKE_TIMEOUT``), and unauthenticated connections are capped per source
+address and in total; a malformed or refused handshake gets an error frame and a counter
+(``PeerServer.counters``), never a traceback.
 
 Frame: u32 length | u8 type | body | 16-byte MAC. Types: H handshake (JSON, before the
 session), J control (JSON), E entries (a sealed wire DATA message).
@@ -26,11 +32,14 @@ import os
 import secrets
 import struct
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 
+from orchestrator.agent import handshake as hs
+from orchestrator.agent.handshake import HandshakeError
 from orchestrator.errors import ConvergentError
 from orchestrator.migration.feed import FeedBatch, FeedLost, SourceFeed, SourceSide
 from orchestrator.model.conntrack import Entry, Event, EventType
@@ -43,7 +52,9 @@ _CTR = struct.Struct("!Q")
 MAC = 16
 MAX_FRAME = 8 << 20
 RECORDS_PER_FRAME = 2048  # the wire header counts records in 16 bits
-HANDSHAKE_TIMEOUT = 5.0
+HANDSHAKE_TIMEOUT = 5.0  # for the whole handshake, not per read
+UNAUTHENTICATED_PER_SOURCE = 4  # connections still in their handshake, per source address
+UNAUTHENTICATED_TOTAL = 32
 
 
 class PeerError(ConvergentError):
@@ -76,9 +87,13 @@ class Channel:
         self.writer.write(_LEN.pack(1 + len(body) + MAC) + kind + body + mac)
 
     async def _read(self) -> tuple[bytes, bytes]:
+        limit = MAX_FRAME if self.session is not None else hs.HANDSHAKE_MAX
         try:
             (size,) = _LEN.unpack(await self.reader.readexactly(_LEN.size))
-            if not 1 + MAC <= size <= MAX_FRAME:
+            if not 1 + MAC <= size <= limit:
+                if self.session is None:
+                    raise HandshakeError("frame_too_large", f"handshake frame of {size} bytes "
+                                                            f"(at most {limit})")
                 raise PeerError(f"peer {self.peer or '?'}: frame of {size} bytes")
             frame = await self.reader.readexactly(size)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
@@ -112,50 +127,71 @@ class Channel:
     async def recv(self) -> dict[str, Any] | list[Record]:
         kind, body = await self._read()
         if kind == b"J":
-            obj: dict[str, Any] = json.loads(body)
+            try:
+                obj = json.loads(body)
+            except RecursionError:
+                raise PeerError(f"peer {self.peer}: JSON nested too deeply") from None
+            if not isinstance(obj, dict):
+                raise PeerError(f"peer {self.peer}: a control frame that is not an object")
             return obj
         if kind == b"E":
             return list(self.codec.decode(body).records)
         raise PeerError(f"peer {self.peer}: unexpected frame type {kind!r}")
 
     # handshake -------------------------------------------------------------------
-    async def _hello(self, obj: dict[str, Any]) -> None:
-        self._write(b"H", json.dumps(obj).encode())
+    async def _hello(self, fields: dict[str, str]) -> None:
+        self._write(b"H", hs.encode(fields))
         await self.writer.drain()
 
-    async def _hello_reply(self) -> dict[str, Any]:
-        kind, body = await asyncio.wait_for(self._read(), HANDSHAKE_TIMEOUT)
+    async def _hello_reply(self, *want: str) -> dict[str, Any]:
+        kind, body = await self._read()
         if kind != b"H":
-            raise PeerError("handshake expected")
-        obj: dict[str, Any] = json.loads(body)
-        return obj
+            raise HandshakeError("bad_handshake", "handshake expected")
+        return hs.parse(body, *want)
+
+    async def refuse(self, reason: str) -> None:
+        """Tell the other side why (an unauthenticated H frame), best effort."""
+        with _quiet():
+            self._write(b"H", json.dumps({"error": reason}).encode())
+            await asyncio.wait_for(self.writer.drain(), 1.0)
 
     async def connect_as(self, me: str) -> str:
-        nc = secrets.token_bytes(16)
+        try:
+            return await asyncio.wait_for(self._connect_as(me), HANDSHAKE_TIMEOUT)
+        except HandshakeError as exc:
+            raise PeerError(f"peer handshake with {self.peer or 'the source'}: {exc}") from None
+        except TimeoutError:
+            raise FeedLost(f"peer {self.peer or '?'}: handshake timed out") from None
+
+    async def _connect_as(self, me: str) -> str:
+        nc = secrets.token_bytes(hs.NONCE)
         await self._hello({"node": me, "nonce": nc.hex()})
-        reply = await self._hello_reply()
-        peer, ns = str(reply["node"]), bytes.fromhex(reply["nonce"])
+        reply = await self._hello_reply("node", "nonce", "proof")
+        peer, ns = reply["node"], reply["nonce"]
         self.peer = peer
-        proof = _mac(self.key, b"S", nc, ns, me.encode(), b"/", peer.encode())
-        if not hmac.compare_digest(bytes.fromhex(reply.get("proof", "")), proof):
-            raise PeerError(f"peer {peer} does not hold the cluster key")
-        await self._hello({"proof": _mac(self.key, b"C", nc, ns, me.encode(), b"/",
-                                          peer.encode()).hex()})
-        self.session = _mac(self.key, b"session", nc, ns) + _mac(self.key, b"session2", nc, ns)
+        hs.check_proof(reply["proof"], hs.proof(self.key, b"S", nc, ns, me, peer),
+                       f"peer {peer}")
+        await self._hello({"proof": hs.proof(self.key, b"C", nc, ns, me, peer).hex()})
+        self.session = hs.session_key(self.key, nc, ns, me, peer)
         return peer
 
-    async def accept_as(self, me: str) -> str:
-        hello = await self._hello_reply()
-        peer, nc = str(hello["node"]), bytes.fromhex(hello["nonce"])
+    async def accept_as(self, me: str, source: str | None = None,
+                        addresses: dict[str, str] | None = None) -> str:
+        """The connecting agent's node name, once it proved the key (and, given
+        ``addresses``, came from that node's address)."""
+        hello = await self._hello_reply("node", "nonce")
+        peer, nc = hello["node"], hello["nonce"]
         self.peer = peer
-        ns = secrets.token_bytes(16)
-        proof = _mac(self.key, b"S", nc, ns, peer.encode(), b"/", me.encode())
+        if addresses is not None and addresses.get(peer) != source:
+            raise HandshakeError("wrong_address", f"connection from {source} claims to be "
+                                                  f"{peer}, which is at {addresses.get(peer)}")
+        ns = secrets.token_bytes(hs.NONCE)
+        proof = hs.proof(self.key, b"S", nc, ns, peer, me)
         await self._hello({"node": me, "nonce": ns.hex(), "proof": proof.hex()})
-        final = await self._hello_reply()
-        want = _mac(self.key, b"C", nc, ns, peer.encode(), b"/", me.encode())
-        if not hmac.compare_digest(bytes.fromhex(final.get("proof", "")), want):
-            raise PeerError(f"connection claiming to be {peer} does not hold the cluster key")
-        self.session = _mac(self.key, b"session", nc, ns) + _mac(self.key, b"session2", nc, ns)
+        final = await self._hello_reply("proof")
+        hs.check_proof(final["proof"], hs.proof(self.key, b"C", nc, ns, peer, me),
+                       f"connection claiming to be {peer}")
+        self.session = hs.session_key(self.key, nc, ns, peer, me)
         return peer
 
     def close(self) -> None:
@@ -232,8 +268,12 @@ class PeerServer:
     def __init__(self, me: str, key: bytes, authorize: Authorize,
                  on_released: Callable[[], None],
                  failpoint: Callable[[str], Awaitable[None]] | None = None,
-                 open_precopy: OpenPrecopy | None = None) -> None:
+                 open_precopy: OpenPrecopy | None = None,
+                 addresses: dict[str, str] | None = None) -> None:
         self.me, self.key = me, key
+        self.addresses = addresses  # node -> the address its agent connects from
+        self.counters: Counter[str] = Counter()  # refusals by reason
+        self._unauthenticated: Counter[str] = Counter()  # per source address
         self.failpoint = failpoint
         self.open_precopy = open_precopy
         self.authorize = authorize
@@ -257,12 +297,14 @@ class PeerServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         ch = Channel(reader, writer, self.key, b"S")
+        peer = await self._authenticate(ch)
+        if peer is None:
+            return
         side: SourceSide | None = None
         carrier: _Carrier | None = None
         pump: asyncio.Task[None] | None = None
         lock = asyncio.Lock()
         try:
-            peer = await ch.accept_as(self.me)
             while True:
                 req = await ch.recv()
                 if not isinstance(req, dict):
@@ -289,10 +331,13 @@ class PeerServer:
                     raise PeerError(f"peer {peer}: unexpected {op!r}")
         except ConvergentError as exc:
             self.refused += 1
+            self.counters["refused"] += 1
             log.warning("peer.refused", peer=ch.peer, error=str(exc))
             with _quiet():
                 await ch.send({"op": "error", "error": str(exc)})
-        except (FeedLost, OSError, ValueError) as exc:  # TimeoutError is an OSError
+        except (FeedLost, OSError, ValueError, KeyError, TypeError) as exc:
+            # a peer gone (TimeoutError is an OSError), or an authenticated one that sent
+            # something malformed: this connection ends, the agent carries on
             log.info("peer.closed", peer=ch.peer, reason=str(exc) or type(exc).__name__)
         finally:
             if pump is not None:
@@ -305,6 +350,38 @@ class PeerServer:
             if carrier is not None:
                 carrier.close()
             ch.close()
+
+    async def _authenticate(self, ch: Channel) -> str | None:
+        """The peer's node name, or None: refused with an error frame and a counter."""
+        source = str((ch.writer.get_extra_info("peername") or ("?",))[0])
+        pending = self._unauthenticated
+        if (pending[source] >= UNAUTHENTICATED_PER_SOURCE
+                or sum(pending.values()) >= UNAUTHENTICATED_TOTAL):
+            self.counters["too_many_unauthenticated"] += 1
+            ch.close()
+            return None
+        pending[source] += 1
+        try:
+            return await asyncio.wait_for(ch.accept_as(self.me, source, self.addresses),
+                                          HANDSHAKE_TIMEOUT)
+        except HandshakeError as exc:
+            self._refuse_handshake(exc.reason, str(exc), source)
+            await ch.refuse(str(exc))
+        except TimeoutError:
+            self._refuse_handshake("handshake_timeout", "handshake timed out", source)
+        except (FeedLost, OSError):
+            self.counters["handshake_closed"] += 1
+        finally:
+            pending[source] -= 1
+            if not pending[source]:
+                del pending[source]
+        ch.close()
+        return None
+
+    def _refuse_handshake(self, reason: str, message: str, source: str) -> None:
+        self.refused += 1
+        self.counters[reason] += 1
+        log.warning("peer.handshake_refused", source=source, reason=reason, error=message)
 
     async def _carrier(self, ch: Channel, peer: str, req: dict[str, Any]) -> _Carrier:
         """A precopy stream if D asked for one and we replicate; else the channel itself."""
