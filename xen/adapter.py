@@ -12,7 +12,8 @@
 Settings (the ``[hypervisor]`` section): ``xl`` (command, default "xl"), ``ssh`` (xl's
 ``-s``), ``hosts`` (node -> the host name ``xl migrate`` is given; default the node name),
 ``config``/``pause``/``debug``/``extra`` (passed to ``xl migrate`` as ``-C``, ``-p``,
-``--debug`` and as is), ``poll_s`` (how often a renamed, still paused arrival is asked
+``--debug`` and as is), ``env`` (added to the environment of xl and the xenstore
+tools), ``poll_s`` (how often a renamed, still paused arrival is asked
 about, default 0.05), ``resync_s`` (default 5), ``timeout_s`` (per tool call, default 30).
 """
 
@@ -48,7 +49,7 @@ from .xllist import XlDomain
 
 log = structlog.get_logger("convergent.xen")
 _SETTINGS = {"xl", "ssh", "hosts", "config", "pause", "debug", "extra", "poll_s", "resync_s",
-             "timeout_s"}
+             "timeout_s", "env"}
 
 
 class XenHypervisor(Hypervisor):
@@ -63,7 +64,8 @@ class XenHypervisor(Hypervisor):
                                   f"{', '.join(sorted(_SETTINGS))})")
         xl = self.settings.get("xl", "xl")
         self.tools = Tools(tuple(xl.split()) if isinstance(xl, str) else tuple(xl),
-                           float(self.settings.get("timeout_s", 30.0)))
+                           float(self.settings.get("timeout_s", 30.0)),
+                           {str(k): str(v) for k, v in (self.settings.get("env") or {}).items()})
         self.hosts: dict[str, str] = dict(self.settings.get("hosts") or {})
         self.options = MigrateOptions(
             config=self.settings.get("config"), pause=bool(self.settings.get("pause", False)),
@@ -178,7 +180,8 @@ class XenHypervisor(Hypervisor):
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                env=self.tools.environ())
         except OSError as exc:
             raise HypervisorError(f"{argv[0]}: {exc.strerror or exc}") from None
         tracker = ProgressTracker()

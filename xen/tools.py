@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from orchestrator.hypervisor import HypervisorError
@@ -27,12 +28,16 @@ class Result:
 class Tools:
     xl: tuple[str, ...] = ("xl",)
     timeout_s: float = 30.0
+    env: Mapping[str, str] | None = None  # added to the agent's own environment
+
+    def environ(self) -> dict[str, str] | None:
+        return None if not self.env else {**os.environ, **self.env}
 
     async def run(self, argv: Sequence[str]) -> Result:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE)
+                stderr=asyncio.subprocess.PIPE, env=self.environ())
         except OSError as exc:
             raise HypervisorError(f"{argv[0]}: {exc.strerror or exc}") from None
         try:
@@ -72,7 +77,8 @@ class Tools:
         process does."""
         proc = await asyncio.create_subprocess_exec(
             "xenstore-watch", "/local/domain", stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            env=self.environ(), start_new_session=True)
         assert proc.stdout is not None
         try:
             while line := await proc.stdout.readline():
@@ -85,7 +91,7 @@ class Tools:
                     yield int(m.group(1))
         finally:
             with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+                os.killpg(proc.pid, 9)  # the watch and what it runs (the stand-in's tail)
             await proc.wait()
 
     # xl -------------------------------------------------------------------

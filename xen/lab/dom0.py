@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -43,10 +45,11 @@ class Dom0:
     def log_dir(self) -> Path:
         return self.root / "var/log"
 
-    def env(self) -> dict[str, str]:
+    def env(self, guest_netns: str = "{name}") -> dict[str, str]:
         """What xl runs with (and so what its hotplug scripts inherit)."""
         return {"PATH": f"{self.bin_dir}:{SYSTEM_PATH}", "CONVERGENT_XEN_ROOT": str(self.root),
-                "LANG": "C.UTF-8"}
+                "CONVERGENT_XEN_NETNS": self.netns, "CONVERGENT_XEN_BIN": str(self.bin_dir),
+                "CONVERGENT_XEN_GUEST_NETNS": guest_netns, "LANG": "C.UTF-8"}
 
     # set-up ---------------------------------------------------------------
     def build(self) -> None:
@@ -93,12 +96,18 @@ class Dom0:
 
     # hotplug --------------------------------------------------------------
     def hotplug(self, script: str, action: str, domid: int, devid: int, gatewaydev: str = "",
-                timeout: float = 40.0) -> subprocess.CompletedProcess[str]:
-        """Run a vif hotplug script as libxl does (LIBXL_HOTPLUG_TIMEOUT is 40 s)."""
+                timeout: float = 40.0, base_env: Mapping[str, str] | None = None,
+                capture: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a vif hotplug script as libxl does: its argv, its variables on top of xl's
+        environment, stdin /dev/null, stdout onto xl's stderr (libxl_device.c
+        device_hotplug), LIBXL_HOTPLUG_TIMEOUT 40 s. ``capture``: keep both for a test."""
         argv = hotplug_argv(script, action)
-        env = {**self.env(), **hotplug_env(script, domid, devid, gatewaydev)}
-        return subprocess.run(self.in_dom0(argv), env=env, capture_output=True, text=True,
-                              timeout=timeout, cwd="/")
+        env = {**(self.env() if base_env is None else base_env),
+               **hotplug_env(script, domid, devid, gatewaydev)}
+        out = subprocess.PIPE if capture else sys.stderr
+        return subprocess.run(self.in_dom0(argv), env=env, stdin=subprocess.DEVNULL,
+                              stdout=out, stderr=subprocess.PIPE if capture else None,
+                              text=True, timeout=timeout, cwd="/")
 
     def in_dom0(self, argv: list[str]) -> list[str]:
         """``argv`` inside the node's namespace, with the node's /var/log."""
@@ -107,13 +116,46 @@ class Dom0:
 
 
 def install_stand_ins(bin_dir: Path) -> None:
+    """xenstore-* (one sh script) and xl (this Python running xen/lab/xl.py)."""
     bin_dir.mkdir(parents=True, exist_ok=True)
+    _write_exec(bin_dir / "xl", f'#!/bin/sh\n# the lab\'s stand-in for xl\n'
+                f'exec {sys.executable} -m {__package__}.xl "$@"\n')
     tool = Path(str(resources.files(__package__) / "xenstore.sh"))
     for mode in XENSTORE_TOOLS:
         link = bin_dir / f"xenstore-{mode}"
         if not (link.is_symlink() and link.resolve() == tool.resolve()):
             link.unlink(missing_ok=True)
             link.symlink_to(tool)
+
+
+def write_ssh(bin_dir: Path, dom0s: Mapping[str, Dom0], guest_netns: str) -> Path:
+    """``ssh HOST COMMAND...`` for the lab (what ``xl migrate`` runs as its transport):
+    COMMAND in HOST's dom0, its namespace and environment, as sshd would run it; the
+    lab's fault and stream-time variables travel along (ssh's SendEnv)."""
+    cases = "".join(
+        f'    {host}) ns={d.netns} root={d.root} ;;\n' for host, d in sorted(dom0s.items()))
+    path = bin_dir / "lab-ssh"
+    _write_exec(path, f"""#!/bin/sh
+# the lab's ssh: HOST is a node, the command runs in its dom0
+host=$1; shift
+case $host in
+{cases}    *) echo "ssh: Could not resolve hostname $host" >&2; exit 255 ;;
+esac
+exec ip netns exec "$ns" env CONVERGENT_XEN_ROOT="$root" CONVERGENT_XEN_NETNS="$ns" \\
+    CONVERGENT_XEN_BIN="{bin_dir}" CONVERGENT_XEN_GUEST_NETNS="{guest_netns}" \\
+    PATH="{bin_dir}:{SYSTEM_PATH}" \\
+    ${{CONVERGENT_XL_FAULT:+CONVERGENT_XL_FAULT="$CONVERGENT_XL_FAULT"}} \\
+    ${{CONVERGENT_XEN_STREAM_S:+CONVERGENT_XEN_STREAM_S="$CONVERGENT_XEN_STREAM_S"}} sh -c "$*"
+""")
+    return path
+
+
+def _write_exec(path: Path, text: str) -> None:
+    if not path.exists() or path.read_text() != text:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.chmod(0o755)
+        tmp.replace(path)
 
 
 def refuse_real_xen_tools() -> None:
