@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from orchestrator.cli.install_hooks import HookTarget
 from orchestrator.errors import ConvergentError
 
 SCRIPT = "convergent-vif"
@@ -114,3 +115,13 @@ def _previous_wrap(conf: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return wrap if isinstance(wrap, str) and wrap else None
+
+
+def run(target: HookTarget) -> list[str]:
+    """The ``install-hooks --xen`` installer (entry point ``xen`` of the hook installers)."""
+    if target.uninstall:
+        return [*uninstall(target.root), how_it_was_removed()]
+    wrap = target.options.get("wrap")
+    conf = HookConf(target.socket, target.spool_dir, target.node, target.timeout_s,
+                    wrap or "vif-bridge")
+    return [*install(target.root, conf, wrap_given=bool(wrap)), how_to_enable(target.root)]

@@ -24,6 +24,7 @@ COMMANDS = {
     "sync": "orchestrator.cli.sync:sync",
     "agent": "orchestrator.cli.agent:agent",
     "status": "orchestrator.cli.agent:status",
+    "install-hooks": "orchestrator.cli.install_hooks:install_hooks",
 }
 
 
