@@ -74,6 +74,7 @@ class XenHypervisor(Hypervisor):
         self.poll_s = float(self.settings.get("poll_s", 0.05))
         self.resync_s = float(self.settings.get("resync_s", 5.0))
         self.tracker = Tracker()
+        self.watching = asyncio.Event()  # set once a watch is registered (tests, the lab)
 
     # hooks ----------------------------------------------------------------
     def parse_hook(self, call: HookCall) -> GuestEvent | None:
@@ -104,6 +105,8 @@ class XenHypervisor(Hypervisor):
                     item = -1  # nothing changed: ask about the waiting ones
                 if isinstance(item, BaseException):
                     raise HypervisorError(f"xenstore-watch ended: {item}")
+                if item is None:
+                    self.watching.set()
                 if item is None or time.monotonic() >= next_resync:
                     moments = await self._rescan()
                     next_resync = time.monotonic() + self.resync_s
@@ -116,6 +119,7 @@ class XenHypervisor(Hypervisor):
                 for m in moments:
                     yield m
         finally:
+            self.watching.clear()
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader

@@ -127,7 +127,7 @@ async def migrate_watching(c: Cluster, src: str, dst: str) -> tuple[
             seen.append(ev)
 
     task = asyncio.create_task(watch())
-    await asyncio.sleep(0.5)  # the watch is up (its first scan found nothing arriving)
+    await asyncio.wait_for(watcher.watching.wait(), 10)
     error: BaseException | None = None
     try:
         await c.nodes[src].adapter(c.ssh).migrate("guest1", dst, steps.append)
@@ -215,7 +215,9 @@ def test_a_broken_stream_never_attaches_devices_on_the_destination(
     steps, seen, error = asyncio.run(migrate_watching(c, "n1", "n2"))
     assert error is not None and [s.phase for s in steps][-1] == "aborted"
     assert n2.events() == []  # no vif was attached: nothing to report
-    assert [e.kind for e in seen] == [EventKind.FAILED]  # the --incoming domain vanished
+    # the --incoming copy vanished; a watch that reads its name only after it is gone
+    # cannot tell it was one, and nothing was prepared for it anyway
+    assert [e.kind for e in seen] in ([], [EventKind.FAILED])
     assert n1.reaches_guest() and "-b----" in n1.xl("list", "guest1").stdout
 
 

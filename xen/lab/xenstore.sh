@@ -126,9 +126,11 @@ case $mode in
         : >> "$root/.changes"
         pat=$abs
         [ "$abs" = / ] && pat=
+        # from the size at registration: a change made before tail runs is not lost
+        size=$(wc -c < "$root/.changes")
         printf '%s\n' "$1"
         [ "$nr" = 1 ] && exit 0
-        tail -n 0 -F "$root/.changes" 2>/dev/null | {
+        tail -c "+$((size + 1))" -F "$root/.changes" 2>/dev/null | {
             seen=1
             while IFS= read -r c; do
                 case $c in
