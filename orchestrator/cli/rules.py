@@ -11,7 +11,7 @@ from orchestrator.cli.options import JSON, echo_json
 from orchestrator.config.defaults import CONFIG_ENV, DEFAULT_CONFIG, this_node
 from orchestrator.config.defaults import config_path as config_path_default
 from orchestrator.config.loader import load
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, RulesetError
 from orchestrator.model.cluster import Topology
 
 if TYPE_CHECKING:
@@ -64,16 +64,25 @@ def render_rules(config_path: str | None, node: str | None, check: bool) -> None
     "--audit-log", "audit_log", default=None, type=click.Path(dir_okay=False), metavar="FILE",
     help="Audit log to record the attempt in.  [default: the config's [agent] audit_log]",
 )
+@click.option("--force", is_flag=True,
+              help="Apply even if the node's own addresses are not configured here.")
 @JSON
 def apply(config_path: str | None, node: str | None, netns: str | None,
-          audit_log: str | None, as_json: bool) -> None:
+          audit_log: str | None, force: bool, as_json: bool) -> None:
     """Set the node's sysctls and replace its tables atomically (no-op when unchanged).
 
+    Refused when the node's own public and guest-side addresses are not configured here
+    (another node's ruleset would replace this one's), unless --force.
     Every attempt writes one ruleset.apply audit record (changed, unchanged or failed); a
     log that cannot be opened is a warning, never a reason not to apply."""
     from orchestrator.netfilter.apply import apply as do_apply
+    from orchestrator.netfilter.apply import identity_problem, local_addresses
 
     topology, node = load_for_node(config_path, node)
+    if not force:
+        problem = identity_problem(topology, node, local_addresses(netns))
+        if problem:
+            raise RulesetError(problem)
     audit = _open_audit(Path(audit_log) if audit_log else topology.agent.audit_log, node)
     try:
         result = do_apply(topology, node, netns, audit, warn=_warn)

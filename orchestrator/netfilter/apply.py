@@ -15,12 +15,14 @@ reported through ``warn`` and never fails the apply.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 from typing import TYPE_CHECKING
 
 from orchestrator.audit.errors import AuditError
@@ -114,6 +116,32 @@ def _record(audit: AuditLog, node: str, start: float, outcome: str, detail: str,
                                      detail=detail)
     except (AuditError, OSError) as exc:
         warn(f"{node}: ruleset.apply not recorded in the audit log: {exc}")
+
+
+def local_addresses(netns: str | None = None) -> set[IPv4Address]:
+    """The IPv4 addresses configured in ``netns`` (``ip -j addr``)."""
+    proc = subprocess.run([*nft.netns_prefix(netns), "ip", "-j", "-4", "addr", "show"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        where = f" in netns {netns}" if netns else ""
+        raise RulesetError(f"cannot list the addresses{where}: {proc.stderr.strip()}")
+    return {IPv4Address(a["local"]) for link in json.loads(proc.stdout or "[]")
+            for a in link.get("addr_info", []) if a.get("family") == "inet"}
+
+
+def identity_problem(topology: Topology, node: str, local: set[IPv4Address]) -> str | None:
+    """Why this host does not look like ``node`` (its own public and guest-side addresses
+    are not local), naming the node it does look like; None when it does. Pure."""
+    me = topology.node(node)
+    missing = [str(a) for a in (me.pub_ip, me.guest_ip) if a not in local]
+    if not missing:
+        return None
+    looks = [n.name for n in topology.nodes if n.name != node and
+             (n.pub_ip in local or n.guest_ip in local)]  # fmt: skip
+    hint = f"; it holds the addresses of {', '.join(looks)}" if looks else ""
+    return (f"{node}'s own addresses {', '.join(missing)} are not configured here{hint}: "
+            "refusing to replace this host's ruleset with another node's (--force to apply "
+            "anyway)")
 
 
 def _apply(topology: Topology, node: str, netns: str | None, digest: list[str]) -> ApplyResult:

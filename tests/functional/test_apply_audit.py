@@ -4,6 +4,7 @@ a namespace: changed, then unchanged, then a ruleset nft rejects; ``audit verify
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,17 +32,25 @@ def records(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
-def run_apply(config: Path, ns: str, log: Path | str) -> tuple[int, str, str]:
+def as_node(ns: str, pub: str = "192.168.122.11", guest: str = "10.5.5.251") -> str:
+    """Give a bare namespace a node's own addresses, as that node's host has them."""
+    for addr in (pub, guest):
+        subprocess.run(["ip", "-n", ns, "addr", "add", f"{addr}/32", "dev", "lo"], check=True)
+    return ns
+
+
+def run_apply(config: Path, ns: str, log: Path | str, node: str = "n1",
+              *extra: str) -> tuple[int, str, str]:  # fmt: skip
     """The CLI in-process (so a test can break the renderer); errors as ``main`` says them."""
-    out = CliRunner().invoke(cli, ["apply", "--config", str(config), "--node", "n1",
-                                   "--netns", ns, "--audit-log", str(log)])  # fmt: skip
+    out = CliRunner().invoke(cli, ["apply", "--config", str(config), "--node", node,
+                                   "--netns", ns, "--audit-log", str(log), *extra])  # fmt: skip
     err = out.stderr + (str(out.exception) if out.exception else "")
     return out.exit_code, out.stdout, err
 
 
 def test_each_apply_writes_one_record(netns: Callable[[str], str], config: Path,
                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ns = netns("apply")
+    ns = as_node(netns("apply"))
     log = tmp_path / "audit" / "audit.log"
     digest = render(load(config), "n1").digest
 
@@ -85,7 +94,7 @@ def test_each_apply_writes_one_record(netns: Callable[[str], str], config: Path,
 
 def test_an_unwritable_log_warns_and_still_applies(netns: Callable[[str], str], config: Path,
                                                    tmp_path: Path) -> None:
-    ns = netns("apply")
+    ns = as_node(netns("apply"))
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     code, out, err = run_apply(config, ns, blocker / "audit.log")
@@ -94,3 +103,19 @@ def test_an_unwritable_log_warns_and_still_applies(netns: Callable[[str], str], 
     assert "warning: cannot open the audit log" in err
     assert nft.table_digest("ip", IP_TABLE, ns) is not None
 
+
+
+def test_apply_into_another_nodes_host_is_refused_unless_forced(
+        netns: Callable[[str], str], config: Path, tmp_path: Path) -> None:  # fmt: skip
+    ns = as_node(netns("apply"), "192.168.122.12", "10.5.5.252")  # this host is n2
+    log = tmp_path / "audit.log"
+    assert run_apply(config, ns, log, "n2")[0] == 0
+    n2_digest = nft.table_digest("ip", IP_TABLE, ns)
+    code, _out, err = run_apply(config, ns, log, "n1")
+    assert code == 1
+    assert err.strip() == ("n1's own addresses 192.168.122.11, 10.5.5.251 are not configured "
+                           "here; it holds the addresses of n2: refusing to replace this "
+                           "host's ruleset with another node's (--force to apply anyway)")
+    assert nft.table_digest("ip", IP_TABLE, ns) == n2_digest  # n2's ruleset untouched
+    assert run_apply(config, ns, log, "n1", "--force")[0] == 0
+    assert nft.table_digest("ip", IP_TABLE, ns) == render(load(config), "n1").digest
