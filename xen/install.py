@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from orchestrator.cli.install_hooks import HookTarget
+from orchestrator.cli.install_hooks import HookTarget, InstallReport
 from orchestrator.errors import ConvergentError
 
 SCRIPT = "convergent-vif"
@@ -117,11 +117,12 @@ def _previous_wrap(conf: Path) -> str | None:
     return wrap if isinstance(wrap, str) and wrap else None
 
 
-def run(target: HookTarget) -> list[str]:
+def run(target: HookTarget) -> InstallReport:
     """The ``install-hooks --xen`` installer (entry point ``xen`` of the hook installers)."""
     if target.uninstall:
-        return [*uninstall(target.root), how_it_was_removed()]
+        return InstallReport(uninstall(target.root), how_it_was_removed())
     wrap = target.options.get("wrap")
     conf = HookConf(target.socket, target.spool_dir, target.node, target.timeout_s,
                     wrap or "vif-bridge")
-    return [*install(target.root, conf, wrap_given=bool(wrap)), how_to_enable(target.root)]
+    return InstallReport(install(target.root, conf, wrap_given=bool(wrap)),
+                         how_to_enable(target.root))

@@ -2,13 +2,14 @@
 
 One flag per kind, from ``INSTALLERS``; each kind's installer is an entry point of group
 ``convergent.hook_installers`` (named like the flag), so the core never imports the
-adapters. An installer takes a ``HookTarget`` and returns the lines to print: what it did
-to each file, then how to turn the hook on. Installers never edit the operator's guest
+adapters. An installer takes a ``HookTarget`` and returns an ``InstallReport``: what it
+did to each file, and how to turn the hook on. Installers never edit the operator's guest
 configurations, and running one twice changes nothing.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -38,7 +39,16 @@ class HookTarget:
     options: dict[str, Any] = field(default_factory=dict)  # kind-specific (--wrap)
 
 
-Installer = Callable[[HookTarget], list[str]]
+@dataclass(frozen=True)
+class InstallReport:
+    done: list[str]  # one line per file: "installed PATH", "unchanged PATH", "removed PATH"
+    advice: str  # what the operator does next (enabling it, or what removing it breaks)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"done": self.done, "advice": self.advice}
+
+
+Installer = Callable[[HookTarget], InstallReport]
 
 
 def installer(kind: str) -> Installer:
@@ -51,22 +61,23 @@ def installer(kind: str) -> Installer:
 
 def _kind_flags(f: Callable[..., Any]) -> Callable[..., Any]:
     for kind, what in reversed(INSTALLERS.items()):
-        f = click.option(f"--{kind}", kind, is_flag=True, help=f"install {what}")(f)
+        f = click.option(f"--{kind}", kind, is_flag=True, help=f"Install {what}.")(f)
     return f
 
 
 @click.command("install-hooks")
 @_kind_flags
 @click.option("--root", default="/", show_default=True, type=click.Path(file_okay=False),
-              help="install under this directory (an image, a chroot, a lab node)")
-@click.option("--uninstall", is_flag=True, help="remove what an install put there")
+              help="Install under this directory (an image, a chroot, a lab node).")
+@click.option("--uninstall", is_flag=True, help="Remove what an install put there.")
 @click.option("--wrap", metavar="SCRIPT",
-              help="xen: the script convergent-vif runs first  [default: vif-bridge, or what "
+              help="Xen: the script convergent-vif runs first.  [default: vif-bridge, or what "
                    "an earlier install chose]")
 @CONFIG
 @NODE
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
 def install_hooks(root: str, uninstall: bool, wrap: str | None, config_path: str | None,
-                  node: str | None, **kinds: bool) -> None:
+                  node: str | None, as_json: bool, **kinds: bool) -> None:
     """Install (or remove) the hooks through which a hypervisor tells this node's agent
     what happens to its guests; then print how to enable them."""
     chosen = [k for k in INSTALLERS if kinds.get(k)]
@@ -77,6 +88,11 @@ def install_hooks(root: str, uninstall: bool, wrap: str | None, config_path: str
         topology, name = load_for_node(config_path, node)
         target = HookTarget(Path(root), False, name, str(topology.agent.socket(name)),
                             str(topology.agent.spool(name)), options=target.options)
-    for kind in chosen:
-        for line in installer(kind)(target):
+    reports = {kind: installer(kind)(target) for kind in chosen}
+    if as_json:
+        click.echo(json.dumps({k: r.as_dict() for k, r in reports.items()}, indent=2))
+        return
+    for r in reports.values():
+        for line in r.done:
             click.echo(line)
+        click.echo(r.advice)

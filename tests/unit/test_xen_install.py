@@ -101,6 +101,15 @@ def test_uninstall_leaves_a_foreign_script_alone(root: Path, run: Callable[..., 
     assert (root / "etc/xen/scripts/convergent-vif").exists()
 
 
+def test_json_says_what_was_done(root: Path, run: Callable[..., tuple[int, str]]) -> None:
+    code, out = run("--xen", "--root", str(root), "--config", str(CONFIG), "--node",
+                    node_of(CONFIG), "--json")
+    assert code == 0
+    doc = json.loads(out)["xen"]
+    assert [d.split()[0] for d in doc["done"]] == ["installed", "installed"]
+    assert "script=convergent-vif" in doc["advice"]
+
+
 def test_a_kind_must_be_named(run: Callable[..., tuple[int, str]]) -> None:
     code, out = run("--root", "/nonexistent")
     assert code == 2 and "--xen" in out
