@@ -133,9 +133,17 @@ def migrate(name: str, guest: str, dst: str, control: bool, as_json: bool) -> No
 def demo(name: str, nodes: int, control: bool, as_json: bool, plot: str | None,
          tcp_loose: int | None, keep: bool) -> None:
     """Real SSH, websocket, HTTP, UDP and guest-initiated flows while the guest tours the
-    cluster (n1 -> n2 -> n3 -> n1); reports which flows survived and their largest gap."""
-    from orchestrator.lab.demo import render_table, run_demo
+    cluster (n1 -> n2 -> n3 -> n1); reports which flows survived and their largest gap.
+
+    Progress goes to stderr as it happens, the report to stdout. Exit status 1 when a run
+    with the handover lost a flow (a control run is expected to lose some)."""
+    from orchestrator.lab.demo import lost_flows, render_table, run_demo
 
     result = run_demo(name, nodes, control, tcp_loose=tcp_loose,
-                      plot=Path(plot) if plot else None, keep=keep)
+                      plot=Path(plot) if plot else None, keep=keep,
+                      say=lambda line: click.echo(line, err=True))
     click.echo(json.dumps(result) if as_json else render_table(result))
+    lost = lost_flows(result)
+    if lost:
+        raise ConvergentError(f"{len(lost)} of {len(result['flows'])} flows died with the "
+                              f"handover: {', '.join(lost)}")

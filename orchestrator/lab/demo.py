@@ -9,23 +9,39 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from orchestrator.lab import netns as ns
-from orchestrator.lab.flows import FlowResult, demo_config, plot_gaps, start_flows
+from orchestrator.lab.flows import (
+    INBOUND_KINDS,
+    FlowResult,
+    Migration,
+    demo_config,
+    plot_gaps,
+    start_flows,
+)
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.migrate import migrate
 
 GUEST = "guest1"
+Say = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    return None
 
 
 def run_demo(name: str, nodes: int = 3, control: bool = False,
              tour: Sequence[str] | None = None, settle_s: float = 3.0,
              tcp_loose: int | None = None, plot: Path | None = None,
-             keep: bool = False, warmup_s: float | None = None) -> dict[str, Any]:
+             keep: bool = False, warmup_s: float | None = None,
+             say: Say = _quiet) -> dict[str, Any]:
+    """The demo; ``say`` gets one line per step as it happens (the CLI: stderr)."""
     lab = Lab(name)
+    mode = "control run, no handover" if control else "with handover"
+    say(f"demo ({mode}): building lab {name} with {nodes} nodes")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "demo.toml"
         cfg.write_text(demo_config(nodes, name, GUEST))
@@ -38,26 +54,61 @@ def run_demo(name: str, nodes: int = 3, control: bool = False,
         names = [n.name for n in t.nodes]
         tour = list(tour or [*names[1:], names[0]])
         flows = start_flows(lab, t, GUEST, names)
+        say(f"flows: {len(INBOUND_KINDS) * len(names) + 1} open, a line every 50 ms each: "
+            f"{', '.join(INBOUND_KINDS)} through each of {', '.join(names)}, and "
+            f"guest-snat (guest-initiated)")
         time.sleep(settle_s if warmup_s is None else warmup_s)
         migrations: list[dict[str, Any]] = []
-        marks: list[tuple[float, str]] = []
-        for dst in tour:
-            marks.append((time.time(), f"-> {dst}"))
+        marks: list[Migration] = []
+        for i, dst in enumerate(tour, 1):
+            src = lab.guest_node(lab.topology(), GUEST) or "?"
+            say(f"migration {i}/{len(tour)}: {GUEST} {src} -> {dst}: prepare, precopy")
+            started = time.time()
+
+            async def moving(dst: str = dst) -> None:
+                say(f"  precopy done; moving the guest to {dst}, then cutover")
+
             # control: a VM's ARP cache expires and it re-resolves the gateway, now the
             # destination (the veth move compresses that); with handover the gratuitous
             # ARP moves a guest that kept its cache
             report = asyncio.run(migrate(lab, GUEST, dst, handover=not control,
-                                         keep_arp=not control))
-            migrations.append(report.as_dict())
+                                         keep_arp=not control, before_move=moving))
+            marks.append(Migration(started, time.time(), src, dst))
+            m = report.as_dict()
+            migrations.append(m)
+            say(f"  done in {m['total_ms']:.0f} ms: precopy {m['precopy_ms']} ms, pause "
+                f"{m['pause_ms']} ms, cutover {m['cutover_ms']} ms, {m['entries']} entries "
+                f"handed over")
             time.sleep(settle_s)
+        say("stopping the flows and judging each")
         results = flows.stop()
+        result = {"control": control, "flows": [_flow(r) for r in results],
+                  "migrations": migrations}
         if plot is not None:
-            plot_gaps(results, marks, plot)
-        return {"control": control, "flows": [_flow(r) for r in results],
-                "migrations": migrations}
+            plot_gaps(results, marks, plot, title=title(result))
+            say(f"plot: {plot}")
+        return result
     finally:
         if not keep:
             lab.down()
+
+
+def title(result: dict[str, Any]) -> str:
+    """The plot's title: what ran, and how many flows lived through it."""
+    alive = sum(f["survived"] for f in result["flows"])
+    mode = "control run (no handover)" if result["control"] else "with handover"
+    tour = " -> ".join([result["migrations"][0]["from"]] + [m["to"] for m in
+                                                             result["migrations"]]) \
+        if result["migrations"] else "no migration"
+    return f"convergent lab demo, {mode}: {alive}/{len(result['flows'])} flows survived " \
+           f"({tour})"
+
+
+def lost_flows(result: dict[str, Any]) -> list[str]:
+    """Flows a handover run lost (a control run is expected to lose some: none count)."""
+    if result["control"]:
+        return []
+    return [f["name"] for f in result["flows"] if not f["survived"]]
 
 
 def _flow(r: FlowResult) -> dict[str, Any]:
@@ -76,6 +127,6 @@ def render_table(result: dict[str, Any]) -> str:
                      f"pause {m['pause_ms']} ms, cutover {m['cutover_ms']} ms, "
                      f"{m['entries']} entries")
     alive = sum(f["survived"] for f in result["flows"])
-    mode = "control run (no handover)" if result["control"] else "with handover"
+    mode = "control run, no handover" if result["control"] else "with handover"
     lines.append(f"{alive}/{len(result['flows'])} flows survived ({mode})")
     return "\n".join(lines)

@@ -358,44 +358,95 @@ def judge(flow: dict[str, Any], stopped_at: float, alive_within: float) -> FlowR
 
 
 # plotting ----------------------------------------------------------------------------
-def plot_gaps(results: Sequence[FlowResult], migrations: Sequence[tuple[float, str]],
-              path: str | Path) -> None:
-    """One panel per kind, one line per entry node: the gap before each line (ms, log
-    scale) over time; migrations as vertical lines, deaths as crosses."""
+@dataclass(frozen=True)
+class Migration:
+    """One move of the tour, for the plot: wall-clock start and end."""
+
+    started: float
+    ended: float
+    src: str
+    dst: str
+
+
+ALIVE_COLOUR, DEAD_COLOUR = "#1f77b4", "#d62728"
+GAP_FLOOR_MS, GAP_CEILING_MS = 10.0, 30_000.0
+
+
+def plot_gaps(results: Sequence[FlowResult], migrations: Sequence[Migration],
+              path: str | Path, title: str = "") -> None:
+    """A grid: one row per kind of flow, one column per entry node, so every flow has its
+    own line. Each line is the gap before each of the flow's lines arrived (ms, log scale)
+    over time, blue while it lives; a flow that died is red and ends at a cross where it
+    died. Migrations are grey bands labelled src -> dst."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a display
     import matplotlib.pyplot as plt
 
     kinds = list(dict.fromkeys(r.kind for r in results))
-    t0 = min([t for r in results for t, _ in r.gaps[:1]] + [t for t, _ in migrations]
+    nodes = sorted({r.entry_node for r in results})
+    t0 = min([t for r in results for t, _ in r.gaps[:1]] + [m.started for m in migrations]
              or [0.0])
-    fig, axes = plt.subplots(len(kinds), 1, sharex=True, squeeze=False,
-                             figsize=(11, 1.9 * len(kinds) + 1))
-    for ax, kind in zip(axes[:, 0], kinds, strict=True):
-        _plot_kind(ax, [r for r in results if r.kind == kind], migrations, t0)
-        ax.set_title(kind, loc="left", fontsize=9)
-    axes[-1, 0].set_xlabel("seconds")
+    fig, axes = plt.subplots(len(kinds), len(nodes), sharex=True, sharey=True,
+                             squeeze=False, figsize=(4.2 * len(nodes) + 1, 1.45 * len(kinds) + 1.6))
+    by_cell = {(r.kind, r.entry_node): r for r in results}
+    for row, kind in enumerate(kinds):
+        for col, node in enumerate(nodes):
+            ax = axes[row, col]
+            flow = by_cell.get((kind, node))
+            if flow is None:
+                ax.set_axis_off()
+                continue
+            _plot_flow(ax, flow, t0)
+            _mark_migrations(ax, migrations, t0, labelled=row == 0)
+            if col == 0 or by_cell.get((kind, nodes[col - 1])) is None:
+                ax.set_ylabel(f"{kind}\ngap (ms)", fontsize=9)
+            if row == 0:
+                ax.set_title(f"entering via {node}", fontsize=10, pad=18)
+    for col in range(len(nodes)):
+        axes[-1, col].set_xlabel("seconds")
+    if title:
+        fig.suptitle(title, fontsize=13, fontweight="bold")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def _plot_kind(ax: Any, results: list[FlowResult], migrations: Sequence[tuple[float, str]],
-               t0: float) -> None:
-    for r in results:
-        xs = [t - t0 for t, _ in r.gaps]
-        ys = [max(g, 1.0) for _, g in r.gaps]
-        label = f"via {r.entry_node}" + ("" if r.survived else " (died)")
-        # a gap spans the time before its arrival: steps drawn backwards show that
-        (line,) = ax.step(xs, ys, where="pre", lw=0.9, label=label)
-        if r.died_at is not None:
-            ax.plot([r.died_at - t0], [ys[-1] if ys else 1.0], "x", ms=9, mew=2,
-                    color=line.get_color())
-    for t, label in migrations:
-        ax.axvline(t - t0, color="grey", ls="--", lw=0.8)
-        ax.annotate(label, (t - t0, 1), xycoords=("data", "axes fraction"), fontsize=7,
-                    ha="left", va="top", rotation=90, color="grey")
+def _plot_flow(ax: Any, r: FlowResult, t0: float) -> None:
+    gaps = _alive_part(r)
+    xs = [t - t0 for t, _ in gaps]
+    ys = [min(max(g, GAP_FLOOR_MS), GAP_CEILING_MS) for _, g in gaps]
+    colour = ALIVE_COLOUR if r.survived else DEAD_COLOUR
+    # a gap spans the time before its arrival: steps drawn backwards show that
+    ax.step(xs, ys, where="pre", lw=1.2, color=colour)
+    if r.died_at is not None:
+        y = ys[-1] if ys else GAP_FLOOR_MS
+        ax.plot([r.died_at - t0], [y], "X", ms=12, color=DEAD_COLOUR, markeredgecolor="black",
+                zorder=5)
+        ax.annotate("died", (r.died_at - t0, y), xytext=(6, 6), textcoords="offset points",
+                    fontsize=9, color=DEAD_COLOUR, fontweight="bold")
     ax.set_yscale("log")
-    ax.set_ylabel("gap ms", fontsize=8)
-    ax.legend(fontsize=7, loc="upper left", ncols=4)
+    ax.set_ylim(GAP_FLOOR_MS * 0.8, GAP_CEILING_MS)
+    ax.grid(axis="y", which="major", alpha=0.3)
+    ax.tick_params(labelsize=8)
+    ax.text(0.99, 0.92, f"max {r.max_gap_ms:.0f} ms" if r.survived else "dead",
+            transform=ax.transAxes, ha="right", va="top", fontsize=8, color=colour)
+
+
+def _alive_part(r: FlowResult) -> list[tuple[float, float]]:
+    """The gaps up to the flow's death (the open gap of a dead flow is not drawn on)."""
+    if r.died_at is None:
+        return r.gaps
+    return [(t, g) for t, g in r.gaps if t <= r.died_at + 1e-6]
+
+
+def _mark_migrations(ax: Any, migrations: Sequence[Migration], t0: float,
+                     labelled: bool) -> None:
+    for m in migrations:
+        ax.axvspan(m.started - t0, m.ended - t0, color="0.6", alpha=0.35, lw=0)
+        if labelled:
+            ax.annotate(f"{m.src}\u2192{m.dst}", (m.started - t0, 1.0),
+                        xycoords=("data", "axes fraction"), xytext=(0, 2),
+                        textcoords="offset points", fontsize=9, fontweight="bold",
+                        ha="center", va="bottom",
+                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "0.5"})

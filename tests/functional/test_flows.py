@@ -17,6 +17,7 @@ from orchestrator.lab.check import run_checks
 from orchestrator.lab.flows import (
     FlowResult,
     FlowSet,
+    Migration,
     announce_guest,
     demo_config,
     plot_gaps,
@@ -102,7 +103,9 @@ def test_bare_move_kills_guest_initiated_and_foreign_flows(lab: Lab, tmp_path: P
                        and r.kind != "guest-snat")
     # the destination's own entries still work: the harness does not call everything dead
     assert all(r.survived for r in results.values() if r.entry_node == "n2")
-    plot_gaps(list(results.values()), [(moved_at, "n1 -> n2 (bare)")], tmp_path / "bare.png")
+    plot_gaps(list(results.values()), [Migration(moved_at, moved_at + 0.05, "n1", "n2")],
+              tmp_path / "bare.png", title="bare move")
+    assert (tmp_path / "bare.png").stat().st_size > 10_000
 
 
 def test_move_with_mac_announcement_matches_the_measured_table(lab: Lab) -> None:
