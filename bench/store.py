@@ -1,0 +1,124 @@
+"""Ownership store figures: ``python -m bench.store --json``.
+
+claim        one compare-and-swap claim of a guest's address (moving it between two nodes
+             at its current epoch), p50/p99 over ``--claims`` claims, on SQLite (a file,
+             fsync'd: synchronous=FULL) and on a real 3-member etcd cluster (Debian's
+             etcd-server, members on Unix sockets in one directory, fsync'd), same run
+claim_4      the same for a guest with 4 addresses (one transaction)
+contended    two clients claiming one address at once, each round exactly one wins:
+             rounds/s and the check that every round had one winner
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import StoreError
+from orchestrator.lab.etcd import EtcdCluster
+from orchestrator.store import EpochConflict, Store, open_store
+
+
+def pct(samples: list[float], p: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
+
+
+def summary(samples_s: list[float]) -> dict[str, float]:
+    ms = [x * 1000 for x in samples_s]
+    return {"p50_ms": round(pct(ms, 50), 3), "p99_ms": round(pct(ms, 99), 3),
+            "mean_ms": round(statistics.fmean(ms), 3), "n": len(ms)}
+
+
+async def register(store: Store) -> None:
+    for i in (1, 2):
+        await store.upsert_node(f"n{i}", i, f"0{2 * i}:00", f"192.168.122.1{i}")
+
+
+async def claims(store: Store, n: int, width: int, net: int) -> dict[str, float]:
+    ips = [f"10.9.{net}.{i}" for i in range(width)]
+    epoch, samples = 0, []
+    for i in range(n):
+        t = time.perf_counter()
+        await store.claim_all(dict.fromkeys(ips, epoch), f"n{i % 2 + 1}", "web")
+        samples.append(time.perf_counter() - t)
+        epoch += 1
+    return summary(samples)
+
+
+async def contended(url: str, rounds: int) -> dict[str, Any]:
+    """Two stores (two connections) claim the same address at the same epoch each round."""
+    async with await open_store(url) as a, await open_store(url) as b:
+        ip, one_winner, start = "10.9.99.1", 0, time.perf_counter()
+        for r in range(rounds):
+            results = await asyncio.gather(a.claim(ip, "n1", "web", r),
+                                           b.claim(ip, "n2", "web", r), return_exceptions=True)
+            wins = [x for x in results if not isinstance(x, BaseException)]
+            lost = [x for x in results if isinstance(x, EpochConflict)]
+            one_winner += len(wins) == 1 and len(lost) == 1
+        took = time.perf_counter() - start
+    return {"rounds": rounds, "rounds_per_s": round(rounds / took, 1),
+            "every_round_one_winner": one_winner == rounds}
+
+
+async def backend(url: str, n: int, rounds: int) -> dict[str, Any]:
+    async with await open_store(url) as store:
+        await register(store)
+        await claims(store, 20, 1, 0)  # warm up: connections, WAL, leader
+        out = {"claim": await claims(store, n, 1, 1), "claim_4": await claims(store, n, 4, 2)}
+    out["contended"] = await contended(url, rounds)
+    return out
+
+
+def run(main: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    return asyncio.run(main())
+
+
+def measure(n: int, rounds: int) -> dict[str, Any]:
+    result: dict[str, Any] = {"load": os.getloadavg()[0]}
+    with tempfile.TemporaryDirectory(prefix="cvb-store-") as tmp:
+        url = f"sqlite://{Path(tmp) / 'store.db'}"
+        result["sqlite"] = run(lambda: backend(url, n, rounds))
+    with EtcdCluster.create(["m1", "m2", "m3"]) as cluster:
+        cluster.start()
+        cluster.wait_ready()
+        result["etcd"] = run(lambda: backend(cluster.url("/bench"), n, rounds))
+        result["etcd"]["members"] = 3
+    result["load_after"] = os.getloadavg()[0]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.store", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--claims", type=int, default=500)
+    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        result = measure(args.claims, args.rounds)
+    except StoreError as exc:
+        print(f"bench.store: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for name in ("sqlite", "etcd"):
+            r = result[name]
+            print(f"{name:7} claim p50 {r['claim']['p50_ms']} ms p99 {r['claim']['p99_ms']} ms;"
+                  f" 4 addresses p50 {r['claim_4']['p50_ms']} ms; contended "
+                  f"{r['contended']['rounds_per_s']} rounds/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
