@@ -87,15 +87,18 @@ class Agent:
         try:
             await self.store.upsert_node(self.node, self.me.tag, self.me.mac_prefix,
                                          self.me.pub_ip)
+            await self.store.grant_lease(self.node, self.settings.lease_ttl_s)
             await self.audit.arecord("agent.start", detail=f"pid {os.getpid()}")
             await self.reconciler.run(ruleset=True)
+            await self._register_public()
             await self.peer.start(str(self.me.peer_ip), self.settings.peer_port)
             await self._start_sync()
             await self.recover()
             await self.api.start()
             self._serve_metrics()
             tasks = [asyncio.create_task(c) for c in (self._reconcile_loop(), self._watch(),
-                                                      self._watchdog(), self._sync_audit())]
+                                                      self._watchdog(), self._sync_audit(),
+                                                      self._heartbeats())]
             log.info("agent.ready", node=self.node, socket=str(self.api.path))
             print(f"convergent agent {self.node} ready", flush=True)
             self.ready.set()
@@ -118,6 +121,8 @@ class Agent:
             if self.sync is not None:
                 await self.sync.stop()
             self.table.close()
+            with contextlib.suppress(Exception):  # a clean stop: dead at once, not after a TTL
+                await self.store.revoke_lease(self.node)
             await self.store.close()
 
     def _serve_metrics(self) -> None:
@@ -155,6 +160,46 @@ class Agent:
         if self.sync is not None:
             self.sync.topology = topology  # same peers (reload_problems checked)
 
+    async def _register_public(self) -> None:
+        """This node's public address as an owned record (created on first start). Held by
+        another node: a survivor adopted it while we were gone; we stay fenced (the
+        adoption pass keeps the address off our uplink) until a failback."""
+        from orchestrator.failover.adopt import AdoptionOps
+        from orchestrator.failover.run import Failover
+
+        self.adoption = AdoptionOps(self.topology, self.node)
+        self.failovers = Failover(self.topology, self.node, self.store, self.table,
+                                  self.adoption, self.audit, self._cached, self.wake.set)
+        pub = await self.store.get_public(self.node)
+        if pub is None:
+            pub = await self.store.claim_public(self.node, self.me.pub_ip, self.node, 0)
+        elif pub.adopted:
+            log.warning("failover.fenced", holder=pub.holder, address=str(pub.ip))
+            await self.audit.arecord("failover.fenced", from_node=self.node,
+                                     to_node=pub.holder, addresses=[str(pub.ip)],
+                                     epoch=pub.epoch, detail="adopted while this node was "
+                                     "away: staying off it until `convergent failback`")
+        try:
+            await self._adopt()
+        except Exception as exc:  # the reconcile loop retries; never a reason not to start
+            log.warning("failover.adoption_failed", error=str(exc))
+
+    async def _adopt(self) -> None:
+        await self.adoption.reconcile(await self.store.list_public())
+
+    def _cached(self, node: str) -> list[Any]:
+        return [] if self.sync is None else list(self.sync.cache(node).values())
+
+    async def _heartbeats(self) -> None:
+        """The liveness lease: renewed three times per TTL, so one lost renewal is not
+        death. A renewal that fails (no quorum) is retried at the next tick."""
+        while True:
+            await asyncio.sleep(self.settings.lease_ttl_s / 3)
+            try:
+                await self.store.heartbeat(self.node)
+            except Exception as exc:
+                log.warning("agent.heartbeat_failed", error=str(exc))
+
     async def _start_sync(self) -> None:
         iface = self.topology.sync.interface
         if not os.path.exists(f"/sys/class/net/{iface}"):
@@ -177,8 +222,10 @@ class Agent:
             self.wake.clear()
             with contextlib.suppress(Exception):  # counted in its stats; try again later
                 await self.reconciler.run(ruleset=periodic)
-                if periodic:
-                    await self.store.heartbeat(self.node)
+            try:
+                await self._adopt()
+            except Exception as exc:
+                log.warning("failover.adoption_failed", error=str(exc))
 
     async def _watch(self) -> None:
         rev = await self.store.revision()
@@ -274,6 +321,8 @@ class Agent:
             "migration.abort": self.abort, "migration.finalize": self.finalize,
             "guest.started": self.guest_started, "guest.stopped": self.guest_stopped,
             "sync.status": self.sync_status, "sync.commit": self.sync_commit,
+            "failover.run": self.failover, "failover.back": self.failback,
+            "cluster.status": self.cluster_status,
         }
 
     async def ping(self) -> dict[str, Any]:
@@ -417,6 +466,20 @@ class Agent:
                                      epoch=max(o.epoch for o in released))
         self.wake.set()
         return {"released": _strs(mine)}
+
+    async def failover(self, from_node: str, force: bool = False,
+                       dry_run: bool = False) -> dict[str, Any]:
+        """This node adopts dead ``from_node``'s address and flows (orchestrator/failover)."""
+        return await self.failovers.run(from_node, force, dry_run)
+
+    async def failback(self, node: str) -> dict[str, Any]:
+        return await self.failovers.back(node)
+
+    async def cluster_status(self) -> dict[str, Any]:
+        from orchestrator.store.view import cluster_view
+        view = await cluster_view(self.store)
+        view["replicator"] = self.sync.status() if self.sync is not None else None
+        return view
 
     async def sync_status(self) -> dict[str, Any]:
         if self.sync is None:

@@ -25,6 +25,8 @@ COMMANDS = {
     "agent": "orchestrator.cli.agent:agent",
     "status": "orchestrator.cli.agent:status",
     "install-hooks": "orchestrator.cli.install_hooks:install_hooks",
+    "failover": "orchestrator.cli.failover:failover",
+    "failback": "orchestrator.cli.failover:failback",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import click
 
@@ -31,12 +32,26 @@ def agent(config_path: str | None, node: str | None) -> None:
 @CONFIG
 @NODE
 @JSON
-def status(config_path: str | None, node: str | None, as_json: bool) -> None:
-    """What the node's agent owns, migrates and reconciles."""
+@click.option("--cluster", "cluster_only", is_flag=True,
+              help="only the cluster view, read from the store (works with every agent down)")
+def status(config_path: str | None, node: str | None, as_json: bool,
+           cluster_only: bool) -> None:
+    """What the node's agent owns, migrates and reconciles, then the cluster: nodes alive
+    or dead (leases), who holds which public address, guests and owners, migrations in
+    flight, replicator peers."""
     from orchestrator.agent.client import call
+    from orchestrator.store.view import render_view
 
+    if cluster_only:
+        view = asyncio.run(_store_view(config_path))
+        if as_json:
+            echo_json(view)
+        else:
+            click.echo("\n".join(render_view(view)))
+        return
     topology, node = load_for_node(config_path, node)
     result = call(topology.agent.socket(node), "status", timeout=10)
+    result["cluster"] = call(topology.agent.socket(node), "cluster.status", timeout=10)
     if as_json:
         echo_json(result)
         return
@@ -49,3 +64,15 @@ def status(config_path: str | None, node: str | None, as_json: bool) -> None:
     click.echo(f"  reconcile: {r['runs']} runs, {r['changed']} changed, {r['errors']} errors, "
                f"last {r['last_ms']} ms" + (f", last error: {r['last_error']}"
                                             if r["last_error"] else ""))
+    click.echo("\n".join(render_view(result["cluster"])))
+
+
+async def _store_view(config_path: str | None) -> dict[str, Any]:
+    from orchestrator.config.defaults import config_path as config_path_default
+    from orchestrator.config.loader import load
+    from orchestrator.store import open_store
+    from orchestrator.store.view import cluster_view
+
+    topology = load(config_path_default(config_path))
+    async with await open_store(topology.agent.store) as store:
+        return await cluster_view(store)

@@ -208,6 +208,9 @@ class Agent(_Strict):
     state_dir: PATH = Path("/var/lib/convergent")
     peer_port: INT = Field(7404, ge=1, le=65535)
     reconcile_interval_s: FLOAT = Field(10.0, gt=0, le=3600)
+    # the node's liveness lease: dead this long after its last heartbeat (etcd's minimum
+    # is about 1.5 election timeouts; a failover refuses a node whose lease is alive)
+    lease_ttl_s: FLOAT = Field(10.0, ge=1, le=600)
     # a migration with no progress for this long is aborted by its destination
     migration_timeout_s: FLOAT = Field(900.0, gt=0)
     # how long a destination keeps retrying a source agent that went away mid-migration

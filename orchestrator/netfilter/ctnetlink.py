@@ -25,7 +25,7 @@ import socket
 import struct
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Final
 
@@ -75,7 +75,13 @@ CTA_PROTOINFO: Final = 4
 CTA_TIMEOUT: Final = 7
 CTA_MARK: Final = 8
 CTA_ID: Final = 12
+CTA_NAT_SRC: Final = 6
 CTA_ZONE: Final = 18
+CTA_NAT_V4_MINIP: Final = 1
+CTA_NAT_V4_MAXIP: Final = 2
+CTA_NAT_PROTO: Final = 3
+CTA_PROTONAT_PORT_MIN: Final = 1
+CTA_PROTONAT_PORT_MAX: Final = 2
 CTA_MARK_MASK: Final = 21
 CTA_FILTER: Final = 25
 CTA_STATUS_MASK: Final = 26
@@ -220,6 +226,23 @@ def encode_entry_body(e: Entry) -> bytes:
     if e.tcp is not None and e.tuple_orig.proto == Proto.TCP:
         body.append(encode_tcpinfo(e.tcp))
     return b"".join(body)
+
+
+def encode_create_snat(e: Entry, seq: int) -> bytes:
+    """Create ``e`` *with* its SNAT binding (failover: the node adopting a dead node's
+    address de-SNATs the replies itself). The kernel takes the un-NATed reply tuple and the
+    binding (``CTA_NAT_SRC``: the address and port the reply tuple's destination holds) and
+    builds the NATed reply tuple; sending that tuple as is would translate nothing."""
+    o, r = e.tuple_orig, e.tuple_reply
+    if r.dst.version != 4:
+        raise ValueError(f"SNAT binding of {e}: IPv4 only")
+    binding = nest(CTA_NAT_SRC, nla(CTA_NAT_V4_MINIP, r.dst.packed),
+                   nla(CTA_NAT_V4_MAXIP, r.dst.packed),
+                   nest(CTA_NAT_PROTO, nla(CTA_PROTONAT_PORT_MIN, _BE16.pack(r.dport)),
+                        nla(CTA_PROTONAT_PORT_MAX, _BE16.pack(r.dport))))
+    plain = replace(e, tuple_reply=o.reversed())
+    return message(MSG_NEW, NLM_F_CREATE | NLM_F_EXCL, seq, family_of(o),
+                   encode_entry_body(plain) + binding)
 
 
 def encode_create_ref(e: Entry, seq: int, flags: int = NLM_F_CREATE | NLM_F_EXCL) -> bytes:

@@ -21,12 +21,18 @@ NETDEV_TABLE = "convergent_pipes"
 # Named sets in the ip table the agent owns at run time.
 SET_LOCAL_GUESTS = "local_guests"  # guest addresses hosted on this node
 SET_RACE_GATE = "race_gate"  # guests arriving here whose entries are not committed yet
+# failover: public addresses of dead nodes this node answers for (pub ip -> their tag), the
+# tags of those nodes, and (netdev) the MAC their frames carry on the pipes (tag -> MAC)
+MAP_ADOPTED = "adopted_entry"
+SET_ADOPTED_TAGS = "adopted_tags"
+MAP_ADOPTED_MACS = "adopted_macs"
 
 # Hook priorities. The stateless DNAT must run before conntrack (-200) so conntrack only
 # ever sees client<->guest tuples (the seed found -150 too late); the spoof runs before
 # the stateful SNAT (100) so established SNAT flows keep their binding.
 PRIO_DNAT = -300
 PRIO_RACE_GATE = -150
+PRIO_ADOPTED = -140  # after conntrack (-200), before the reply is un-SNATed (dstnat -100)
 PRIO_SPOOF = 90
 PRIO_PIPES = -500
 
@@ -74,11 +80,29 @@ def _ip_table(t: Topology, me: Node) -> str:
         '\t\tcomment "guests arriving here, handover not committed yet (agent)"',
         "\t}",
         "",
+        f"\tmap {MAP_ADOPTED} {{",
+        "\t\ttype ipv4_addr : mark",
+        '\t\tcomment "public addresses of dead nodes adopted here -> their tag (failover)"',
+        "\t}",
+        "",
+        f"\tset {SET_ADOPTED_TAGS} {{",
+        "\t\ttype mark",
+        '\t\tcomment "tags of the nodes whose public address this node adopted (failover)"',
+        "\t}",
+        "",
         *_notrack_chains(t),
         "\t# stateless DNAT: published services, tagged with this node as the entry",
         "\tchain stateless_dnat {",
         f"\t\ttype filter hook prerouting priority {PRIO_DNAT}; policy accept;",
         *[f"\t\t{r}" for r in _dnat_rules(t, me)],
+        "\t}",
+        "",
+        "\t# replies to an adopted node's SNAT flows (their committed entries carry its tag)",
+        "\t# leave on the pipes tagged as that node, so the hosting node keeps spoofing it",
+        "\tchain adopted_replies {",
+        f"\t\ttype filter hook prerouting priority {PRIO_ADOPTED}; policy accept;",
+        f'\t\tiifname "{c.uplink}" meta mark and {_hex(c.tag_mask)} == 0 ct mark and '
+        f"{_hex(c.tag_mask)} @{SET_ADOPTED_TAGS} meta mark set ct mark and {_hex(c.tag_mask)}",
         "\t}",
         "",
         "\t# a packet from an arriving guest that would open a new entry before its",
@@ -149,6 +173,12 @@ def _dnat_rules(t: Topology, me: Node) -> list[str]:
             f"meta mark set {_hex(me.tag)} ip daddr set {target}{rewrite} "
             f'comment "service {svc.name}"'
         )
+        # an adopted address keeps its node's tag (a miss in the map ends the rule)
+        rules.append(
+            f'iifname "{t.cluster.uplink}" {_l4(svc)} dport {svc.port} '
+            f"meta mark set ip daddr map @{MAP_ADOPTED} ip daddr set {target}{rewrite} "
+            f'comment "service {svc.name} (adopted)"'
+        )
     return rules
 
 
@@ -190,8 +220,11 @@ def _nat_chains(t: Topology, me: Node) -> list[str]:
         "\tchain guest_snat {",
         "\t\ttype nat hook postrouting priority srcnat; policy accept;",
         *post_fullnat,
+        # the replication bit too: every node's receiver keeps these, so a survivor can
+        # commit them (with this binding) if this node dies (failover)
         f'\t\toifname "{c.uplink}" ip saddr {net} ct mark set ct mark and '
-        f"{_hex(~c.tag_mask & 0xFFFFFFFF)} or {_hex(me.tag)} snat to {me.pub_ip}",
+        f"{_hex(~c.tag_mask & 0xFFFFFFFF)} or {_hex(me.tag | t.sync.mark_bit)} "
+        f"snat to {me.pub_ip}",
         "\t}",
     ]
     return lines
@@ -210,6 +243,11 @@ def _netdev_table(t: Topology, me: Node) -> str:
             f"table netdev {NETDEV_TABLE} {{",
             '\tcomment "convergent @DIGEST@"',
             "",
+            f"\tmap {MAP_ADOPTED_MACS} {{",
+            "\t\ttype mark : ether_addr",
+            '\t\tcomment "adopted node tag -> its bridge MAC, for frames of its flows"',
+            "\t}",
+            "",
             "\t# frames from another node's guest bridge carry its MAC prefix: tag them",
             "\tchain pipe_ingress {",
             f"\t\ttype filter hook ingress devices = {{ {devices} }} priority {PRIO_PIPES}; "
@@ -223,6 +261,10 @@ def _netdev_table(t: Topology, me: Node) -> str:
             "policy accept;",
             f"\t\tarp saddr ip {c.gateway} drop",
             f"\t\tarp daddr ip {c.gateway} drop",
+            "\t\t# flows of an adopted node leave as its frames (failover): the hosting node",
+            "\t\t# tags them as that node and keeps answering as its public address",
+            f"\t\tether type ip ether saddr set meta mark and {_hex(c.tag_mask)} map "
+            f"@{MAP_ADOPTED_MACS}",
             "\t}",
             "}",
         ]

@@ -458,6 +458,7 @@ class SqliteStore(Store):
         self.path = path
         self.poll_interval = poll_interval
         self._closed = False
+        self._granted: set[str] = set()  # leases this store granted: revoked on close
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="convergent-store")
         try:
             self._core = self._pool.submit(SqliteCore, path, **core).result()
@@ -498,10 +499,13 @@ class SqliteStore(Store):
         return await self._call(self._core.get_node, name)
 
     async def grant_lease(self, name: str, ttl: float) -> Liveness:
-        return await self._call(self._core.grant_lease, name, ttl)
+        live = await self._call(self._core.grant_lease, name, ttl)
+        self._granted.add(name)
+        return live
 
     async def revoke_lease(self, name: str) -> None:
         await self._call(self._core.revoke_lease, name)
+        self._granted.discard(name)
 
     async def list_liveness(self) -> list[Liveness]:
         return await self._call(self._core.list_liveness)
@@ -569,5 +573,7 @@ class SqliteStore(Store):
         if self._closed:
             return
         self._closed = True
+        for name in sorted(self._granted):  # as etcd's: a clean close says "dead" at once
+            await self._call(self._core.revoke_lease, name)
         await self._call(self._core.close)
         self._pool.shutdown()

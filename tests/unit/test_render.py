@@ -47,7 +47,7 @@ def test_stateless_dnat_matches_seed(topo):
         'iifname "xenbr0" ip daddr 192.168.122.11 tcp dport 80 meta mark set 0x00000001 '
         'ip daddr set 10.5.5.201 comment "service http"'
     )
-    assert rules[2].startswith('iifname "xenbr0" ip daddr 192.168.122.11 udp dport 123 ')
+    assert rules[3].startswith('iifname "xenbr0" ip daddr 192.168.122.11 udp dport 123 ')
     # FULL-NAT services never appear in the stateless chain
     assert not any("2201" in r for r in rules)
     node2 = chain(render(topo, "node2").script(), "stateless_dnat")
@@ -74,8 +74,9 @@ def test_pipe_ingress_tags_by_mac_prefix_and_egress_drops_gateway_arp(topo):
         "ether saddr & ff:ff:ff:00:00:00 == 0a:00:00:00:00:00 meta mark set 0x00000001")
     assert ingress[2].startswith(
         "ether saddr & ff:ff:ff:00:00:00 == 0e:00:00:00:00:00 meta mark set 0x00000002")
-    assert chain(s, "pipe_egress")[1:] == ["arp saddr ip 10.5.5.254 drop",
-                                           "arp daddr ip 10.5.5.254 drop"]
+    assert [r for r in chain(s, "pipe_egress")[1:] if not r.startswith("#")] == [
+        "arp saddr ip 10.5.5.254 drop", "arp daddr ip 10.5.5.254 drop",
+        "ether type ip ether saddr set meta mark and 0x000000ff map @adopted_macs"]
 
 
 def test_bridge_state_copies_meta_mark_to_ct_mark(topo):
@@ -88,13 +89,28 @@ def test_snat_sets_own_tag_and_fullnat_rules(topo):
     snat = chain(s, "guest_snat")
     assert snat[0] == "type nat hook postrouting priority srcnat; policy accept;"
     assert snat[-1] == ('oifname "xenbr0" ip saddr 10.5.5.0/24 ct mark set ct mark and '
-                        "0xffffff00 or 0x00000002 snat to 192.168.122.12")
+                        "0xffffff00 or 0x80000002 snat to 192.168.122.12")  # + sync.mark_bit
     # seed 001: dnat on the public port, snat to the node's guest-side address
     assert snat[1] == ('oifname "guestbr0" ip daddr 10.5.5.201 tcp dport 22 ct status dnat '
                        'snat to 10.5.5.252 comment "service ssh-fullnat"')
     pre = chain(s, "fullnat_prerouting")
     assert pre[1] == ('iifname "xenbr0" ip daddr 192.168.122.12 tcp dport 2201 '
                       'dnat to 10.5.5.201:22 comment "service ssh-fullnat"')
+
+
+def test_adopted_addresses_keep_their_node_tag(topo):
+    """Failover: the survivor answers a dead node's public address with that node's tag
+    (the map holds pub -> tag), marks the replies of its committed SNAT flows as that node,
+    and sends both onto the pipes with that node's bridge MAC."""
+    s = render(topo, "node2").script()
+    dnat = chain(s, "stateless_dnat")
+    assert dnat[2] == ('iifname "xenbr0" tcp dport 80 meta mark set ip daddr map @adopted_entry '
+                       'ip daddr set 10.5.5.201 comment "service http (adopted)"')
+    assert "map adopted_entry {" in s and "type ipv4_addr : mark" in s
+    assert chain(s, "adopted_replies")[1:] == [
+        'iifname "xenbr0" meta mark and 0x000000ff == 0 ct mark and 0x000000ff @adopted_tags '
+        "meta mark set ct mark and 0x000000ff"]
+    assert "map adopted_macs {" in s and "type mark : ether_addr" in s
 
 
 def test_race_gate_and_sets_are_rendered(topo):

@@ -144,6 +144,20 @@ class ConntrackTable:
                 self._replace(exists, result)
         return result
 
+    @_netlink_op("push")
+    def push_snat(self, entries: Iterable[Entry]) -> PushResult:
+        """Create SNAT entries with their binding (``reply.dst`` is the NAT address). One
+        that exists already is left as it is (``EEXIST`` counts as unchanged): a binding
+        cannot be changed on a live entry."""
+        items = list(entries)
+        result = PushResult()
+        with self._lock:
+            run = self._run(items, nl.encode_create_snat)
+        result.errors += [EntryError(items[i], err) for i, err in run.errors.items()
+                          if err != errno.EEXIST]
+        result.created = len(items) - len(run.errors)
+        return result
+
     def _update(self, entries: list[Entry], result: PushResult) -> None:
         run = self._run(entries, encode_set)
         for i, err in run.errors.items():

@@ -1,0 +1,99 @@
+"""``convergent failover`` and ``convergent failback``: a survivor takes a dead node's public
+address and the flows anchored at it; later the node gets its address back.
+
+Both ask the survivor's agent (``--to``, default this node) over its Unix socket: it holds
+the replicator's cache of the dead node's entries and programs its own kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import click
+
+from orchestrator.cli.rules import CONFIG, NODE, load_for_node
+from orchestrator.errors import ConvergentError
+
+
+@click.command("failover")
+@CONFIG
+@NODE
+@click.option("--from", "from_node", required=True, help="the dead node")
+@click.option("--to", "to_node", default=None, help="the survivor (default: this node)")
+@click.option("--dry-run", is_flag=True, help="print the plan, change nothing")
+@click.option("--force", is_flag=True,
+              help="even while the node's lease is alive (audited as forced)")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object: the report")
+def failover(config_path: str | None, node: str | None, from_node: str, to_node: str | None,
+             dry_run: bool, force: bool, as_json: bool) -> None:
+    """Adopt a dead node's public address, DNAT rules and SNAT flows on a survivor; release
+    the addresses of the guests that ran on it."""
+    from orchestrator.agent.client import call
+
+    topology, here = load_for_node(config_path, node or to_node)
+    survivor = to_node or here
+    if not as_json:
+        verb = "planning" if dry_run else "failing over"
+        click.echo(f"{verb} {from_node} -> {survivor} ...", err=True)
+    start = time.monotonic()
+    try:
+        report = call(topology.agent.socket(survivor), "failover.run", timeout=60,
+                      from_node=from_node, force=force, dry_run=dry_run)
+    except ConvergentError as exc:
+        raise ConvergentError(f"failover {from_node} -> {survivor}: {exc}") from None
+    report["wall_ms"] = round((time.monotonic() - start) * 1000, 1)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+        return
+    click.echo("\n".join(render_report(report)))
+
+
+def render_report(r: dict[str, Any]) -> list[str]:
+    head = "plan" if r.get("dry_run") else "failed over"
+    lines = [f"{head}: {r['from']} -> {r['to']}"
+             + (" (forced: its lease was alive)" if r.get("forced") else "")]
+    if r.get("dry_run"):
+        lines.append(f"  would adopt {r['public_address']} (tag {r['tag']})"
+                     if r["adopt"] else f"  {r['to']} holds {r['public_address']} already")
+    else:
+        lines.append(f"  adopted {r['public_address']} (epoch {r['epoch']}), "
+                     f"services {', '.join(r['services']) or 'none'}, tagged {r['tag']}")
+    flows = r.get("flows_by_guest", {})
+    verb = "would commit" if r.get("dry_run") else "committed"
+    lines.append(f"  {verb} {r.get('committed', r['entries'])} SNAT entries"
+                 + (": " + ", ".join(f"{g} {n}" for g, n in sorted(flows.items()))
+                    if flows else ""))
+    for why, n in sorted(r.get("skipped", {}).items()):
+        lines.append(f"    left out {n}: {why}")
+    for err in r.get("commit_errors", []):
+        lines.append(f"    refused: {err}")
+    lost = r.get("lost_guests", {})
+    for g, addrs in sorted(lost.items()):
+        lines.append(f"  lost {g} ({', '.join(addrs)}): it ran on {r['from']}")
+    if not lost:
+        lines.append("  no guest was lost")
+    if "steps_ms" in r:
+        steps = ", ".join(f"{k} {v} ms" for k, v in r["steps_ms"].items())
+        lines.append(f"  took {r['total_ms']} ms ({steps})")
+    return lines
+
+
+@click.command("failback")
+@CONFIG
+@NODE
+@click.argument("home")
+@click.option("--json", "as_json", is_flag=True)
+def failback(config_path: str | None, node: str | None, home: str, as_json: bool) -> None:
+    """Give HOME its public address back (HOME's agent must be up again)."""
+    from orchestrator.agent.client import call
+
+    topology, here = load_for_node(config_path, node)
+    result = call(topology.agent.socket(here), "failover.back", timeout=30, node=home)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        return
+    click.echo(f"{result['address']} back to {result['node']} from {result['from']} "
+               f"(epoch {result['epoch']})")
+

@@ -1,0 +1,150 @@
+"""``failover`` and ``failback`` as the survivor's agent runs them (one audit record per step).
+
+Order matters. The adoption is a compare-and-swap first: nothing changes on this node
+unless it fenced the dead one. Then D's SNAT entries go into the kernel *before* D's address
+appears on our uplink, so the first reply to D's address already finds its binding (without
+it the reply would reach our own stack and be answered with a reset). Then the address, its
+maps and the gratuitous ARP; then D's lost guests are released; every other node follows
+the store on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import structlog
+
+from orchestrator.audit.log import AuditLog
+from orchestrator.errors import ConvergentError
+from orchestrator.failover.adopt import AdoptionOps
+from orchestrator.failover.plan import FailoverPlan, FailoverRefused, plan_failover
+from orchestrator.model.cluster import Topology
+from orchestrator.model.conntrack import Entry
+from orchestrator.store.base import PublicConflict, Store
+
+log = structlog.get_logger("convergent.failover")
+RELEASE_CONCURRENCY = 16  # guests released at once (each one small transaction)
+
+
+class SnatTable(Protocol):
+    def push_snat(self, entries: list[Entry]) -> Any: ...
+
+
+class Failover:
+    def __init__(self, topology: Topology, node: str, store: Store, table: SnatTable,
+                 adoption: AdoptionOps, audit: AuditLog,
+                 cached: Callable[[str], list[Entry]], wake: Callable[[], None]) -> None:
+        self.topology, self.node, self.store, self.table = topology, node, store, table
+        self.adoption, self.audit, self.cached, self.wake = adoption, audit, cached, wake
+        self._lock = asyncio.Lock()
+
+    async def plan(self, dead: str, force: bool = False) -> FailoverPlan:
+        snap = await self.store.snapshot()
+        live = {v.node: v for v in await self.store.list_liveness()}
+        return plan_failover(self.topology, snap, live, dead, self.node, self.cached(dead),
+                             force)
+
+    async def run(self, dead: str, force: bool = False, dry_run: bool = False
+                  ) -> dict[str, Any]:
+        async with self._lock:
+            try:
+                plan = await self.plan(dead, force)
+            except FailoverRefused as exc:
+                await self.audit.arecord("failover.begin", from_node=dead, to_node=self.node,
+                                         outcome="refused", detail=str(exc))
+                raise
+            if dry_run:
+                return {"dry_run": True, **plan.summary()}
+            return await self._run(plan)
+
+    async def _run(self, plan: FailoverPlan) -> dict[str, Any]:
+        start = time.perf_counter()
+        steps: dict[str, float] = {}
+        common = {"from_node": plan.dead, "to_node": self.node}
+        await self.audit.arecord("failover.begin", **common,
+                                 detail="forced: lease alive" if plan.forced else None)
+
+        def lap(name: str, t: float) -> None:
+            steps[name] = round((time.perf_counter() - t) * 1000, 1)
+
+        t = time.perf_counter()
+        epoch = await self._adopt(plan)
+        lap("adopt", t)
+        await self.audit.arecord("failover.adopt", **common, addresses=[str(plan.pub_ip)],
+                                 epoch=epoch, duration_ms=steps["adopt"])
+        t = time.perf_counter()
+        pushed = await asyncio.to_thread(self.table.push_snat, list(plan.commit))
+        lap("commit", t)
+        errors = [str(e) for e in getattr(pushed, "errors", [])]
+        await self.audit.arecord("failover.commit", **common, entries=len(plan.commit),
+                                 duration_ms=steps["commit"],
+                                 outcome="degraded" if errors else "ok",
+                                 detail=f"{len(errors)} failed, first: {errors[0]}"
+                                 if errors else None)
+        t = time.perf_counter()
+        changed = await self.adoption.reconcile(await self.store.list_public())
+        lap("program", t)
+        await self.audit.arecord("failover.program", **common, addresses=changed.added,
+                                 duration_ms=steps["program"],
+                                 detail=f"services {', '.join(plan.services)}")
+        t = time.perf_counter()
+        released = await self._release(plan.lost)
+        lap("release", t)
+        for guest, addrs in released.items():
+            await self.audit.arecord("failover.release", **common, guest=guest,
+                                     addresses=addrs, detail="its host died: guest lost")
+        self.wake()
+        total = round((time.perf_counter() - start) * 1000, 1)
+        await self.audit.arecord("failover.end", **common, duration_ms=total,
+                                 entries=len(plan.commit))
+        log.info("failover.done", dead=plan.dead, ms=total, entries=len(plan.commit))
+        return {**plan.summary(), "epoch": epoch, "committed": len(plan.commit) - len(errors),
+                "commit_errors": errors[:5], "steps_ms": steps, "total_ms": total}
+
+    async def _adopt(self, plan: FailoverPlan) -> int:
+        if plan.adopt_epoch is None:
+            held = await self.store.get_public(plan.dead)
+            return held.epoch if held else 0
+        try:
+            rec = await self.store.claim_public(plan.dead, plan.pub_ip, self.node,
+                                                plan.adopt_epoch)
+        except PublicConflict as exc:
+            raise FailoverRefused(f"{plan.dead}'s address changed hands meanwhile: {exc}") \
+                from None
+        return rec.epoch
+
+    async def _release(self, lost: Mapping[str, Mapping[Any, int]]) -> dict[str, list[str]]:
+        gate = asyncio.Semaphore(RELEASE_CONCURRENCY)
+        done: dict[str, list[str]] = {}
+
+        async def one(guest: str, addrs: Mapping[Any, int]) -> None:
+            async with gate:
+                try:
+                    await self.store.release_all(dict(addrs))
+                    done[guest] = sorted(map(str, addrs))
+                except ConvergentError as exc:  # someone moved it meanwhile: theirs now
+                    log.warning("failover.release_skipped", guest=guest, error=str(exc))
+
+        await asyncio.gather(*(one(g, a) for g, a in lost.items()))
+        return done
+
+    async def back(self, home: str) -> dict[str, Any]:
+        """``failback``: give ``home`` its address again (run on the node that holds it, or
+        on ``home`` itself once it is back). The holder drops it at its next pass."""
+        async with self._lock:
+            rec = await self.store.get_public(home)
+            if rec is None or not rec.adopted:
+                raise ConvergentError(f"{home}'s public address is not adopted by anyone")
+            live = await self.store.liveness(home)
+            if not live.alive:
+                raise ConvergentError(f"{home} is not alive (no lease): start its agent first")
+            back = await self.store.claim_public(home, rec.ip, home, rec.epoch)
+            await self.audit.arecord("failover.back", from_node=rec.holder, to_node=home,
+                                     addresses=[str(rec.ip)], epoch=back.epoch)
+            await self.adoption.reconcile(await self.store.list_public())
+            self.wake()
+            return {"node": home, "address": str(rec.ip), "from": rec.holder,
+                    "epoch": back.epoch}
