@@ -7,14 +7,14 @@ the replicator's cache of the dead node's entries and programs its own kernel.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import click
 
+from orchestrator.cli.options import JSON, echo_json
 from orchestrator.cli.rules import CONFIG, NODE, load_for_node
-from orchestrator.errors import ConvergentError
+from orchestrator.errors import ConvergentError, Degraded
 
 
 @click.command("failover")
@@ -25,7 +25,7 @@ from orchestrator.errors import ConvergentError
 @click.option("--dry-run", is_flag=True, help="print the plan, change nothing")
 @click.option("--force", is_flag=True,
               help="even while the node's lease is alive (audited as forced)")
-@click.option("--json", "as_json", is_flag=True, help="one JSON object: the report")
+@JSON
 def failover(config_path: str | None, node: str | None, from_node: str, to_node: str | None,
              dry_run: bool, force: bool, as_json: bool) -> None:
     """Adopt a dead node's public address, DNAT rules and SNAT flows on a survivor; release
@@ -45,9 +45,12 @@ def failover(config_path: str | None, node: str | None, from_node: str, to_node:
         raise ConvergentError(f"failover {from_node} -> {survivor}: {exc}") from None
     report["wall_ms"] = round((time.monotonic() - start) * 1000, 1)
     if as_json:
-        click.echo(json.dumps(report, indent=2, sort_keys=True))
-        return
-    click.echo("\n".join(render_report(report)))
+        echo_json(report)
+    else:
+        click.echo("\n".join(render_report(report)))
+    if report.get("commit_errors"):
+        raise Degraded(f"failover {from_node} -> {survivor}: "
+                       f"{len(report['commit_errors'])}+ entries refused by the kernel")
 
 
 def render_report(r: dict[str, Any]) -> list[str]:
@@ -84,7 +87,7 @@ def render_report(r: dict[str, Any]) -> list[str]:
 @CONFIG
 @NODE
 @click.argument("home")
-@click.option("--json", "as_json", is_flag=True)
+@JSON
 def failback(config_path: str | None, node: str | None, home: str, as_json: bool) -> None:
     """Give HOME its public address back (HOME's agent must be up again)."""
     from orchestrator.agent.client import call
@@ -92,7 +95,7 @@ def failback(config_path: str | None, node: str | None, home: str, as_json: bool
     topology, here = load_for_node(config_path, node)
     result = call(topology.agent.socket(here), "failover.back", timeout=30, node=home)
     if as_json:
-        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        echo_json(result)
         return
     click.echo(f"{result['address']} back to {result['node']} from {result['from']} "
                f"(epoch {result['epoch']})")
