@@ -33,7 +33,7 @@ def agent(config_path: str | None, node: str | None) -> None:
 @NODE
 @JSON
 @click.option("--cluster", "cluster_only", is_flag=True,
-              help="only the cluster view, read from the store (works with every agent down)")
+              help="Only the cluster view, read from the store (works with every agent down).")
 def status(config_path: str | None, node: str | None, as_json: bool,
            cluster_only: bool) -> None:
     """What the node's agent owns, migrates and reconciles, then the cluster: nodes alive

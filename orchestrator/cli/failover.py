@@ -20,11 +20,11 @@ from orchestrator.errors import ConvergentError, Degraded
 @click.command("failover")
 @CONFIG
 @NODE
-@click.option("--from", "from_node", required=True, help="the dead node")
-@click.option("--to", "to_node", default=None, help="the survivor (default: this node)")
-@click.option("--dry-run", is_flag=True, help="print the plan, change nothing")
+@click.option("--from", "from_node", required=True, help="The dead node.")
+@click.option("--to", "to_node", default=None, help="The survivor.  [default: this node]")
+@click.option("--dry-run", is_flag=True, help="Print the plan, change nothing.")
 @click.option("--force", is_flag=True,
-              help="even while the node's lease is alive (audited as forced)")
+              help="Even while the node's lease is alive (audited as forced).")
 @JSON
 def failover(config_path: str | None, node: str | None, from_node: str, to_node: str | None,
              dry_run: bool, force: bool, as_json: bool) -> None:
