@@ -105,6 +105,16 @@ def configure(level: str = "info", fmt: str = "auto", stream: IO[str] | None = N
     return chosen
 
 
+def is_journal(stream: Any, env: Mapping[str, str] = os.environ) -> bool:
+    """True when ``stream`` is systemd's journal stream (``$JOURNAL_STREAM`` is its
+    ``device:inode``), so a plain line written there would sit among the JSON ones."""
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return env.get("JOURNAL_STREAM", "") == f"{st.st_dev}:{st.st_ino}"
+
+
 def _isatty(stream: Any) -> bool:
     try:
         return bool(stream.isatty())

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import sys
 import time
 from typing import Any
 
@@ -30,6 +31,7 @@ from orchestrator.agent.reconcile import Reconciler
 from orchestrator.agent.reload import reload_problems
 from orchestrator.audit.log import AuditLog
 from orchestrator.errors import ConvergentError, MigrationError
+from orchestrator.logs import is_journal
 from orchestrator.migration.coordinator import Coordinator, Handover, NodeHandle
 from orchestrator.migration.feed import SourceFeed, SourceSide
 from orchestrator.migration.nodeops import NftNodeOps
@@ -100,7 +102,8 @@ class Agent:
                                                       self._watchdog(), self._sync_audit(),
                                                       self._heartbeats())]
             log.info("agent.ready", node=self.node, socket=str(self.api.path))
-            print(f"convergent agent {self.node} ready", flush=True)
+            if not is_journal(sys.stdout):  # the journal has the agent.ready log line
+                print(f"convergent agent {self.node} ready", flush=True)
             self.ready.set()
             await stop.wait()
         except asyncio.CancelledError:

@@ -120,3 +120,14 @@ def test_cli_options_configure_logging() -> None:
     assert logging.getLogger().level == logging.ERROR
     assert logging.getLogger().handlers[0].formatter.processors[-1].__class__.__name__ \
         == "JSONRenderer"
+
+
+def test_is_journal_matches_the_stream_named_by_journal_stream(tmp_path: Path) -> None:
+    from orchestrator.logs import is_journal
+
+    with open(tmp_path / "out", "w") as f:
+        st = os.fstat(f.fileno())
+        assert is_journal(f, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+        assert not is_journal(f, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"})
+        assert not is_journal(f, {})
+    assert not is_journal(io.StringIO(), {"JOURNAL_STREAM": "1:2"})
