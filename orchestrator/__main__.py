@@ -2,4 +2,4 @@
 
 from orchestrator.cli import main
 
-main()
+raise SystemExit(main())  # a command's exit status (audit verify's 1 or 3), as the script's

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.audit.record import GENESIS, validate
+from orchestrator.audit.record import FIELDS, GENESIS, validate
 
 CHUNK = 1 << 22
 _SEQ = b'{"seq":'
@@ -85,8 +86,13 @@ class Report:
     first_seq: int | None = None
     last_seq: int = 0
     head: str | None = None  # hash of the last good line: note it to anchor later checks
-    problem: Finding | None = None  # tampering or corruption
+    problems: list[Finding] = field(default_factory=list)  # tampering or corruption, in order
     truncated: Finding | None = None  # a crash cut the last write short
+
+    @property
+    def problem(self) -> Finding | None:
+        """The first problem (every one is in ``problems``)."""
+        return self.problems[0] if self.problems else None
 
     @property
     def exit_code(self) -> int:
@@ -127,24 +133,31 @@ class Verifier:
     anchors: Mapping[int, str] = field(default_factory=dict)
 
     def run(self) -> Report:
+        """Every problem, each with its line: after one, the walk picks the chain up again
+        at the next line that links to what it trusts (or at the bad line itself)."""
         report = Report(list(self.files))
         good = _Good()
-        blocks = self._blocks()
+        blocks = _Peek(self._blocks())
         for path, first, block, complete in blocks:
             start = 0
-            if good.where is None and complete and self._starts(block[0]):
-                self._accept_first(good, path, first, block[0])
-                report.first_seq, start = good.seq, 1
-            bad = self._fast(good, path, first, block, start) if complete and good.where else 0
-            if bad < 0:
-                continue
-            cur = _Line(path, first + bad, block[bad], complete)
-            found = diagnose(good, cur, _after(block, bad, path, first, blocks))
-            if found.kind == "truncated":
-                report.truncated = found
-            else:
-                report.problem = found
-            break
+            while start < len(block):
+                if good.where is None and complete and self._starts(block[start]):
+                    self._accept_first(good, path, first + start, block[start], report)
+                    report.first_seq = good.seq
+                    start += 1
+                    continue
+                bad = self._fast(good, path, first, block, start, report) \
+                    if complete and good.where else start  # fmt: skip
+                if bad < 0:
+                    break
+                cur = _Line(path, first + bad, block[bad], complete)
+                nxt = _after(block, bad, path, first, blocks)
+                found = diagnose(good, cur, nxt)
+                if found.kind == "truncated":
+                    report.truncated = found
+                else:
+                    report.problems.append(found)
+                start = bad + 1 + _resume(good, cur, nxt, found)
         return self._finish(report, good)
 
     def _blocks(self) -> Iterator[tuple[Path, int, list[bytes], bool]]:
@@ -156,13 +169,15 @@ class Verifier:
         head = parse_head(raw)
         return head is not None and (self.partial or head == (1, GENESIS))
 
-    def _accept_first(self, good: _Good, path: Path, lineno: int, raw: bytes) -> None:
+    def _accept_first(self, good: _Good, path: Path, lineno: int, raw: bytes,
+                      report: Report) -> None:  # fmt: skip
         good.seq = parse_head(raw)[0]  # type: ignore[index]  # _starts checked it
         good.hash = hashlib.sha256(raw).hexdigest()
         good.where, good.raw = (path, lineno), raw
-        self._check_anchor(good.seq, good.hash, path, lineno)
+        self._check_anchor(good.seq, good.hash, path, lineno, report)
 
-    def _fast(self, good: _Good, path: Path, first: int, block: list[bytes], start: int) -> int:
+    def _fast(self, good: _Good, path: Path, first: int, block: list[bytes], start: int,
+              report: Report) -> int:  # fmt: skip
         """The hot loop: accept lines while each carries the prefix it must have; the
         index of the first that does not, or -1. Locals only, for speed."""
         seq, digest, before = good.seq, good.hash, good.before
@@ -178,28 +193,28 @@ class Verifier:
             before, digest = digest, sha256(raw).hexdigest()
             expect = b'{"seq":%d,"prev":"%s"' % (seq + 1, digest.encode())
             if anchors:
-                self._check_anchor(seq, digest, path, first + index)
+                self._check_anchor(seq, digest, path, first + index, report)
             last = index
         if last >= start:
             good.seq, good.hash, good.before = seq, digest, before
             good.where, good.raw = (path, first + last), block[last]
         return bad
 
-    def _check_anchor(self, seq: int, digest: str, path: Path, lineno: int) -> None:
+    def _check_anchor(self, seq: int, digest: str, path: Path, lineno: int,
+                      report: Report) -> None:  # fmt: skip
         if self.anchors.get(seq, digest) != digest:
             why = f"seq {seq} does not hash to the noted anchor: chain rewritten from here"
-            raise _AnchorMismatch(Finding(path, lineno, "anchor", why))
+            report.problems.append(Finding(path, lineno, "anchor", why))
 
     def _finish(self, report: Report, good: _Good) -> Report:
         report.records = 0 if report.first_seq is None else good.seq - report.first_seq + 1
         report.last_seq, report.head = good.seq, good.hash or None
-        if report.problem is None and good.where:
-            report.problem = _check_last(good)
-        if report.problem is None:
-            report.problem = self._missing_anchor(good)
-        if report.problem is None and good.where is None and report.truncated is None:
+        last = _check_last(good) if good.where else None
+        missing = self._missing_anchor(good)
+        report.problems += [f for f in (last, missing) if f is not None]
+        if not report.problems and good.where is None and report.truncated is None:
             where = self.files[-1] if self.files else Path("-")
-            report.problem = Finding(where, 1, "corrupt", "no records")
+            report.problems.append(Finding(where, 1, "corrupt", "no records"))
         return report
 
     def _missing_anchor(self, good: _Good) -> Finding | None:
@@ -210,9 +225,48 @@ class Verifier:
         return Finding(good.where[0], good.where[1], "anchor", why)
 
 
-class _AnchorMismatch(Exception):
-    def __init__(self, finding: Finding) -> None:
-        self.finding = finding
+class _Peek:
+    """An iterator whose next item can be looked at without losing it."""
+
+    def __init__(self, it: Iterator[tuple[Path, int, list[bytes], bool]]) -> None:
+        self._it = it
+        self._ahead: tuple[Path, int, list[bytes], bool] | None = None
+
+    def __iter__(self) -> _Peek:
+        return self
+
+    def __next__(self) -> tuple[Path, int, list[bytes], bool]:
+        if self._ahead is not None:
+            item, self._ahead = self._ahead, None
+            return item
+        return next(self._it)
+
+    def peek(self) -> tuple[Path, int, list[bytes], bool] | None:
+        if self._ahead is None:
+            self._ahead = next(self._it, None)
+        return self._ahead
+
+
+def _resume(good: _Good, cur: _Line, nxt: _Line | None, found: Finding) -> int:
+    """After a problem, where the walk goes on: keep trusting ``good`` if the next line
+    links to it (``cur`` was inserted or is junk); skip a swapped pair; else trust ``cur``
+    from here. Returns how many lines after ``cur`` to skip (0 or 1)."""
+    head = parse_head(cur.raw) if cur.complete else None
+    nxt_head = parse_head(nxt.raw) if nxt is not None and nxt.complete else None
+    if head is None or (nxt_head is not None and nxt_head[1] == good.hash):
+        return 0  # junk or an inserted line: the chain goes on from ``good``
+    if found.why == _SWAPPED and nxt is not None:
+        _trust(good, cur)  # the later of the two, so the line after the pair links to it
+        return 1
+    _trust(good, cur)
+    return 0
+
+
+def _trust(good: _Good, line: _Line) -> None:
+    head = parse_head(line.raw)
+    assert head is not None
+    good.before, good.hash = good.hash, hashlib.sha256(line.raw).hexdigest()
+    good.seq, good.where, good.raw = head[0], (line.file, line.lineno), line.raw
 
 
 def _after(
@@ -220,12 +274,12 @@ def _after(
     index: int,
     path: Path,
     first: int,
-    blocks: Iterator[tuple[Path, int, list[bytes], bool]],
+    blocks: _Peek,
 ) -> _Line | None:
     """The line after ``block[index]``, for diagnosis."""
     if index + 1 < len(block):
         return _Line(path, first + index + 1, block[index + 1], True)
-    following = next(blocks, None)
+    following = blocks.peek()
     if following is None:
         return None
     path, first, block, complete = following
@@ -235,11 +289,7 @@ def _after(
 def verify(
     files: list[Path], partial: bool = False, anchors: Mapping[int, str] | None = None
 ) -> Report:
-    verifier = Verifier(files, partial, anchors or {})
-    try:
-        return verifier.run()
-    except _AnchorMismatch as exc:
-        return Report(list(files), problem=exc.finding)
+    return Verifier(files, partial, anchors or {}).run()
 
 
 def _check_last(good: _Good) -> Finding | None:
@@ -257,7 +307,10 @@ def diagnose(good: _Good, cur: _Line, nxt: _Line | None) -> Finding:
     """Name the first bad line and the likeliest cause, looking one line each way."""
     here = (cur.file, cur.lineno)
     if not cur.complete and nxt is None:
-        return Finding(*here, "truncated", _truncated_why(cur))
+        if good.where is None or is_record_prefix(cur.raw, good.seq + 1, good.hash):
+            return Finding(*here, "truncated", _truncated_why(cur))
+        return Finding(*here, "corrupt", f"last line ({len(cur.raw)} bytes, no newline) is not "
+                                         "the start of the next record: not a crash truncation")
     head = parse_head(cur.raw)
     if head is None or not cur.complete:
         return Finding(*here, "corrupt", "not an audit record (no seq/prev prefix or no newline)")
@@ -279,7 +332,7 @@ def _diagnose_link(good: _Good, cur: _Line, nxt: _Line | None, seq: int, prev: s
     nxt_head = parse_head(nxt.raw) if nxt else None
     if nxt is not None and nxt_head and nxt_head[1] == good.hash:
         if prev == hashlib.sha256(nxt.raw).hexdigest():
-            return Finding(*here, "reordered", "this line and the next are swapped")
+            return Finding(*here, "reordered", _SWAPPED)
         return Finding(*here, "inserted", "the next line links to the line before this one")
     if prev == good.before:
         why = f"{cur.file}:{cur.lineno} links to the line before this one"
@@ -297,6 +350,32 @@ def _diagnose_link(good: _Good, cur: _Line, nxt: _Line | None, seq: int, prev: s
             why += " (a rotated file removed?)"
         return Finding(*here, "deleted", why)
     return Finding(*here, "reordered", f"seq {seq} after seq {good.seq}: inserted or moved line")
+
+
+_SWAPPED = "this line and the next are swapped"
+_KEY = re.compile(rb'[{,]"([a-z_]+)":')
+
+
+def is_record_prefix(raw: bytes, seq: int, prev: str) -> bool:
+    """Could ``raw`` be the first bytes of the record the writer would append next (what a
+    crash mid-write leaves)? It must carry that record's exact ``seq``/``prev`` prefix (or a
+    part of it), be printable ASCII, and name only schema keys, each once, in schema order.
+    All zero bytes also count: a crash after the file grew but before its data reached the
+    disk leaves exactly that (ext4's delayed allocation)."""
+    if raw and not raw.strip(b"\0"):
+        return True
+    expect = expected_prefix(seq, prev)
+    if len(raw) <= len(expect):
+        return expect.startswith(raw)
+    if not raw.startswith(expect) or not raw.isascii():
+        return False
+    if any(b < 0x20 or b == 0x7F for b in raw):
+        return False
+    keys = [k.decode() for k in _KEY.findall(raw)]
+    if any(k not in FIELDS for k in keys) or len(set(keys)) != len(keys):
+        return False
+    order = [FIELDS.index(k) for k in keys]
+    return order == sorted(order)
 
 
 def _truncated_why(cur: _Line) -> str:

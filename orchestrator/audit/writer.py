@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.audit.chain import parse_head
+from orchestrator.audit.chain import is_record_prefix, parse_head
 from orchestrator.audit.errors import AuditError
 from orchestrator.audit.files import lock_path, next_rotated, rotated
 from orchestrator.audit.record import GENESIS, encode, line_hash
@@ -39,9 +39,13 @@ class Tail:
 
 @dataclass(frozen=True)
 class _Partial:
-    cut: int  # offset of the first byte of the cut-short line
+    """What follows the last record line: a crash's fragment, or junk."""
+
+    cut: int  # offset of its first byte
     size: int
     digest: str
+    ends_line: bool = False  # it ends with a newline: whole lines of junk, not a fragment
+    head: bytes = b""  # its first bytes, to tell a crash's fragment from junk
 
 
 class ChainWriter:
@@ -187,7 +191,30 @@ class ChainWriter:
             return Tail(st.st_ino, st.st_size, seq, digest)
         if partial.cut == 0:  # nothing complete here: continue the rotated files
             seq, digest = _last_of_rotated(self.path)
+        crash = not partial.ends_line and partial.size == len(partial.head) and \
+            is_record_prefix(partial.head, seq + 1, digest or GENESIS)  # fmt: skip
+        if not crash:
+            return self._step_over(fd, st, Tail(st.st_ino, st.st_size, seq, digest), partial,
+                                   event)
         return self._recover(fd, Tail(st.st_ino, partial.cut, seq, digest), partial, event)
+
+    def _step_over(self, fd: int, st: os.stat_result, tail: Tail, junk: _Partial,
+                   event: dict[str, Any]) -> Tail:
+        """Bytes after the last record that no crash leaves (someone wrote them): keep them
+        for ``verify`` to name, end their line, and go on linking to the last record, saying
+        so in the chain. The log stays writable; the break stays visible."""
+        size = st.st_size
+        if not junk.ends_line:
+            self._write(fd, b"\n", size)
+            size += 1
+        self._tail = Tail(tail.ino, size, tail.seq, tail.hash)
+        note: dict[str, Any] = {k: event[k] for k in ("time", "node", "actor") if k in event}
+        detail = (f"audit: {junk.size} bytes after seq {tail.seq} are not audit records "
+                  f"(sha256 {junk.digest}); left in place, the chain goes on from seq "
+                  f"{tail.seq}")
+        self._append({**note, "action": "error", "outcome": "failed", "detail": detail})
+        assert self._tail is not None
+        return self._tail
 
     def _recover(self, fd: int, tail: Tail, partial: _Partial, event: dict[str, Any]) -> Tail:
         """A crash cut the last write short: drop the fragment and say so in the chain,
@@ -230,31 +257,44 @@ class ChainWriter:
 
 
 def read_tail(fd: int, size: int, path: Path) -> tuple[int, str, _Partial | None]:
-    """``(seq, hash)`` of the last complete line, and the cut-short fragment after it."""
-    end = size
-    block = b""
+    """``(seq, hash)`` of the last record line, and what follows it: a line cut short (a
+    crash), or lines that are not records (junk someone appended), as one ``_Partial``.
+    ``(0, "", ...)`` when the file holds no record at all."""
+    start = size
     while True:
-        start = max(0, end - _BLOCK)
-        block = os.pread(fd, end - start, start) + block
-        end = start
-        last_nl = block.rfind(b"\n")
-        complete, fragment = block[: last_nl + 1], block[last_nl + 1 :]
-        begin = complete.rfind(b"\n", 0, len(complete) - 1)
-        if begin >= 0 or start == 0:
+        start = max(0, size - max(_BLOCK, 2 * (size - start)))  # look twice as far back
+        data = os.pread(fd, size - start, start)
+        found = _last_record(data, start > 0)
+        if found is not None or start == 0:
             break
-    partial = None
-    if fragment:
-        partial = _Partial(size - len(fragment), len(fragment), line_hash(fragment))
-    if last_nl < 0:
-        return 0, "", partial
-    line = complete[begin + 1 : -1]
-    head = parse_head(line)
-    if head is None:
-        raise AuditError(
-            f"audit: {path} ends with a line that is not an audit record; "
-            "run `convergent audit verify`"
-        )
-    return head[0], line_hash(line), partial
+        if size - start > 64 << 20:
+            raise AuditError(f"audit: {path}: no audit record in its last 64 MiB; run "
+                             "`convergent audit verify`")
+    if found is None:
+        end, seq, digest = 0, 0, ""
+    else:
+        end, seq, digest = start + found[0], found[1], found[2]
+    rest = size - end
+    if not rest:
+        return seq, digest, None
+    tail = os.pread(fd, rest, end)
+    return seq, digest, _Partial(end, rest, line_hash(tail), tail.endswith(b"\n"),
+                                 tail[:4096])
+
+
+def _last_record(data: bytes, cut_first: bool) -> tuple[int, int, str] | None:
+    """(offset just past its newline, seq, hash) of the last complete record line."""
+    end = data.rfind(b"\n")
+    while end >= 0:
+        begin = data.rfind(b"\n", 0, end) + 1
+        if begin == 0 and cut_first:
+            return None  # that line may start before this block
+        line = data[begin:end]
+        head = parse_head(line)
+        if head is not None:
+            return end + 1, head[0], line_hash(line)
+        end = begin - 1
+    return None
 
 
 def _last_of_rotated(path: Path) -> tuple[int, str]:

@@ -240,6 +240,7 @@ def _report_dict(chain: Chain, report: Report) -> dict[str, Any]:
             "first_seq": report.first_seq, "last_seq": report.last_seq,
             "head": f"{report.last_seq}:{report.head}" if report.head else None,
             "problem": str(report.problem) if report.problem else None,
+            "problems": [str(p) for p in report.problems],
             "truncated": str(report.truncated) if report.truncated else None,
             "exit_code": report.exit_code}
 
@@ -255,8 +256,11 @@ def _anchors(values: Iterable[str]) -> dict[int, str]:
 
 
 def _say(chain: Chain, report: Report) -> None:
-    if report.problem:
-        click.echo(f"convergent: {report.problem}", err=True)
+    if report.problems:
+        for problem in report.problems:  # every one, each with its line
+            click.echo(f"convergent: {problem}", err=True)
+        if report.truncated:
+            click.echo(f"convergent: warning: {report.truncated}", err=True)
         return
     click.echo(
         f"{chain.live}: ok: {report.records} records, seq {report.first_seq}..{report.last_seq}"

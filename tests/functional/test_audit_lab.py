@@ -111,3 +111,38 @@ def test_each_action_writes_one_record(lab):
     verify = subprocess.run([sys.executable, "-m", "orchestrator", "audit", "verify", "--log",
                              str(lab.dir / "audit.log")], capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_verify_names_every_problem_of_a_lab_log_and_junk_never_stops_the_writer(lab, tmp_path):
+    from orchestrator.audit.chain import expected_prefix
+    from orchestrator.audit.record import line_hash
+
+    live = lab.dir / "audit.log"
+    lines = live.read_bytes().splitlines()
+    assert len(lines) >= 6
+    copy = tmp_path / "audit.log"
+    edited = lines[2].replace(b'"node":"', b'"node":"x', 1)
+    cut = expected_prefix(len(lines) + 1, line_hash(lines[-1])) + b',"time":"20'
+    copy.write_bytes(b"\n".join([*lines[:2], edited, *lines[3:]]) + b"\n" + cut)
+    got = subprocess.run([sys.executable, "-m", "orchestrator", "audit", "verify", "--log",
+                          str(copy)], capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert got.returncode == 1
+    assert got.stderr.splitlines() == [
+        f"convergent: {copy}:3: edited: its hash differs from the prev recorded by {copy}:4 "
+        "(this line, or that prev, was changed)",
+        f"convergent: warning: {copy}:{len(lines) + 1}: truncated: last line cut short "
+        f"({len(cut)} bytes, no newline): a crash during a write, not tampering; the next "
+        "write drops it and records the recovery"]
+    # junk at the end of the live log: the agents go on writing, the junk stays named
+    with live.open("ab") as f:
+        f.write(b"garbage line\n")
+    junk_at = len(lines) + 1
+    asyncio.run(migrate(lab, "guest1", "n2"))
+    report = subprocess.run([sys.executable, "-m", "orchestrator", "audit", "verify", "--log",
+                             str(live)], capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert report.returncode == 1
+    assert report.stderr.splitlines() == [f"convergent: {live}:{junk_at}: corrupt: not an "
+                                          "audit record (no seq/prev prefix or no newline)"]
+    after = [json.loads(x) for x in live.read_text().splitlines()[junk_at:]]
+    assert after[0]["action"] == "error" and "are not audit records" in after[0]["detail"]
+    assert "migration.finalize" in {r["action"] for r in after}

@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.audit import AuditLog, verify
-from orchestrator.audit.chain import Report
+from orchestrator.audit.chain import Report, expected_prefix
 from orchestrator.audit.files import chain_files
+from orchestrator.audit.record import line_hash
 
 N = 12
 
@@ -257,3 +258,27 @@ def test_any_tampering_before_the_last_line_is_caught(tmp_path_factory, op, at, 
     assert report.exit_code == 1
     # The named line is the tampered one or the one right after it.
     assert report.problem and report.problem.line in (at, at + 1, at + 2)
+
+
+def test_every_problem_is_named_with_its_line(path: Path) -> None:
+    lines = make_log(path)
+    edited = lines[3].replace(b'"node":"', b'"node":"x')
+    # a crash cut the last write short: a prefix of what the writer would write next
+    cut = expected_prefix(len(lines) + 1, line_hash(lines[-1])) + b',"time":"2024-01-01T00:0'
+    rewrite(path, [*lines[:3], edited, *lines[4:8], *lines[9:]], tail=b"\n" + cut)
+    report = check(path)
+    assert [(p.line, p.kind) for p in report.problems] == [(4, "edited"), (9, "deleted")]
+    assert report.truncated is not None and report.truncated.line == len(lines)
+    assert report.exit_code == 1
+
+
+def test_only_a_prefix_of_the_next_record_counts_as_a_crash(path: Path) -> None:
+    lines = make_log(path)
+    nxt = expected_prefix(len(lines) + 1, line_hash(lines[-1]))
+    for tail, code in [(nxt[:9], 3), (nxt + b',"time":"2024-01-01T', 3),
+                       (b"junk without a newline", 1), (nxt[:-3] + b"bad", 1),
+                       (expected_prefix(len(lines) + 5, line_hash(lines[-1])), 1),
+                       (nxt + b',"detail":"x","time":"', 1),  # keys out of schema order
+                       (nxt + b',"time":"\x01', 1), (nxt + b',"nope":1', 1)]:
+        rewrite(path, lines, tail=b"\n" + tail)
+        assert check(path).exit_code == code, tail

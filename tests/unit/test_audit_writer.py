@@ -93,11 +93,22 @@ def test_writer_continues_an_existing_chain_from_another_instance(tmp_path: Path
     b.close()
 
 
-def test_a_foreign_last_line_stops_the_writer(tmp_path: Path) -> None:
+def test_foreign_lines_at_the_end_are_kept_named_and_stepped_over(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
-    path.write_bytes(b"not a record\n")
-    with pytest.raises(AuditError, match="not an audit record"):
-        fill(path, 1)
+    fill(path, 3).close()
+    with path.open("ab") as f:
+        f.write(b"garbage someone appended\n")  # a whole line that is no record
+    log = fill(path, 1)  # the writer is not stopped by it
+    with path.open("ab") as f:
+        f.write(b"more junk, no newline")  # not the start of any record: no crash did this
+    log.record("guest.stop")
+    lines = path.read_bytes().splitlines()
+    assert lines[3] == b"garbage someone appended" and lines[6] == b"more junk, no newline"
+    notes = [json.loads(x)["detail"] for x in lines if b'"action":"error"' in x]
+    assert len(notes) == 2 and "are not audit records" in notes[0] and "left in place" in notes[1]
+    report = verify(chain_files(path))
+    assert [(p.line, p.kind) for p in report.problems] == [(4, "corrupt"), (7, "corrupt")]
+    assert report.records == 7 and report.exit_code == 1  # the chain went on past both
 
 
 def test_write_failure_leaves_no_half_line(tmp_path: Path, monkeypatch) -> None:
