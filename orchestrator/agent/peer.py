@@ -31,12 +31,12 @@ import json
 import os
 import secrets
 import struct
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
+import tenacity
 
 from orchestrator.agent import handshake as hs
 from orchestrator.agent.handshake import HandshakeError
@@ -329,16 +329,16 @@ class PeerServer:
                     self.on_released()
                 else:
                     raise PeerError(f"peer {peer}: unexpected {op!r}")
+        except (FeedLost, OSError, ValueError, KeyError, TypeError) as exc:
+            # a peer gone (TimeoutError is an OSError), or an authenticated one that sent
+            # something malformed: this connection ends, the agent carries on
+            log.info("peer.closed", peer=ch.peer, reason=str(exc) or type(exc).__name__)
         except ConvergentError as exc:
             self.refused += 1
             self.counters["refused"] += 1
             log.warning("peer.refused", peer=ch.peer, error=str(exc))
             with _quiet():
                 await ch.send({"op": "error", "error": str(exc)})
-        except (FeedLost, OSError, ValueError, KeyError, TypeError) as exc:
-            # a peer gone (TimeoutError is an OSError), or an authenticated one that sent
-            # something malformed: this connection ends, the agent carries on
-            log.info("peer.closed", peer=ch.peer, reason=str(exc) or type(exc).__name__)
         finally:
             if pump is not None:
                 async with lock:
@@ -458,21 +458,26 @@ class PeerFeed(SourceFeed):
         self.echo_seq: int | None = None  # the last seq S sent before its barrier echo
 
     async def _connect(self) -> Channel:
-        deadline = time.monotonic() + self.retry_s
-        delay = 0.05
-        while True:
-            try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.host, self.port), HANDSHAKE_TIMEOUT)
-                ch = Channel(reader, writer, self.key, b"C")
-                await ch.connect_as(self.me)
-                return ch
-            except (OSError, FeedLost) as exc:
-                if time.monotonic() + delay > deadline:
-                    raise FeedLost(f"source agent {self.host}:{self.port} unreachable for "
-                                   f"{self.retry_s:g} s: {exc}") from None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.5)
+        """Connect and authenticate, retrying a source agent that is (re)starting for up to
+        ``retry_s`` (backing off 0.05 s to 0.5 s); then FeedLost."""
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception_type((OSError, FeedLost)),
+            stop=tenacity.stop_before_delay(self.retry_s),
+            wait=tenacity.wait_exponential(multiplier=0.05, max=0.5),
+        )
+        try:
+            ch: Channel = await retrying(self._connect_once)
+        except tenacity.RetryError as exc:
+            raise FeedLost(f"source agent {self.host}:{self.port} unreachable for "
+                           f"{self.retry_s:g} s: {exc.last_attempt.exception()}") from None
+        return ch
+
+    async def _connect_once(self) -> Channel:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port), HANDSHAKE_TIMEOUT)
+        ch = Channel(reader, writer, self.key, b"C")
+        await ch.connect_as(self.me)
+        return ch
 
     async def open(self) -> list[Entry]:
         self.ch = await self._connect()

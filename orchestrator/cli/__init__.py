@@ -1,5 +1,6 @@
 """The ``convergent`` command. Subcommands live in sibling modules and load lazily, so
-``convergent render-rules`` does not import libvirt, the agent or the lab."""
+``convergent render-rules`` imports neither the agent nor the lab (and the core never
+imports a hypervisor adapter: they come through entry points)."""
 
 from __future__ import annotations
 

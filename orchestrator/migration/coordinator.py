@@ -58,7 +58,8 @@ class Handover:
     feed: SourceFeed | None = None
     follower: asyncio.Task[None] | None = None
     entries_pushed: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # phase -> ms
+    steps: dict[str, float] = field(default_factory=dict)  # step of a phase -> ms
     source_lost: bool = False  # S's entries could not be fetched at some point
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -124,7 +125,9 @@ class Coordinator:
         await self._advance(h, Phase.PRECOPY, Phase.CUTOVER)
         dst = self._dst(h)
         if self.handover_enabled:
+            step = time.monotonic()
             await self._final_delta(h)
+            h.steps["final_delta"] = _ms(step)  # what the cutover waits on S for
         await self.failpoint("cutover.drained")
         await self._claim(h)
         await self.failpoint("cutover.claimed")
@@ -196,7 +199,7 @@ class Coordinator:
         feed = self.feed_factory(h.record)
         try:
             entries = await feed.open()
-        except (FeedLost, ConvergentError) as exc:  # gone, or refused (wrong key, no record)
+        except ConvergentError as exc:  # gone (FeedLost), or refused (wrong key, no record)
             h.source_lost = True
             await feed.close()
             log.warning("migration.source_lost", guest=h.record.guest, error=str(exc))

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
+from orchestrator.errors import ConvergentError
 from orchestrator.handover.planner import SourceKind, plan_source
 from orchestrator.model.cluster import Topology
 from orchestrator.model.conntrack import Entry, Event, EventType
@@ -30,7 +31,7 @@ class FeedBatch:
     snapshot: list[Entry] | None = None
 
 
-class FeedLost(Exception):
+class FeedLost(ConvergentError):
     """The source cannot be reached any more (its agent is gone past the retry budget)."""
 
 

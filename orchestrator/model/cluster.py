@@ -326,12 +326,6 @@ class Topology(_Strict):
                 return n
         raise UnknownName("node", name, [n.name for n in self.nodes])
 
-    def node_by_tag(self, tag: int) -> Node | None:
-        for n in self.nodes:
-            if n.tag == tag:
-                return n
-        return None
-
     def guest(self, name: str) -> Guest:
         for g in self.guests:
             if g.name == name:

@@ -259,10 +259,6 @@ def encode_mark(mark: int) -> bytes:
     return nla(CTA_MARK, _BE32.pack(mark))
 
 
-def encode_timeout(timeout: int) -> bytes:
-    return nla(CTA_TIMEOUT, _BE32.pack(timeout))
-
-
 def encode_change(key: tuple[Tuple, int], seq: int, extra: bytes) -> bytes:
     """Update the entry found by ``key`` (orig tuple, zone): ``extra`` holds what changes."""
     return message(MSG_NEW, 0, seq, family_of(key[0]), encode_key(*key) + extra)

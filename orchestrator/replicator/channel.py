@@ -19,7 +19,7 @@ import errno
 import socket
 import struct
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Final, Literal
@@ -162,10 +162,6 @@ class Channel:
                 self._park(data, addr)
             else:
                 self._send_one(data, addr)
-
-    def send_many(self, items: Sequence[tuple[bytes, Address | None]]) -> None:
-        for data, dest in items:
-            self.send(data, dest)
 
     def _send_one(self, data: bytes, addr: Address) -> bool:
         try:

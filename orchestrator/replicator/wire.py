@@ -109,11 +109,6 @@ def unwrap(seq32: int, ref: int) -> int:
     return ref + d - SEQ_MOD if d >= _HALF else ref + d
 
 
-def serial_lt(a: int, b: int) -> bool:
-    """RFC 1982 ``a < b`` for u32 serials (undefined at distance 2**31: False)."""
-    return 0 < (b - a) % SEQ_MOD < _HALF
-
-
 # --- records and messages ---------------------------------------------------------------
 
 

@@ -38,7 +38,6 @@ from orchestrator.replicator.wire import (
     boot_id,
     encode_destroy,
     encode_upsert,
-    serial_lt,
     unwrap,
 )
 
@@ -359,16 +358,6 @@ def test_encoder_refuses_what_the_wire_cannot_carry() -> None:
 def test_unwrap_finds_the_nearest(seq32: int, ref: int, delta: int) -> None:
     assert unwrap((ref + delta) % SEQ_MOD, ref) == ref + delta
     assert unwrap(seq32, ref) % SEQ_MOD == seq32
-
-
-@given(U32, st.integers(1, 2**31 - 1))
-def test_serial_lt(a: int, d: int) -> None:
-    b = (a + d) % SEQ_MOD
-    assert serial_lt(a, b) and not serial_lt(b, a) and not serial_lt(a, a)
-
-
-def test_serial_wraps() -> None:
-    assert serial_lt(SEQ_MOD - 1, 0) and serial_lt(SEQ_MOD - 2, 3) and not serial_lt(3, SEQ_MOD - 2)
 
 
 def test_boot_id_orders_by_time() -> None:
