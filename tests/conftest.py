@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator.lab.etcd import EtcdCluster, etcd_binary
-from orchestrator.lab.netns import del_netns
+from orchestrator.lab.lab import Lab
+from orchestrator.lab.netns import del_netns, list_netns
+from orchestrator.lab.plan import default_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,6 +39,36 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def running_lab(prefix: str, nodes: int = 3, config: Callable[[Lab], str] | None = None,
+                config_dir: Path | None = None, agents: bool = True) -> Iterator[Lab]:
+    """For a lab fixture (``yield from running_lab("m")``): a lab of its own
+    (``cvg-<prefix>-<id>-*``) with ``nodes`` nodes, or built from the cluster file
+    ``config(lab)`` returns (written in ``config_dir``); always taken down, and none of its
+    namespaces may outlive it."""
+    lab = Lab(unique(prefix))
+    path = None
+    if config is not None:
+        assert config_dir is not None, "a config needs a directory to live in"
+        path = config_dir / f"{lab.name}.toml"
+        path.write_text(config(lab))
+    try:
+        lab.up(nodes, config=path, agents=agents)
+        yield lab
+    finally:
+        lab.down()
+    assert not [n for n in list_netns() if n.startswith(lab.names.prefix)]
+
+
+def lab_with_precopy_over(carrier: str, prefix: str, tmp_path: Path,
+                          nodes: int = 3) -> Iterator[Lab]:
+    """For a fixture: a lab with agents whose precopy rides ``carrier`` (``[sync] precopy``:
+    "peer" or "replicator")."""
+    def config(lab: Lab) -> str:
+        return default_config(nodes, lab.name, lab.dir) + f'\n[sync]\nprecopy = "{carrier}"\n'
+
+    yield from running_lab(prefix, nodes, config, tmp_path)
 
 
 @pytest.fixture

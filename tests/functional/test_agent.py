@@ -28,7 +28,7 @@ from orchestrator.lab import netns as ns
 from orchestrator.lab.lab import Lab
 from orchestrator.migration.feed import FeedLost
 from orchestrator.netns import in_netns
-from tests.conftest import unique
+from tests.conftest import running_lab
 from tests.functional.test_migration import agent
 
 pytestmark = pytest.mark.root
@@ -36,12 +36,7 @@ pytestmark = pytest.mark.root
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    lab = Lab(unique("ag"))
-    try:
-        lab.up(3)
-        yield lab
-    finally:
-        lab.down()
+    yield from running_lab("ag")
 
 
 def test_status_reports_ownership_and_reconcile(lab):

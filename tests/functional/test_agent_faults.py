@@ -19,12 +19,8 @@ from orchestrator.agent.client import acall
 from orchestrator.lab import netns as ns
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.migrate import migrate
-from tests.functional.test_migration import (
-    established_pair,
-    lab_with_precopy_over,
-    owners,
-    received_within,
-)
+from tests.conftest import lab_with_precopy_over
+from tests.functional.test_migration import established_pair, owners, received_within
 
 pytestmark = pytest.mark.root
 

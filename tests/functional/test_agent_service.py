@@ -18,7 +18,7 @@ import pytest
 from orchestrator.agent.client import acall
 from orchestrator.lab import netns as ns
 from orchestrator.lab.lab import Lab
-from tests.conftest import unique
+from tests.conftest import running_lab
 
 pytestmark = pytest.mark.root
 
@@ -46,12 +46,7 @@ class FakeSystemd:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    lab = Lab(unique("svc"))
-    try:
-        lab.up(2)
-        yield lab
-    finally:
-        lab.down()
+    yield from running_lab("svc", 2)
 
 
 @pytest.fixture

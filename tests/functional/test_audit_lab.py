@@ -17,7 +17,7 @@ import pytest
 from orchestrator.lab import netns as ns
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.migrate import migrate
-from tests.conftest import unique
+from tests.conftest import running_lab
 from tests.functional.test_migration import agent
 
 pytestmark = pytest.mark.root
@@ -25,12 +25,7 @@ pytestmark = pytest.mark.root
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    lab = Lab(unique("a"))
-    try:
-        lab.up(3)
-        yield lab
-    finally:
-        lab.down()
+    yield from running_lab("a")
 
 
 def records(lab: Lab) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from orchestrator.lab.flows import (
 )
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.plan import vif_name
-from tests.conftest import unique
+from tests.conftest import running_lab
 
 pytestmark = pytest.mark.root
 GUEST = "guest1"
@@ -34,15 +34,7 @@ NODES = ["n1", "n2", "n3"]
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    lab = Lab(unique("fl"))
-    cfg = tmp_path / "demo.toml"
-    cfg.write_text(demo_config(3, lab.name))
-    try:
-        lab.up(config=cfg)
-        yield lab
-    finally:
-        lab.down()
-    assert not [n for n in ns.list_netns() if n.startswith(lab.names.prefix)]
+    yield from running_lab("fl", config=lambda lab: demo_config(3, lab.name), config_dir=tmp_path)
 
 
 def run(lab: Lab, before: float, after: float, move: bool = False,

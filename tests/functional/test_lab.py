@@ -17,7 +17,7 @@ from orchestrator.lab.plan import default_config
 from orchestrator.netfilter import nft
 from orchestrator.netfilter.apply import apply, replace_script
 from orchestrator.netfilter.render import render
-from tests.conftest import unique
+from tests.conftest import running_lab, unique
 
 pytestmark = pytest.mark.root
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,13 +29,7 @@ def lab_namespaces(lab: Lab) -> list[str]:
 
 @pytest.fixture(scope="module")
 def lab3() -> Iterator[Lab]:
-    lab = Lab(unique("t"))
-    try:
-        lab.up(3)
-        yield lab
-    finally:
-        lab.down()
-    assert lab_namespaces(lab) == []
+    yield from running_lab("t")
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.migrate import migrate
-from tests.functional.test_migration import (
-    established_pair,
-    lab_with_precopy_over,
-    received_within,
-)
+from tests.conftest import lab_with_precopy_over
+from tests.functional.test_migration import established_pair, received_within
 
 pytestmark = pytest.mark.root
 SCRAPE = ("import sys, urllib.request; "

@@ -7,7 +7,6 @@ import re
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -17,10 +16,9 @@ from orchestrator.lab import netns as ns
 from orchestrator.lab.hypervisor import LabHypervisor
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.migrate import bootstrap_ownership, migrate, node_handles, store_url
-from orchestrator.lab.plan import default_config
 from orchestrator.migration.coordinator import Coordinator
 from orchestrator.store import open_store
-from tests.conftest import unique
+from tests.conftest import running_lab
 from tests.functional.nsock import socket_in
 
 pytestmark = pytest.mark.root
@@ -29,39 +27,14 @@ WS = "192.168.122.1"
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    lab = Lab(unique("m"))
-    try:
-        lab.up(3)
-        yield lab
-    finally:
-        lab.down()
-
-
-def lab_with_precopy_over(carrier: str, prefix: str, tmp_path: Path,
-                          nodes: int = 3) -> Iterator[Lab]:
-    """For a fixture: a lab with agents whose precopy rides ``carrier`` (``[sync] precopy``:
-    "peer" or "replicator"), taken down afterwards."""
-    lab = Lab(unique(prefix))
-    config = tmp_path / "cluster.toml"
-    config.write_text(default_config(nodes, lab.name, lab.dir)
-                      + f'\n[sync]\nprecopy = "{carrier}"\n')
-    try:
-        lab.up(nodes, config=config)
-        yield lab
-    finally:
-        lab.down()
+    yield from running_lab("m")
 
 
 @pytest.fixture
 def bare_lab() -> Iterator[Lab]:
     """No agents: the test drives a coordinator itself (its control run must not be gated
     by an agent that knows nothing of it)."""
-    lab = Lab(unique("mb"))
-    try:
-        lab.up(3, agents=False)
-        yield lab
-    finally:
-        lab.down()
+    yield from running_lab("mb", agents=False)
 
 
 def gate_drops(lab: Lab, node: str) -> int:

@@ -13,8 +13,9 @@ import pytest
 from orchestrator.lab import netns as ns
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.migrate import migrate
+from tests.conftest import lab_with_precopy_over
 from tests.functional.test_agent_faults import assert_completed
-from tests.functional.test_migration import agent, established_pair, lab_with_precopy_over
+from tests.functional.test_migration import agent, established_pair
 
 pytestmark = pytest.mark.root
 
