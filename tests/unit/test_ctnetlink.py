@@ -22,27 +22,10 @@ from orchestrator.model.conntrack import (
     Tuple,
 )
 from orchestrator.netfilter import ctnetlink as nl
+from tests.recordings import recvs
 
-# `conntrack -I` x3 in a fresh namespace (kernel 6.18), then one dump recv: an ICMP entry in
-# zone 3, a UDP entry with --src-nat 1.2.3.4, a TCP ESTABLISHED entry with mark 5. seq = 1.
-KERNEL_DUMP = bytes.fromhex(
-    "d80000000001020001000000f5170000020000003c00018014000180080001000a000001080002000a000002"
-    "24000280050001000100000006000400004d0000050005000800000005000600000000003c00028014000180"
-    "080001000a000002080002000a00000124000280050001000100000006000400004d00000500050000000000"
-    "050006000000000006001200000300000800030000000008080008000000000008000c009bd32bb308000b00"
-    "00000001080007000000001d1c001880080001000000000008000200000000000800030000000000c0000000"
-    "0001020001000000f5170000020000003400018014000180080001000a000001080002000a0000091c000280"
-    "050001001100000006000200003500000600030014e900003400028014000180080001000a00000908000200"
-    "010203041c00028005000100110000000600020014e900000600030000350000080003000000019808000800"
-    "0000000008000c0028a38a2108000b0000000001080007000000001d1c001880080001000000000008000200"
-    "000000000800030000000000f00000000001020001000000f5170000020000003400018014000180080001000a"
-    "000001080002000a0000021c00028005000100060000000600020003e8000006000300005000003400028014"
-    "000180080001000a000002080002000a0000011c000280050001000600000006000200005000000600030003e8"
-    "0000080003000000000e080008000000000508000c00c41223ba08000b0000000001080007000000006330000480"
-    "2c000180050001000300000005000200000000000500030000000000060004000a000000060005000a0000001c"
-    "001880080001000000000008000200000000000800030000000000"
-)
-KERNEL_DONE = bytes.fromhex("140000000300020001000000f517000000000000")
+# Recorded from the kernel (tests/data/ctnetlink/README.md): a dump of three entries.
+KERNEL_DUMP, KERNEL_DONE = recvs("dump.hex")
 KERNEL_SEQ = nl.wire_seq(1)  # the capture was sent with a host-order seq of 1
 
 
@@ -291,3 +274,22 @@ def test_events_by_type_and_flags() -> None:
     assert [ev.type for ev in events] == [EventType.NEW, EventType.UPDATE, EventType.DESTROY]
     assert all(ev.entry == entry for ev in events)
     assert events[0] == Event(EventType.NEW, entry)
+
+
+# --- events, as the kernel sent them ---------------------------------------------------------
+
+
+def test_recorded_kernel_events_decode_with_their_kind() -> None:
+    """conntrack -I (TCP, then UDP in zone 3), -U (TCP mark), -D (TCP): tests/data."""
+    got: list[Event] = []
+    for buf in recvs("events.hex"):
+        nl.decode_events(buf, len(buf), got)
+    assert [ev.type for ev in got] == [EventType.NEW, EventType.NEW, EventType.UPDATE,
+                                       EventType.DESTROY]
+    tcp_new, udp_new, update, destroy = (ev.entry for ev in got)
+    assert tcp_new.tuple_orig == Tuple.of("10.5.5.201", "198.51.100.7", Proto.TCP, 40000, 443)
+    assert tcp_new.tcp is not None and tcp_new.tcp.state == TcpState.ESTABLISHED
+    assert tcp_new.status & (Status.SEEN_REPLY | Status.ASSURED) and tcp_new.mark == 1
+    assert (udp_new.zone, udp_new.tuple_orig.dport, udp_new.timeout) == (3, 123, 120)
+    assert update.key == tcp_new.key and update.mark == 2
+    assert destroy.key == tcp_new.key and destroy.status & Status.DYING

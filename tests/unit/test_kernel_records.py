@@ -13,6 +13,7 @@ from orchestrator.model.conntrack import Entry, EventType, Proto, Status, TcpInf
 from orchestrator.netfilter import ctnetlink as nl
 from orchestrator.replicator import kernel
 from orchestrator.replicator.wire import EncodeError, encode_upsert
+from tests.recordings import recvs
 from tests.unit.test_ctnetlink import KERNEL_DUMP, entries
 
 
@@ -79,3 +80,18 @@ def test_what_the_wire_cannot_carry_is_marked_not_dropped_silently() -> None:
         out: list[kernel.KernelRecord] = []
         kernel.decode_event_records(msg, len(msg), out)
         assert out == [kernel.UNENCODABLE]
+
+
+def test_recorded_kernel_events_become_records_like_the_reference() -> None:
+    """The events conntrack's changes made (tests/data/ctnetlink/events.hex)."""
+    got: list[kernel.KernelRecord] = []
+    want = []
+    for buf in recvs("events.hex"):
+        kernel.decode_event_records(buf, len(buf), got)
+        for mtype, flags, _seq, start, end in nl.iter_messages(buf):
+            op = (EventType.DESTROY if mtype == nl.MSG_DELETE else EventType.NEW
+                  if flags & nl.NLM_F_CREATE else EventType.UPDATE)
+            want.append((op, reference(buf, start, end)))
+    assert [op for op, _ in got] == [EventType.NEW, EventType.NEW, EventType.UPDATE,
+                                     EventType.DESTROY]
+    assert got == want
