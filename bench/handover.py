@@ -55,22 +55,24 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 from types import FrameType
-from typing import Any, cast
+from typing import Any, TypeVar
 
 import structlog
 import tenacity
 
 from bench._common import load_average, read_root_sysctl
+from orchestrator.audit.log import AuditLog
 from orchestrator.handover.planner import dest_key, plan_handover
 from orchestrator.lab import netns as ns
 from orchestrator.lab.hypervisor import LabHypervisor
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.migrate import bootstrap_ownership, node_handles
-from orchestrator.migration.coordinator import Coordinator, NodeHandle
+from orchestrator.migration.coordinator import Coordinator, Handover, NodeHandle
+from orchestrator.migration.nodeops import NodeOps, NodeSets, SetChanges
 from orchestrator.model.cluster import Topology
 from orchestrator.model.conntrack import (
     Entry,
@@ -86,6 +88,7 @@ from orchestrator.netns import in_netns
 from orchestrator.store import open_store
 from orchestrator.store.base import Store
 
+T = TypeVar("T")
 GUEST, SRC, DST = "guest1", "n1", "n2"
 TARGET_CUTOVER_MS = 100
 PORT = 80  # the stateless-DNAT service of the default lab config
@@ -315,80 +318,89 @@ def push_one_by_one(netns: str, entries: list[Entry]) -> int:
 
 
 class Probe:
-    """Times the calls the coordinator makes while ``on`` (the cutover): NodeOps methods, the
-    store's, and the follower's drain. Wraps instances only; nothing in the code changes."""
+    """Times, while ``on`` (the cutover), the calls the coordinator makes through its seams:
+    each node's :class:`NodeOps` (through :class:`TimedNodeOps`) and the store's
+    compare-and-swap calls; the coordinator times its own final delta
+    (``Handover.steps``)."""
 
     def __init__(self) -> None:
         self.on = False
         self.calls: list[tuple[str, float]] = []
 
-    def wrap(self, obj: Any, attr: str, name: str) -> None:
-        fn = getattr(obj, attr, None)
-        if fn is None or not asyncio.iscoroutinefunction(fn):
-            return
-        probe = self
+    async def timed(self, name: str, call: Awaitable[T]) -> T:
+        if not self.on:
+            return await call
+        t0 = time.perf_counter()
+        try:
+            return await call
+        finally:
+            self.calls.append((name, (time.perf_counter() - t0) * 1000))
 
-        async def timed(*args: Any, **kwargs: Any) -> Any:
-            if not probe.on:
-                return await fn(*args, **kwargs)
-            t0 = time.perf_counter()
-            try:
-                return await fn(*args, **kwargs)
-            finally:
-                probe.calls.append((name, (time.perf_counter() - t0) * 1000))
+    def wrap_store(self, store: Store) -> None:
+        """The store calls of a cutover, timed on this instance (the Store ABC has no
+        hook for it; only public methods are wrapped)."""
+        for attr in ("claim_all", "advance_phase", "record_timing", "list_ownership"):
+            fn = getattr(store, attr)
 
-        object.__setattr__(obj, attr, timed)  # NodeOps is a frozen dataclass
+            async def timed(*args: Any, _fn: Any = fn, _name: str = f"store.{attr}",
+                            **kwargs: Any) -> Any:  # fmt: skip
+                return await self.timed(_name, _fn(*args, **kwargs))
 
-    def totals(self, whole_ms: float | None = None) -> dict[str, float]:
-        """Time per call name; ``other``: what the top-level calls leave of ``whole_ms``
-        (the coordinator's own code between them, the event loop's scheduling)."""
+            setattr(store, attr, timed)
+
+    def totals(self, h: Handover) -> dict[str, float]:
+        """Time per call name, the coordinator's final delta, and ``other``: what those
+        leave of the cutover (its own code between them, the event loop's scheduling)."""
         out: dict[str, float] = {}
         for name, ms in self.calls:
             out[name] = out.get(name, 0.0) + ms
-        if whole_ms is not None:
-            # nested calls are already counted in final_delta; record_timing runs after the
-            # coordinator stopped the phase's clock
-            skip = ("final_delta.", "store.record_timing")
-            out["other"] = whole_ms - sum(v for k, v in out.items() if not k.startswith(skip))
+        out["final_delta"] = h.steps.get("final_delta", 0.0)
+        whole = h.timings.get("cutover")
+        if whole is not None:
+            # record_timing runs after the coordinator stopped the phase's clock
+            out["other"] = whole - sum(v for k, v in out.items() if k != "store.record_timing")
         return out
 
 
-class TimedOps:
-    """A NodeOps stand-in forwarding to the real one, timing its nft and ARP calls."""
+class TimedNodeOps:
+    """A node's :class:`NodeOps`, each call timed by the probe while it is on."""
 
-    def __init__(self, ops: Any, probe: Probe) -> None:
-        self._ops = ops
-        for attr in ("gate", "host", "arrive", "announce_gateway"):
-            probe.wrap(self, attr, f"{ops.node}.{attr}")
+    def __init__(self, ops: NodeOps, probe: Probe) -> None:
+        self._ops, self._probe = ops, probe
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._ops, name)
+    @property
+    def node(self) -> str:
+        return self._ops.node
 
-    async def gate(self, *a: Any, **k: Any) -> Any:
-        return await self._ops.gate(*a, **k)
+    def _name(self, call: str) -> str:
+        return f"{self._ops.node}.{call}"
 
-    async def host(self, *a: Any, **k: Any) -> Any:
-        return await self._ops.host(*a, **k)
+    async def gate(self, addresses: Iterable[IPv4Address], closed: bool) -> None:
+        await self._probe.timed(self._name("gate"), self._ops.gate(addresses, closed))
 
-    async def arrive(self, *a: Any, **k: Any) -> Any:
-        return await self._ops.arrive(*a, **k)
+    async def host(self, addresses: Iterable[IPv4Address], hosted: bool) -> None:
+        await self._probe.timed(self._name("host"), self._ops.host(addresses, hosted))
 
-    async def announce_gateway(self, *a: Any, **k: Any) -> Any:
-        return await self._ops.announce_gateway(*a, **k)
+    async def arrive(self, addresses: Iterable[IPv4Address], open_gate: bool) -> None:
+        await self._probe.timed(self._name("arrive"), self._ops.arrive(addresses, open_gate))
+
+    async def announce_gateway(self, gateway: IPv4Address) -> None:
+        await self._probe.timed(self._name("announce_gateway"),
+                                self._ops.announce_gateway(gateway))  # fmt: skip
+
+    async def sets(self) -> NodeSets:
+        return await self._ops.sets()
+
+    async def update_sets(self, changes: SetChanges) -> None:
+        await self._ops.update_sets(changes)
+
+    async def apply_rules(self, topology: Topology, audit: AuditLog | None = None) -> None:
+        await self._ops.apply_rules(topology, audit)
 
 
-def instrument(coord: Coordinator, store: Store, probe: Probe) -> None:
-    for n in coord.nodes.values():
-        n.ops = cast(Any, TimedOps(n.ops, probe))
-    for attr in ("claim_all", "advance_phase", "record_timing", "list_ownership"):
-        probe.wrap(store, attr, f"store.{attr}")
-    # private, so optional (the coordinator is being refactored): the final delta (stop the
-    # follower, drain S's feed, apply) and, nested inside it, the re-plans against D's table
-    if hasattr(coord, "_final_delta"):
-        probe.wrap(coord, "_final_delta", "final_delta")
-        probe.wrap(coord, "_sync", "final_delta.sync")
-    else:
-        probe.wrap(coord, "_stop_follower", "final_delta")
+def timed_nodes(nodes: dict[str, NodeHandle], probe: Probe) -> dict[str, NodeHandle]:
+    return {name: NodeHandle(name, n.table, TimedNodeOps(n.ops, probe))
+            for name, n in nodes.items()}
 
 
 # --- one run -----------------------------------------------------------------------------------
@@ -463,10 +475,10 @@ class Bench:
     async def handover(self, churn: int = 0, settle: float = 0.0) -> dict[str, Any]:
         expected = self.expected_keys()
         store = await self.fresh_store()
-        nodes = node_handles(self.lab)
         probe = Probe()
+        nodes = timed_nodes(node_handles(self.lab), probe)
+        probe.wrap_store(store)
         coord = Coordinator(self.t, store, nodes, audit=None, handover=True)
-        instrument(coord, store, probe)
         hv = LabHypervisor(self.lab)
         resumed_ms: list[float] = []
         created: list[Entry] = []
@@ -503,7 +515,7 @@ class Bench:
             "cutover_ms": h.timings.get("cutover"),
             "resume_callback_ms": resumed_ms[0] if resumed_ms else None,
             "entries": h.entries_pushed,
-            "breakdown": probe.totals(h.timings.get("cutover")),
+            "breakdown": probe.totals(h),
             "created": len(created),
             "updated": len(updated),
             **self.verify(expected),
