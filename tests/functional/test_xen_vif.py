@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,56 +24,12 @@ from orchestrator.agent.api import ApiServer
 from orchestrator.errors import ConvergentError
 from orchestrator.hypervisor import EventKind, HookCall
 from orchestrator.xen.lab import debian
-from orchestrator.xen.lab.dom0 import Dom0
-from orchestrator.xen.lab.libxl import (
-    XENBUS_INITWAIT,
-    Domain,
-    Nic,
-    domain_make_writes,
-    nic_add_writes,
-    nic_remove_writes,
-)
-from orchestrator.xen.names import backend_path
+from orchestrator.xen.lab.netback import NETBACK_MAC
+from orchestrator.xen.lab.rig import BE, DEVID, DOMID, IP, MAC, VifRig
 from orchestrator.xen.vifcall import parse_vif_call
 
 pytestmark = pytest.mark.root
 ROOT = Path(__file__).resolve().parents[2]
-HOOK = ROOT / "hooks" / "xen-vif"
-DOMID, DEVID, MAC, IP = 5, 0, "52:54:00:00:02:01", "10.5.5.201"
-NETBACK_MAC = "fe:ff:ff:ff:ff:ff"
-BE = f"/local/domain/0/{backend_path(DOMID, DEVID)}"
-
-
-@dataclass
-class Host:
-    dom0: Dom0
-    script: str
-
-    def plug(self, name: str, bridge: str = "guestbr0") -> None:
-        """What libxl and netback do before the online script: the domain, the device's
-        xenstore entries, the vif netdev, the backend in InitWait."""
-        dom = Domain(name, "039e9ee6-4a84-3055-4c81-8ba426ae2656",
-                     nics=(Nic(DEVID, MAC, bridge, IP, self.script),))
-        self.dom0.xs_write(domain_make_writes(DOMID, dom))
-        self.dom0.xs_write(nic_add_writes(DOMID, dom.nics[0], str(self.dom0.scripts_dir)))
-        self.dom0.xs_write([(f"{BE}/state", str(XENBUS_INITWAIT))])
-
-    def online(self) -> subprocess.CompletedProcess[str]:
-        return self.dom0.hotplug(self.script, "add", DOMID, DEVID)
-
-    def offline(self) -> subprocess.CompletedProcess[str]:
-        self.dom0.xs_write(nic_remove_writes(DOMID, DEVID))
-        return self.dom0.hotplug(self.script, "remove", DOMID, DEVID)
-
-    def link(self) -> dict[str, Any]:
-        out = subprocess.run(["ip", "-j", "-d", "-n", self.dom0.netns, "link", "show",
-                              f"vif{DOMID}.{DEVID}"], capture_output=True, text=True, check=True)
-        info = json.loads(out.stdout)[0]
-        return {k: info.get(k) for k in ("master", "flags", "mtu", "address", "operstate")}
-
-    def tree(self) -> dict[str, str]:
-        # the backend's script key names each host's own script: the one expected difference
-        return {p: v for p, v in self.dom0.tree().items() if p != f"{BE}/script"}
 
 
 @pytest.fixture(scope="module")
@@ -86,25 +39,10 @@ def scripts() -> Path:
 
 @pytest.fixture
 def make_host(netns: Callable[[str], str], tmp_path: Path,
-              scripts: Path) -> Callable[..., Host]:
-    def make(label: str, ours: bool, conf: dict[str, Any] | None = None) -> Host:
-        node, guest = netns(f"xn{label}"), netns(f"xg{label}")
-        ip = ["ip", "-n", node, "link"]
-        subprocess.run([*ip, "add", "guestbr0", "type", "bridge"], check=True)
-        subprocess.run([*ip, "set", "guestbr0", "up"], check=True)
-        # netback's device for the domain's frontend, with netback's dummy MAC (the guest
-        # end keeps the guest's MAC)
-        subprocess.run([*ip, "add", f"vif{DOMID}.{DEVID}", "address", NETBACK_MAC, "type",
-                        "veth", "peer", "name", "eth0", "address", MAC, "netns", guest],
-                       check=True)
-        dom0 = Dom0(tmp_path / label / "root", node, tmp_path / "bin")
-        dom0.build()
-        script = dom0.scripts_dir / "vif-bridge"
-        if ours:
-            script = dom0.scripts_dir / "convergent-vif"
-            shutil.copy(HOOK, script)
-            (dom0.scripts_dir / "hook.json").write_text(json.dumps(conf or {}))
-        return Host(dom0, str(script))
+              scripts: Path) -> Callable[..., VifRig]:
+    def make(label: str, ours: bool, conf: dict[str, Any] | None = None) -> VifRig:
+        return VifRig.build(netns(f"xn{label}"), netns(f"xg{label}"), tmp_path / label / "root",
+                            tmp_path / "bin", (conf or {}) if ours else None)
     return make
 
 
@@ -153,7 +91,7 @@ def spooled(tmp_path: Path) -> list[HookCall]:
     ("guest1--incoming", EventKind.INCOMING, "guest1--migratedaway", EventKind.GONE),
 ])
 def test_wrapper_does_what_vif_bridge_does_and_tells_the_agent(
-        make_host: Callable[..., Host], agent: Agent, tmp_path: Path, name: str,
+        make_host: Callable[..., VifRig], agent: Agent, tmp_path: Path, name: str,
         online_kind: EventKind, offline_name: str, offline_kind: EventKind) -> None:
     plain = make_host("p", ours=False)
     ours = make_host("o", ours=True, conf=conf_for(tmp_path, agent.path))
@@ -194,7 +132,7 @@ def test_wrapper_does_what_vif_bridge_does_and_tells_the_agent(
 
 
 def test_a_failing_wrapped_script_keeps_its_status_and_message(
-        make_host: Callable[..., Host], agent: Agent, tmp_path: Path) -> None:
+        make_host: Callable[..., VifRig], agent: Agent, tmp_path: Path) -> None:
     plain = make_host("p", ours=False)
     ours = make_host("o", ours=True, conf=conf_for(tmp_path, agent.path))
     for host in (plain, ours):
@@ -213,7 +151,7 @@ def test_a_failing_wrapped_script_keeps_its_status_and_message(
 
 
 def test_any_wrapped_scripts_output_and_status_pass_through(
-        make_host: Callable[..., Host], agent: Agent, tmp_path: Path) -> None:
+        make_host: Callable[..., VifRig], agent: Agent, tmp_path: Path) -> None:
     ours = make_host("o", ours=True, conf={**conf_for(tmp_path, agent.path),
                                            "wrap": "vif-custom"})
     custom = ours.dom0.scripts_dir / "vif-custom"
@@ -227,7 +165,7 @@ def test_any_wrapped_scripts_output_and_status_pass_through(
 
 
 def test_a_missing_wrapped_script_fails_the_way_hotplug_scripts_do(
-        make_host: Callable[..., Host], agent: Agent, tmp_path: Path) -> None:
+        make_host: Callable[..., VifRig], agent: Agent, tmp_path: Path) -> None:
     ours = make_host("o", ours=True, conf={**conf_for(tmp_path, agent.path),
                                            "wrap": "/nonexistent/vif-x"})
     ours.plug("guest1")
@@ -239,7 +177,7 @@ def test_a_missing_wrapped_script_fails_the_way_hotplug_scripts_do(
 
 
 def test_agent_absent_the_vif_still_comes_up_and_the_call_is_spooled(
-        make_host: Callable[..., Host], tmp_path: Path) -> None:
+        make_host: Callable[..., VifRig], tmp_path: Path) -> None:
     plain = make_host("p", ours=False)
     ours = make_host("o", ours=True, conf=conf_for(tmp_path, tmp_path / "no-agent.sock"))
     for host in (plain, ours):
@@ -254,7 +192,7 @@ def test_agent_absent_the_vif_still_comes_up_and_the_call_is_spooled(
 
 
 def test_agent_hung_costs_at_most_the_timeout(
-        make_host: Callable[..., Host], tmp_path: Path) -> None:
+        make_host: Callable[..., VifRig], tmp_path: Path) -> None:
     sock_path = tmp_path / "hung.sock"
     hung = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     hung.bind(str(sock_path))
@@ -273,7 +211,7 @@ def test_agent_hung_costs_at_most_the_timeout(
 
 
 def test_agent_refusing_the_call_gets_it_spooled(
-        make_host: Callable[..., Host], tmp_path: Path) -> None:
+        make_host: Callable[..., VifRig], tmp_path: Path) -> None:
     refusing = Agent(tmp_path / "run" / "refusing.sock", refuse=True)
     try:
         ours = make_host("o", ours=True, conf=conf_for(tmp_path, refusing.path))
