@@ -114,7 +114,7 @@ def test_verify_names_every_problem_of_a_lab_log_and_junk_never_stops_the_writer
 
     live = lab.dir / "audit.log"
     lines = live.read_bytes().splitlines()
-    assert len(lines) >= 6
+    assert len(lines) >= 4
     copy = tmp_path / "audit.log"
     edited = lines[2].replace(b'"node":"', b'"node":"x', 1)
     cut = expected_prefix(len(lines) + 1, line_hash(lines[-1])) + b',"time":"20'
@@ -131,8 +131,8 @@ def test_verify_names_every_problem_of_a_lab_log_and_junk_never_stops_the_writer
     # junk at the end of the live log: the agents go on writing, the junk stays named
     with live.open("ab") as f:
         f.write(b"garbage line\n")
-    junk_at = len(lines) + 1
     asyncio.run(migrate(lab, "guest1", "n2"))
+    junk_at = live.read_bytes().splitlines().index(b"garbage line") + 1  # agents write too
     report = subprocess.run([sys.executable, "-m", "orchestrator", "audit", "verify", "--log",
                              str(live)], capture_output=True, text=True, timeout=30)  # fmt: skip
     assert report.returncode == 1
