@@ -7,6 +7,12 @@ cd "$(dirname "$0")/.."
 PACKAGES=(nftables conntrack conntrackd iproute2 socat tcpdump iputils-arping iputils-ping
           openssh-server openssh-client procps psmisc kmod python3 python3-venv python3-pip
           systemd etcd-server etcd-client)
+# the libvirt lab: real libvirtd + QEMU (TCG) per node; -sysv instead of systemd-sysv (FACTS.md);
+# libvirt-dev, pkg-config, gcc, python3-dev build libvirt-python; e2fsprogs and binutils
+# (mke2fs, readelf) and Debian's python3.11 (bytecode) build the guest image
+PACKAGES+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
+           libvirt-daemon-system libvirt-daemon-system-sysv libvirt-dev pkg-config gcc
+           python3-dev python3.11 e2fsprogs binutils util-linux)
 
 if [ "$(id -u)" != 0 ]; then
     echo "setup: run as root (network namespaces, apt-get)" >&2
@@ -38,7 +44,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[dev,plot,lab,bench]'
+.venv/bin/python -m pip install -q -e '.[dev,plot,lab,bench,kvm]'
 # Debian's Xen hotplug scripts for the Xen tests and `lab up --hypervisor xl`: downloaded and
 # unpacked into a cache, never installed (xen-utils-common pulls in udev and systemd-sysv)
 .venv/bin/python -m orchestrator.xen.lab.debian

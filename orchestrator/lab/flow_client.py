@@ -21,9 +21,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from websockets.asyncio.client import ClientConnection, connect
+if TYPE_CHECKING:  # imported where used: the VM guest runs this file with websockets 10.4
+    from websockets.asyncio.client import ClientConnection, connect
 
 HELLO = b"hello\n"
 
@@ -169,6 +170,8 @@ async def run_tcp_echo(f: dict[str, Any], stream: Stream, ctx: Ctx) -> None:
 
 # websocket --------------------------------------------------------------------------
 def ws_connect(f: dict[str, Any], path: str, ctx: Ctx) -> connect:
+    from websockets.asyncio.client import connect
+
     # no pings (they would mask or cause breakage), no proxy from the environment
     return connect(f"ws://{f['host']}:{f['port']}{path}", ping_interval=None,
                    open_timeout=ctx.connect_timeout, close_timeout=0.5, compression=None,

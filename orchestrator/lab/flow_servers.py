@@ -6,6 +6,9 @@
 - HTTP/1.1 keep-alive: every request is answered on the same connection with
   ``conn=<id> seq=<n>``, so the client can tell a reconnect from the same connection;
 - UDP: every datagram is echoed to its sender.
+
+It runs in lab guest namespaces with the project's websockets and, unchanged, inside the
+libvirt lab's VM with Debian 12's python3-websockets 10.4 (the legacy API), stdlib otherwise.
 """
 
 from __future__ import annotations
@@ -15,18 +18,27 @@ import asyncio
 import contextlib
 import itertools
 import socket
-from typing import cast
+from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
-from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+
+try:
+    from websockets.asyncio.server import serve
+except ImportError:  # websockets < 13: Debian 12's python3-websockets in the VM image
+    from websockets.server import serve  # type: ignore[attr-defined,no-redef]
 
 _conn_ids = itertools.count(1)
 
 
 # websocket ----------------------------------------------------------------------------
-async def _ws_handler(ws: ServerConnection, interval: float) -> None:
-    path = ws.request.path if ws.request else ""
+def _path(ws: Any) -> str:
+    request = getattr(ws, "request", None)  # websockets >= 13; older ones have .path
+    return str(request.path if request is not None else getattr(ws, "path", ""))
+
+
+async def _ws_handler(ws: Any, interval: float) -> None:
+    path = _path(ws)
     with contextlib.suppress(ConnectionClosed):
         if path == "/push":
             await _push(ws, interval)
@@ -35,7 +47,7 @@ async def _ws_handler(ws: ServerConnection, interval: float) -> None:
                 await ws.send(message)
 
 
-async def _push(ws: ServerConnection, interval: float) -> None:
+async def _push(ws: Any, interval: float) -> None:
     loop = asyncio.get_running_loop()
     start = loop.time()
     for seq in itertools.count():

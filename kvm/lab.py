@@ -1,0 +1,186 @@
+"""The lab on libvirt: one real libvirtd per node namespace, the guest a real TCG VM on its
+node's guest bridge, moved by a real ``virsh migrate --live``.
+
+What this adds to the namespace lab (``orchestrator.lab``): a migration segment (one more
+bridge in the switch namespace, ``mig0`` in every node, libvirt's TCP and the migration
+stream), a libvirtd per node (:mod:`kvm.libvirtd`), the guest image (:mod:`kvm.image`) and
+the guest's domain (:mod:`kvm.domxml`). The VM keeps its own ARP cache, carrier and
+sockets across a move, and QEMU announces it on the destination, as in production.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from ipaddress import IPv4Interface
+from pathlib import Path
+
+from orchestrator.errors import LabError
+from orchestrator.lab import netns as ns
+from orchestrator.lab.lab import Lab
+from orchestrator.model.cluster import Topology
+
+from .domxml import LabDomain, lab_domain_xml
+from .image import GuestImage, ensure_image
+from .libvirtd import Daemon
+from .libvirtd import preflight as libvirt_preflight
+
+MIG_BRIDGE = "mig"
+MIG_IFACE = "mig0"
+MIG_NET = "172.30.0"
+READY_MARK = "CONVERGENT-GUEST-READY"
+BOOT_TIMEOUT_S = 120.0  # TCG on a loaded 2-core machine: 10-25 s is normal
+DEMO_PORTS = {("tcp", 22), ("tcp", 8765), ("tcp", 8000), ("udp", 9123)}  # the guest's own
+
+
+def mig_addr(index: int) -> str:
+    return f"{MIG_NET}.{10 + index}"
+
+
+def switch_mig_port(index: int) -> str:
+    return f"m{index}"
+
+
+@dataclass
+class VirtLab:
+    """The libvirt parts of one lab (its namespaces come from :class:`Lab`)."""
+
+    lab: Lab
+
+    @property
+    def dir(self) -> Path:
+        return self.lab.dir / "libvirt"
+
+    def daemons(self, t: Topology) -> dict[str, Daemon]:
+        return {n.name: Daemon(self.lab.name, n.name, self.lab.names.node(n.name),
+                               self.dir / n.name, mig_addr(i))
+                for i, n in enumerate(t.nodes, start=1)}
+
+    def daemon(self, t: Topology, node: str) -> Daemon:
+        try:
+            return self.daemons(t)[node]
+        except KeyError:
+            raise LabError(f"unknown node {node!r}") from None
+
+    # building -----------------------------------------------------------------------
+    def build(self, t: Topology) -> None:
+        """Migration segment and one libvirtd per node (call after the lab's namespaces
+        exist; hooks go into each daemon's hooks dir before it starts)."""
+        libvirt_preflight()
+        ns.bridge(self.lab.names.switch, MIG_BRIDGE)
+        for i, node in enumerate(t.nodes, start=1):
+            node_ns = self.lab.names.node(node.name)
+            ns.veth(self.lab.names.switch, switch_mig_port(i), node_ns, MIG_IFACE)
+            ns.enslave(self.lab.names.switch, switch_mig_port(i), MIG_BRIDGE)
+            ns.ip(node_ns, "addr", "add", f"{mig_addr(i)}/24", "dev", MIG_IFACE)
+            ns.ip(node_ns, "link", "set", MIG_IFACE, "up")
+        for d in self.daemons(t).values():
+            d.prepare()
+
+    def start_daemons(self, t: Topology) -> None:
+        for d in self.daemons(t).values():
+            d.start()
+
+    def ssh_key(self) -> Path:
+        """The lab's client key: its public half goes on every guest's command line."""
+        key = self.dir / "ssh" / "client_key"
+        if not key.exists():
+            key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            ns.sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "convergent-lab",
+                   "-f", str(key)])
+        return key
+
+    def domain(self, t: Topology, guest: str, image: GuestImage,
+               metadata_only: bool = False) -> LabDomain:
+        g = t.guest(guest)
+        plen = t.cluster.guest_subnet.prefixlen
+        tcp = sorted({s.target_port for s in t.services if s.guest == guest
+                      and s.proto == "tcp" and ("tcp", s.target_port) not in DEMO_PORTS})
+        udp = sorted({s.target_port for s in t.services if s.guest == guest
+                      and s.proto == "udp" and ("udp", s.target_port) not in DEMO_PORTS})
+        pub = (self.ssh_key().with_suffix(".pub")).read_text().split()[1]
+        return LabDomain(
+            name=g.name, uuid=guest_uuid(self.lab.name, g.name), mac=g.macs[0],
+            bridge=t.cluster.guest_bridge,
+            address=IPv4Interface(f"{g.addresses[0]}/{plen}"), gateway=t.cluster.gateway,
+            kernel=str(image.kernel), initrd=str(image.initrd), rootfs=str(image.rootfs),
+            console_log=str(self.console_log(g.name)), ssh_key=pub,
+            tcp_ports=tuple(tcp), udp_ports=tuple(udp),
+            metadata=tuple(g.addresses) if metadata_only else ())
+
+    def console_log(self, guest: str) -> Path:
+        return self.dir / "console" / f"{guest}.log"
+
+    def boot(self, t: Topology, guest: str, node: str, image: GuestImage | None = None,
+             xml: str | None = None, wait: bool = True) -> None:
+        """Start the guest as a transient domain on ``node`` and wait for its servers."""
+        image = image or ensure_image()
+        xml = xml or lab_domain_xml(self.domain(t, guest, image))
+        log = self.console_log(guest)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        mark = log.stat().st_size if log.exists() else 0
+        path = self.dir / f"{guest}.xml"
+        path.write_text(xml)
+        self.daemon(t, node).virsh("create", str(path))
+        if wait:
+            self.wait_ready(guest, mark)
+
+    def wait_ready(self, guest: str, mark: int = 0, timeout: float = BOOT_TIMEOUT_S) -> str:
+        """Until the guest says its servers run; returns its boot id."""
+        log = self.console_log(guest)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = log.read_bytes()[mark:].decode(errors="replace") if log.exists() else ""
+            for line in text.splitlines():
+                if READY_MARK in line:
+                    return line.rpartition("boot=")[2].strip()
+            time.sleep(0.2)
+        tail = log.read_text(errors="replace")[-600:] if log.exists() else "(no console)"
+        raise LabError(f"guest {guest} did not come up in {timeout:.0f} s: {tail}")
+
+    # where and how ------------------------------------------------------------------
+    def state(self, t: Topology, guest: str, node: str) -> str:
+        """libvirt's state of the guest on ``node`` ('' when it has no such domain)."""
+        p = self.daemon(t, node).virsh("domstate", guest, check=False)
+        return p.stdout.strip() if p.returncode == 0 else ""
+
+    def guest_node(self, t: Topology, guest: str) -> str | None:
+        """The node whose libvirt runs the guest (the lab's ground truth)."""
+        for node in t.nodes:
+            if self.state(t, guest, node.name) == "running":
+                return node.name
+        return None
+
+    def migrate_argv(self, t: Topology, guest: str, src: str, dst: str, p2p: bool = False,
+                     extra: tuple[str, ...] = ()) -> list[str]:
+        """The operator's ``virsh migrate --live`` from ``src`` to ``dst``."""
+        s, d = self.daemon(t, src), self.daemon(t, dst)
+        target = d.tcp_uri if p2p else d.uri
+        return ["virsh", "-q", "-c", s.uri, "migrate", "--live", *(["--p2p"] if p2p else []),
+                *extra, guest, target, f"tcp://{d.listen_addr}"]
+
+    def virsh_migrate(self, t: Topology, guest: str, src: str, dst: str, p2p: bool = False,
+                      extra: tuple[str, ...] = (), timeout: float = 180,
+                      check: bool = True) -> subprocess.CompletedProcess[str]:
+        argv = self.migrate_argv(t, guest, src, dst, p2p, extra)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise LabError(f"{shlex.join(argv)}: {proc.stderr.strip()}")
+        return proc
+
+    def destroy_all(self, t: Topology) -> None:
+        """Stop every domain of every node (before the namespaces go)."""
+        for d in self.daemons(t).values():
+            if not d.socket.exists():
+                continue
+            p = d.virsh("list", "--name", check=False, timeout=10)
+            for name in p.stdout.split():
+                d.virsh("destroy", name, check=False, timeout=20)
+
+
+def guest_uuid(lab: str, guest: str) -> str:
+    return str(uuid.UUID(hashlib.sha256(f"{lab}:{guest}".encode()).hexdigest()[:32]))
