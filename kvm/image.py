@@ -23,6 +23,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from orchestrator.errors import LabError
@@ -49,7 +50,7 @@ PRUNED_TREES = ("usr/share/doc", "usr/share/man", "usr/share/locale", "usr/share
                 "usr/share/lintian", "usr/lib/python3.11/test", "usr/lib/python3.11/idlelib",
                 "usr/lib/python3.11/tkinter", "usr/lib/python3.11/ensurepip")
 GUEST_DIR = Path(__file__).parent / "guest"
-LAB_DIR = Path(__file__).resolve().parent.parent / "orchestrator" / "lab"
+LAB_PACKAGE = "orchestrator.lab"  # its flow servers and responder run inside the guest too
 GUEST_PY = ("flow_servers.py", "responder.py", "flow_client.py")  # from orchestrator/lab
 GUEST_SCRIPTS = ("initramfs-init", "init", "servers.py")
 GUEST_PYTHON = "/usr/bin/python3.11"  # Debian's, as in the guest: the same bytecode
@@ -159,7 +160,8 @@ def missing_libraries(needed: Mapping[str, Sequence[str]],
 def guest_files() -> dict[str, bytes]:
     files = {f"guest/{n}": (GUEST_DIR / n).read_bytes() for n in GUEST_SCRIPTS}
     files["builder"] = Path(__file__).read_bytes()  # how it is built is an input too
-    files.update({f"lab/{n}": (LAB_DIR / n).read_bytes() for n in GUEST_PY})
+    files.update({f"lab/{n}": (resources.files(LAB_PACKAGE) / n).read_bytes()
+                  for n in GUEST_PY})
     return files
 
 
@@ -394,7 +396,7 @@ def _sh(argv: Sequence[str], check: bool = True, cwd: str | None = None,
 
 
 def main() -> None:
-    """``python -m kvm.image``: build (or find) the image and print where it is."""
+    """``python -m orchestrator.kvm.image``: build (or find) the image, say where it is."""
     image = ensure_image()
     print(json.dumps({"key": image.key, "dir": str(image.dir)}))
 
