@@ -185,7 +185,7 @@ def test_same_length_different_shape_is_not_misread() -> None:
     m_icmp = nl.message(nl.MSG_NEW, 0, 1, 2, body_icmp)
     assert len(m_udp) == len(m_icmp)
     for first, second in ((m_udp, m_icmp), (m_icmp, m_udp)):
-        nl._DECODERS.clear()
+        nl.decode._DECODERS.clear()  # learn both shapes afresh
         for msg in (first, second, first):
             assert nl.decode_entry(msg, 0, len(msg)) == nl.decode_entry_ref(msg, 0, len(msg))
     assert nl.decode_entry(m_icmp, 0, len(m_icmp)).tuple_orig == icmp.tuple_orig
