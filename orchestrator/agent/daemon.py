@@ -470,10 +470,10 @@ class Agent:
         self.wake.set()
         return {"released": _strs(mine)}
 
-    async def failover(self, from_node: str, force: bool = False,
-                       dry_run: bool = False) -> dict[str, Any]:
+    async def failover(self, from_node: str, force: bool = False, dry_run: bool = False,
+                       skip: list[str] | None = None) -> dict[str, Any]:
         """This node adopts dead ``from_node``'s address and flows (orchestrator/failover)."""
-        return await self.failovers.run(from_node, force, dry_run)
+        return await self.failovers.run(from_node, force, dry_run, frozenset(skip or ()))
 
     async def failback(self, node: str) -> dict[str, Any]:
         return await self.failovers.back(node)

@@ -25,9 +25,12 @@ from orchestrator.errors import ConvergentError, Degraded
 @click.option("--dry-run", is_flag=True, help="Print the plan, change nothing.")
 @click.option("--force", is_flag=True,
               help="Even while the node's lease is alive (audited as forced).")
+@click.option("--without", "skip", multiple=True, type=click.Choice(["entries", "address"]),
+              help="Leave a part out on purpose (control runs, audited): the SNAT entries, "
+                   "or the address adoption.")
 @JSON
 def failover(config_path: str | None, node: str | None, from_node: str, to_node: str | None,
-             dry_run: bool, force: bool, as_json: bool) -> None:
+             dry_run: bool, force: bool, skip: tuple[str, ...], as_json: bool) -> None:
     """Adopt a dead node's public address, DNAT rules and SNAT flows on a survivor; release
     the addresses of the guests that ran on it."""
     from orchestrator.agent.client import call
@@ -40,7 +43,7 @@ def failover(config_path: str | None, node: str | None, from_node: str, to_node:
     start = time.monotonic()
     try:
         report = call(topology.agent.socket(survivor), "failover.run", timeout=60,
-                      from_node=from_node, force=force, dry_run=dry_run)
+                      from_node=from_node, force=force, dry_run=dry_run, skip=list(skip))
     except ConvergentError as exc:
         raise ConvergentError(f"failover {from_node} -> {survivor}: {exc}") from None
     report["wall_ms"] = round((time.monotonic() - start) * 1000, 1)
@@ -60,6 +63,8 @@ def render_report(r: dict[str, Any]) -> list[str]:
     if r.get("dry_run"):
         lines.append(f"  would adopt {r['public_address']} (tag {r['tag']})"
                      if r["adopt"] else f"  {r['to']} holds {r['public_address']} already")
+    elif r.get("epoch") is None:
+        lines.append(f"  did not adopt {r['public_address']} (control run)")
     else:
         lines.append(f"  adopted {r['public_address']} (epoch {r['epoch']}), "
                      f"services {', '.join(r['services']) or 'none'}, tagged {r['tag']}")

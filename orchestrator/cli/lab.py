@@ -31,12 +31,16 @@ def lab() -> None:
               help="How many nodes.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True),
               metavar="FILE", help="Cluster TOML.  [default: the seed cluster grown to --nodes]")
+@click.option("--store", type=click.Choice(["sqlite", "etcd"]), default="sqlite",
+              show_default=True,
+              help="The ownership store: a SQLite file, or a 3-member etcd cluster (one "
+                   "member per node, inside the lab's namespaces).")
 @JSON
-def up(name: str, nodes: int, config_path: str | None, as_json: bool) -> None:
+def up(name: str, nodes: int, config_path: str | None, store: str, as_json: bool) -> None:
     """Build the lab (idempotent)."""
     from orchestrator.lab.lab import Lab
 
-    t = Lab(name).up(nodes, Path(config_path) if config_path else None)
+    t = Lab(name).up(nodes, Path(config_path) if config_path else None, store=store)
     if as_json:
         echo_json({"lab": name, "nodes": [n.name for n in t.nodes],
                    "guests": [g.name for g in t.guests], "config": str(Lab(name).config_path)})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, Protocol
 
 import structlog
@@ -27,6 +28,7 @@ from orchestrator.store.base import PublicConflict, Store
 
 log = structlog.get_logger("convergent.failover")
 RELEASE_CONCURRENCY = 16  # guests released at once (each one small transaction)
+SKIPPABLE = frozenset({"entries", "address"})
 
 
 class SnatTable(Protocol):
@@ -47,8 +49,14 @@ class Failover:
         return plan_failover(self.topology, snap, live, dead, self.node, self.cached(dead),
                              force)
 
-    async def run(self, dead: str, force: bool = False, dry_run: bool = False
-                  ) -> dict[str, Any]:
+    async def run(self, dead: str, force: bool = False, dry_run: bool = False,
+                  skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """``skip``: parts left out on purpose (control runs): ``entries`` (no SNAT commit),
+        ``address`` (no adoption: nothing answers the dead node's address)."""
+        unknown = skip - SKIPPABLE
+        if unknown:
+            raise ConvergentError(f"failover: cannot skip {sorted(unknown)}; only "
+                                  f"{sorted(SKIPPABLE)}")
         async with self._lock:
             try:
                 plan = await self.plan(dead, force)
@@ -58,23 +66,31 @@ class Failover:
                 raise
             if dry_run:
                 return {"dry_run": True, **plan.summary()}
-            return await self._run(plan)
+            return await self._run(plan, skip)
 
-    async def _run(self, plan: FailoverPlan) -> dict[str, Any]:
+    async def _run(self, plan: FailoverPlan, skip: frozenset[str]) -> dict[str, Any]:
         start = time.perf_counter()
         steps: dict[str, float] = {}
         common = {"from_node": plan.dead, "to_node": self.node}
+        notes = (["forced: lease alive"] if plan.forced else []) + [
+            f"control run: without {part}" for part in sorted(skip)]
         await self.audit.arecord("failover.begin", **common,
-                                 detail="forced: lease alive" if plan.forced else None)
+                                 detail="; ".join(notes) or None)
+        if "address" in skip:
+            plan = replace(plan, commit=())  # entries without the address serve nothing
 
         def lap(name: str, t: float) -> None:
             steps[name] = round((time.perf_counter() - t) * 1000, 1)
 
-        t = time.perf_counter()
-        epoch = await self._adopt(plan)
-        lap("adopt", t)
-        await self.audit.arecord("failover.adopt", **common, addresses=[str(plan.pub_ip)],
-                                 epoch=epoch, duration_ms=steps["adopt"])
+        epoch = None
+        if "address" not in skip:
+            t = time.perf_counter()
+            epoch = await self._adopt(plan)
+            lap("adopt", t)
+            await self.audit.arecord("failover.adopt", **common, addresses=[str(plan.pub_ip)],
+                                     epoch=epoch, duration_ms=steps["adopt"])
+        if "entries" in skip:
+            plan = replace(plan, commit=())
         t = time.perf_counter()
         pushed = await asyncio.to_thread(self.table.push_snat, list(plan.commit))
         lap("commit", t)
@@ -84,12 +100,13 @@ class Failover:
                                  outcome="degraded" if errors else "ok",
                                  detail=f"{len(errors)} failed, first: {errors[0]}"
                                  if errors else None)
-        t = time.perf_counter()
-        changed = await self.adoption.reconcile(await self.store.list_public())
-        lap("program", t)
-        await self.audit.arecord("failover.program", **common, addresses=changed.added,
-                                 duration_ms=steps["program"],
-                                 detail=f"services {', '.join(plan.services)}")
+        if "address" not in skip:
+            t = time.perf_counter()
+            changed = await self.adoption.reconcile(await self.store.list_public())
+            lap("program", t)
+            await self.audit.arecord("failover.program", **common, addresses=changed.added,
+                                     duration_ms=steps["program"],
+                                     detail=f"services {', '.join(plan.services)}")
         t = time.perf_counter()
         released = await self._release(plan.lost)
         lap("release", t)
@@ -102,7 +119,8 @@ class Failover:
                                  entries=len(plan.commit))
         log.info("failover.done", dead=plan.dead, ms=total, entries=len(plan.commit))
         return {**plan.summary(), "epoch": epoch, "committed": len(plan.commit) - len(errors),
-                "commit_errors": errors[:5], "steps_ms": steps, "total_ms": total}
+                "commit_errors": errors[:5], "steps_ms": steps, "total_ms": total,
+                "skipped_parts": sorted(skip)}
 
     async def _adopt(self, plan: FailoverPlan) -> int:
         if plan.adopt_epoch is None:

@@ -105,7 +105,7 @@ class EtcdCluster:
     def start(self, *names: str) -> None:
         for name in names or tuple(self.members):
             m = self.members[name]
-            if m.proc is not None and m.proc.poll() is None:
+            if self.pid(name) is not None:
                 continue
             with contextlib.suppress(FileNotFoundError):
                 m.client_socket(self.root).unlink()  # a killed member leaves its socket
@@ -116,6 +116,7 @@ class EtcdCluster:
             m.proc = subprocess.Popen(argv, cwd=self.root, stdout=log, stderr=log,
                                       stdin=subprocess.DEVNULL, start_new_session=True)
             log.close()
+            self._pidfile(name).write_text(str(m.proc.pid))  # another process may kill it
 
     def wait_ready(self, *names: str, timeout: float = 20) -> None:
         """Until each member answers a linearizable read (``etcdctl endpoint health``):
@@ -127,6 +128,8 @@ class EtcdCluster:
                 if m.proc is not None and m.proc.poll() is not None:
                     raise LabError(f"etcd member {name} exited with {m.proc.returncode}: "
                                    f"{self.log_tail(name)}")
+                if m.proc is None and self.pid(name) is None:
+                    raise LabError(f"etcd member {name} is not running: {self.log_tail(name)}")
                 if time.monotonic() > deadline:
                     raise LabError(f"etcd member {name} not ready after {timeout:g} s: "
                                    f"{self.log_tail(name)}")
@@ -147,17 +150,35 @@ class EtcdCluster:
         text = path.read_text(errors="replace") if path.exists() else "(no log)"
         return " | ".join(text.strip().splitlines()[-3:])
 
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+    def _pidfile(self, name: str) -> Path:
+        return self.root / f"{name}.pid"
+
+    def pid(self, name: str) -> int | None:
+        """The member's pid while it runs (also one another process started)."""
         m = self.members[name]
-        if m.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(m.proc.pid, sig)
-        m.proc.wait(10)
-        m.proc = None
+        if m.proc is not None:
+            return m.proc.pid if m.proc.poll() is None else None
+        try:
+            pid = int(self._pidfile(name).read_text())
+            with open(f"/proc/{pid}/stat") as f:
+                return pid if f.read().split()[2] != "Z" else None
+        except (OSError, ValueError):
+            return None
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        m, pid = self.members[name], self.pid(name)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, sig)
+        if m.proc is not None:
+            m.proc.wait(10)
+            m.proc = None
+        deadline = time.monotonic() + 10
+        while self.pid(name) is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def running(self) -> list[str]:
-        return [n for n, m in self.members.items() if m.proc is not None and m.proc.poll() is None]
+        return [n for n in self.members if self.pid(n) is not None]
 
     def stop(self, remove: bool = True) -> None:
         for name in list(self.members):

@@ -24,6 +24,7 @@ from orchestrator.agent.keys import write_new_key
 from orchestrator.config.loader import load, parse, read_text
 from orchestrator.errors import ConfigError, LabError
 from orchestrator.lab import netns as ns
+from orchestrator.lab.etcd import EtcdCluster
 from orchestrator.lab.plan import (
     GUEST_IFACE,
     NODE_UPLINK_PORT,
@@ -70,14 +71,24 @@ class Lab:
         return load(self.config_path)
 
     # up / down ------------------------------------------------------------
-    def up(self, nodes: int = 3, config: Path | None = None, agents: bool = True) -> Topology:
+    def up(self, nodes: int = 3, config: Path | None = None, agents: bool = True,
+           store: str = "sqlite") -> Topology:
         """Build the lab; ``agents``: start one agent per node (as production runs) and let
         each guest's home agent claim it. Without them, ``lab migrate`` coordinates
-        in-process."""
+        in-process. ``store``: ``sqlite`` (a file in the lab's directory) or ``etcd`` (one
+        etcd member per node, inside the node's namespace, peers on the sync segment)."""
         preflight()
-        text = read_text(config) if config else default_config(nodes, self.name, self.dir)
+        if store not in ("sqlite", "etcd"):
+            raise LabError(f"--store {store!r}: sqlite or etcd")
+        url = None
+        if store == "etcd":
+            names = [f"n{i}" for i in range(1, nodes + 1)] if config is None else \
+                [n.name for n in parse(read_text(config), str(config)).nodes]
+            url = EtcdCluster.create(names, self.dir / "etcd").url("/convergent")
+        text = (read_text(config) if config
+                else default_config(nodes, self.name, self.dir, url))
         source = str(config) if config else "<lab default>"
-        text = with_lab_agent(text, self.dir)  # a lab never touches /var's state
+        text = with_lab_agent(text, self.dir, url)  # a lab never touches /var's state
         topology = parse(text, source)
         problems = self.names.clashes(topology) + outside_lab(topology, self.dir)
         if problems:
@@ -91,6 +102,10 @@ class Lab:
         self.config_path.write_text(text)
         try:
             self._build(topology)
+            if store == "etcd":
+                cluster = self.etcd(topology)
+                cluster.start()
+                cluster.wait_ready(timeout=30)
             if agents:
                 self.start_agents(topology)
         except BaseException:
@@ -111,6 +126,14 @@ class Lab:
             ns.del_netns(name)
         shutil.rmtree(self.dir, ignore_errors=True)
         return removed
+
+    def etcd(self, t: Topology | None = None) -> EtcdCluster:
+        """The lab's etcd members (``up --store etcd``): one per node, in its namespace,
+        peers over the sync segment (cutting a node's links partitions its member)."""
+        t = t or self.topology()
+        places = {n.name: (self.names.node(n.name), str(n.sync_ip) if n.sync_ip else None)
+                  for n in t.nodes}
+        return EtcdCluster.create([n.name for n in t.nodes], self.dir / "etcd", places)
 
     # building -------------------------------------------------------------
     def _build(self, t: Topology) -> None:

@@ -96,22 +96,25 @@ def vif_name(t: Topology, guest: str) -> str:
     return f"vif{[g.name for g in t.guests].index(guest) + 1}"
 
 
-def lab_agent_paths(state: Path) -> dict[str, str]:
-    """Where a lab's agents keep their state: under the lab's directory, never in /var."""
-    return {"run_dir": f"{state}/run", "store": f"sqlite://{state}/store.db",
+def lab_agent_paths(state: Path, store: str | None = None) -> dict[str, str]:
+    """Where a lab's agents keep their state: under the lab's directory, never in /var.
+    ``store``: another store URL (``lab up --store etcd``: the lab's own etcd members)."""
+    return {"run_dir": f"{state}/run", "store": store or f"sqlite://{state}/store.db",
             "audit_log": f"{state}/audit.log", "spool_dir": f"{state}/spool",
             "key_file": f"{state}/cluster.key", "state_dir": f"{state}/state"}  # fmt: skip
 
 
-def agent_section(state: Path) -> str:
-    lines = [f'{k} = "{v}"' for k, v in lab_agent_paths(state).items()]
-    return "\n".join(["[agent]", *lines, "reconcile_interval_s = 5.0", "peer_retry_s = 5.0"]) + "\n"
+def agent_section(state: Path, store: str | None = None) -> str:
+    lines = [f'{k} = "{v}"' for k, v in lab_agent_paths(state, store).items()]
+    # a short lease: a killed agent shows dead within seconds
+    return "\n".join(["[agent]", *lines, "reconcile_interval_s = 5.0", "peer_retry_s = 5.0",
+                      "lease_ttl_s = 3.0"]) + "\n"
 
 
 _AGENT_HEADER = re.compile(r"^[ \t]*\[[ \t]*agent[ \t]*\][ \t]*(#.*)?$", re.M)
 
 
-def with_lab_agent(text: str, state: Path) -> str:
+def with_lab_agent(text: str, state: Path, store: str | None = None) -> str:
     """A lab config with the lab's own state paths for every ``[agent]`` path it leaves out
     (a lab never falls back to the production defaults under /var and /etc)."""
     try:
@@ -119,10 +122,11 @@ def with_lab_agent(text: str, state: Path) -> str:
     except tomllib.TOMLDecodeError:
         return text  # the loader reports it, with its line
     if agent is None:
-        return text + "\n" + agent_section(state)
+        return text + "\n" + agent_section(state, store)
     if not isinstance(agent, dict):
         return text  # the loader says what is wrong with it
-    missing = [f'{k} = "{v}"' for k, v in lab_agent_paths(state).items() if k not in agent]
+    missing = [f'{k} = "{v}"' for k, v in lab_agent_paths(state, store).items()
+               if k not in agent]
     if not missing:
         return text
     header = _AGENT_HEADER.search(text)
@@ -144,7 +148,8 @@ def outside_lab(t: Topology, state: Path) -> list[str]:
             "state there" for k, p in paths.items() if not p.resolve().is_relative_to(root)]
 
 
-def default_config(nodes: int = 3, lab: str = "lab", state: Path | None = None) -> str:
+def default_config(nodes: int = 3, lab: str = "lab", state: Path | None = None,
+                   store: str | None = None) -> str:
     """The seed's cluster grown to ``nodes`` nodes, as TOML (what ``lab up`` writes).
     ``state``: the lab's directory, where its agents keep socket, store, log and key."""
     if not 1 <= nodes <= MAX_NODES:
@@ -155,7 +160,7 @@ def default_config(nodes: int = 3, lab: str = "lab", state: Path | None = None) 
         '[lab]\nworkstation = "192.168.122.1"\nuplink_prefix = 24\n',
     ]
     if state is not None:
-        parts.append(agent_section(state))
+        parts.append(agent_section(state, store))
     for i in range(1, nodes + 1):
         guest_ip = 250 + i if i <= 3 else 220 + i
         parts.append(

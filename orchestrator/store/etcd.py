@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -81,6 +82,9 @@ def _transient(exc: grpc.aio.AioRpcError) -> bool:
         "deadline exceeded" in (exc.details() or "")))
 KINDS: dict[str, Kind] = {"own": "ownership", "node": "node", "mig": "migration",
                           "pub": "public"}
+# etcd's WithRequireLeader: a member cut off from the others answers "no leader" at once
+# instead of holding the call until its own timeout, so we move on to the next member
+REQUIRE_LEADER = (("hasleader", "true"),)
 CAS_ROUNDS = 50  # a compare that keeps failing while the checks pass: give up, say so
 
 
@@ -107,7 +111,8 @@ class _Members:
         self.url = url
         creds = _credentials(url) if url.tls else None
         self.channels = [self._channel(e, creds) for e in url.endpoints]
-        self.current = 0
+        # clients spread over the members; each sticks to its member until it fails
+        self.current = random.randrange(len(self.channels))
 
     def _channel(self, endpoint: str, creds: grpc.ChannelCredentials | None
                  ) -> grpc.aio.Channel:
@@ -128,6 +133,15 @@ class _Members:
 
     def watch(self) -> Any:
         return pb.WatchStub(self.channels[self.current])
+
+    async def rpc(self, what: str, service: str, method: str, req: Any) -> Any:
+        """One unary call (``service`` "kv" or "lease"), requiring the member to have a
+        leader, rotating as ``call`` does."""
+        def once(timeout: float) -> Awaitable[Any]:
+            stub = self.kv() if service == "kv" else self.lease()
+            return cast(Awaitable[Any], getattr(stub, method)(req, timeout=timeout,
+                                                              metadata=REQUIRE_LEADER))
+        return await self.call(what, once)
 
     def next(self) -> None:
         self.current = (self.current + 1) % len(self.channels)
@@ -241,13 +255,13 @@ class EtcdStore(Store):
     async def _txn(self, what: str, compare: list[Any], success: list[Any],
                    failure: Iterable[Any] = ()) -> Any:
         req = pb.TxnRequest(compare=compare, success=success, failure=list(failure))
-        return await self.members.call(what, lambda t: self.members.kv().Txn(req, timeout=t))
+        return await self.members.rpc(what, "kv", "Txn", req)
 
     async def _range(self, what: str, key: bytes, end: bytes = b"", *, revision: int = 0,
                      count_only: bool = False, keys_only: bool = False) -> Any:
         req = pb.RangeRequest(key=key, range_end=end, revision=revision,
                               count_only=count_only, keys_only=keys_only)
-        return await self.members.call(what, lambda t: self.members.kv().Range(req, timeout=t))
+        return await self.members.rpc(what, "kv", "Range", req)
 
     async def _read(self, what: str, keys: Iterable[bytes], dirs: Iterable[str] = ()) -> _Read:
         """Several keys and whole directories at one revision (one transaction)."""
@@ -389,7 +403,8 @@ class EtcdStore(Store):
             async def req() -> AsyncIterator[Any]:
                 yield pb.LeaseKeepAliveRequest(ID=lease)
 
-            call = self.members.lease().LeaseKeepAlive(req(), timeout=timeout)
+            call = self.members.lease().LeaseKeepAlive(req(), timeout=timeout,
+                                                       metadata=REQUIRE_LEADER)
             try:
                 async for resp in call:
                     return bool(resp.TTL > 0)
@@ -407,8 +422,7 @@ class EtcdStore(Store):
         if await self.get_node(name) is None:
             raise StoreError(f"lease for unknown node {name!r}: upsert it first")
         req = pb.LeaseGrantRequest(TTL=max(1, math.ceil(ttl)))
-        grant = await self.members.call(
-            "grant lease", lambda t: self.members.lease().LeaseGrant(req, timeout=t))
+        grant = await self.members.rpc("grant lease", "lease", "LeaseGrant", req)
         alive, lkey = self._key("alive", name), self._key("lease", name)
         old = await self._range("grant lease", alive)
         await self._txn("grant lease", [], [
@@ -423,8 +437,7 @@ class EtcdStore(Store):
     async def _revoke(self, lease: int) -> None:
         req = pb.LeaseRevokeRequest(ID=lease)
         try:
-            await self.members.call("revoke lease",
-                                    lambda t: self.members.lease().LeaseRevoke(req, timeout=t))
+            await self.members.rpc("revoke lease", "lease", "LeaseRevoke", req)
         except StoreError as exc:
             if "not found" not in str(exc):  # already expired: that is what we wanted
                 raise
@@ -447,8 +460,7 @@ class EtcdStore(Store):
             if alive is None:
                 return Liveness(name, False, ttl, 0.0)
             req = pb.LeaseTimeToLiveRequest(ID=alive.lease)
-            left = await self.members.call(
-                "lease ttl", lambda t: self.members.lease().LeaseTimeToLive(req, timeout=t))
+            left = await self.members.rpc("lease ttl", "lease", "LeaseTimeToLive", req)
             # whole seconds, rounded down: 0 is still alive, -1 is gone
             return Liveness(name, left.TTL >= 0, ttl, float(max(0, left.TTL)))
 
@@ -661,7 +673,9 @@ class EtcdStore(Store):
                 progress_notify=True))
             await stop.wait()
 
-        call = self.members.watch().Watch(requests())
+        # "hasleader": a member cut off from the others cancels the watch instead of
+        # going quiet (etcd's WithRequireLeader), so we move on to one that has a leader
+        call = self.members.watch().Watch(requests(), metadata=REQUIRE_LEADER)
         try:
             async for resp in call:
                 yield resp
@@ -676,7 +690,7 @@ class EtcdStore(Store):
                              f"{current}")
         req = pb.CompactionRequest(revision=revision, physical=True)
         try:
-            await self.members.call("compact", lambda t: self.members.kv().Compact(req, timeout=t))
+            await self.members.rpc("compact", "kv", "Compact", req)
         except StoreError as exc:
             if "compacted" not in str(exc):  # already compacted further: nothing to do
                 raise

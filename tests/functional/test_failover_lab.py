@@ -1,0 +1,161 @@
+"""Node death in the lab (3 nodes on a 3-member etcd): G runs on n2 after having run on n1;
+an SSH session from the workstation through n1's address to G, a stream G opened while on
+n1 (SNATed to n1's address), an SSH session through n3's address; H runs on n1. n1 dies
+(agent SIGKILL, every link cut, its etcd member partitioned with it). Its lease expires;
+``convergent failover --from n1 --to n3``; the three flows keep going, H is reported lost;
+n1 brought back stays fenced off its address until ``convergent failback``.
+
+Control runs, same steps: without the entry commit the SNAT stream dies; without the
+address adoption the sessions through n1 die (the one through n3 survives both).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.lab import netns as ns
+from orchestrator.lab.etcd import etcd_binary
+from orchestrator.lab.flows import FlowResult, demo_config, start_flows
+from orchestrator.lab.lab import Lab
+from orchestrator.lab.migrate import migrate
+from orchestrator.lab.plan import switch_pipe_port, switch_sync_port, switch_wan_port
+from tests.conftest import unique
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(etcd_binary() is None, reason="needs etcd (etcd-server)")]
+CONVERGENT = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "convergent")
+G, H = "guest1", "guest2"
+TTL = 3.0  # the lab's lease_ttl_s
+
+
+def config(lab: str) -> str:
+    return demo_config(3, lab, G) + (
+        f'\n[[guests]]\nname = "{H}"\nmacs = ["52:54:00:00:02:02"]\n'
+        'addresses = ["10.5.5.202"]\nhome = "n1"\n')
+
+
+def cli(lab: Lab, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([CONVERGENT, *args, "--config", str(lab.config_path)],
+                          capture_output=True, text=True, timeout=90)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def view(lab: Lab) -> dict[str, Any]:
+    return json.loads(cli(lab, "status", "--cluster", "--json").stdout)
+
+
+def cut_links(lab: Lab, index: int, up: bool = False) -> None:
+    """What pulling the node's cables does: its uplink, pipe and sync ports on the switch."""
+    for port in (switch_wan_port(index), switch_pipe_port(index), switch_sync_port(index)):
+        ns.ip(lab.names.switch, "link", "set", port, "up" if up else "down")
+
+
+def uplink_addresses(lab: Lab, node: str) -> set[str]:
+    out = json.loads(ns.ip(lab.names.node(node), "-j", "addr", "show", "dev", "xenbr0"))
+    return {a["local"] for link in out for a in link["addr_info"] if a["family"] == "inet"}
+
+
+def largest_gap_after(r: FlowResult, t: float) -> float:
+    return max((gap for at, gap in r.gaps if at >= t), default=0.0)
+
+
+def node_death(without: tuple[str, ...] = ()) -> dict[str, Any]:
+    lab = Lab(unique("fo"))
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "cluster.toml"
+        cfg.write_text(config(lab.name))
+        t = lab.up(config=cfg, store="etcd")
+    try:
+        flows = start_flows(lab, t, G, ["n1", "n3"])  # G on n1: its stream is SNATed there
+        try:
+            time.sleep(1.5)
+            asyncio.run(migrate(lab, G, "n2"))  # G runs on n2, its n1 SNAT flow stays n1's
+            early = cli(lab, "failover", "--from", "n1", "--to", "n3", check=False)  # alive
+            time.sleep(1.0)  # the replicator has told n3 everything n1 holds
+            killed = time.time()
+            lab.kill_agent("n1")
+            cut_links(lab, 1)
+            # status shows n1 dead within the TTL of its last heartbeat
+            while view(lab)["nodes"]["n1"]["alive"]:
+                assert time.time() - killed < TTL + 3, "n1's lease never expired"
+                time.sleep(0.1)
+            dead_after = time.time() - killed
+            report = json.loads(cli(lab, "failover", "--from", "n1", "--to", "n3", "--json",
+                                    *[a for w in without for a in ("--without", w)]).stdout)
+            failed_over = time.time() - killed
+            time.sleep(8.0)  # long enough for TCP's backed-off retransmission to get through
+        finally:
+            results = {r.name: r for r in flows.stop(alive_within=2.0)}
+        out: dict[str, Any] = {"early": early, "dead_after": dead_after, "report": report,
+                               "failed_over": failed_over, "flows": results,
+                               "gaps": {n: largest_gap_after(r, killed)
+                                        for n, r in results.items()}}
+        if not without:
+            out.update(comeback(lab))
+        return out
+    finally:
+        lab.down()
+
+
+def comeback(lab: Lab) -> dict[str, Any]:
+    """n1 returns: it sees n3 holding its address and stays off it; then a failback."""
+    cut_links(lab, 1, up=True)
+    lab.start_agent("n1")
+    time.sleep(1.0)  # one adoption pass
+    back: dict[str, Any] = {"n1_after_return": uplink_addresses(lab, "n1"),
+                            "n3_after_return": uplink_addresses(lab, "n3"),
+                            "public_after_return": view(lab)["public"]["n1"]}
+    cli(lab, "failback", "n1", "--node", "n3")
+    deadline = time.time() + 10
+    while "192.168.122.11" not in uplink_addresses(lab, "n1") and time.time() < deadline:
+        time.sleep(0.2)  # n1's next pass (the store change wakes it)
+    back.update({"n1_after_failback": uplink_addresses(lab, "n1"),
+                 "n3_after_failback": uplink_addresses(lab, "n3"),
+                 "public_after_failback": view(lab)["public"]["n1"]})
+    return back
+
+
+def test_node_death_failover_keeps_the_flows_through_it() -> None:
+    r = node_death()
+    assert r["early"].returncode != 0 and "n1 is alive: its lease has" in r["early"].stderr
+    assert r["dead_after"] <= TTL + 1.5, f"n1 shown dead {r['dead_after']:.1f} s after the kill"
+    rep = r["report"]
+    assert rep["lost_guests"] == {H: ["10.5.5.202"]}
+    assert rep["committed"] >= 1 and rep["flows_by_guest"].get(G, 0) >= 1
+    flows = r["flows"]
+    for name in ("ssh@n1", "guest-snat", "ssh@n3"):
+        assert flows[name].survived, (name, flows[name].error, r["gaps"][name])
+    # the worst gap of the three is the outage itself: the lease TTL, then the failover
+    assert max(r["gaps"][n] for n in ("ssh@n1", "guest-snat")) < 15_000
+    # n1 back: fenced, n3 keeps its address; failback gives it back
+    assert "192.168.122.11" not in r["n1_after_return"]
+    assert "192.168.122.11" in r["n3_after_return"]
+    assert r["public_after_return"]["holder"] == "n3"
+    assert r["public_after_failback"]["holder"] == "n1"
+    assert "192.168.122.11" in r["n1_after_failback"]
+    print(f"\nnode death: dead after {r['dead_after']:.2f} s, failed over "
+          f"{r['failed_over']:.2f} s after the kill ({rep['total_ms']} ms in the agent); "
+          f"largest gaps {', '.join(f'{n} {g:.0f} ms' for n, g in sorted(r['gaps'].items()))}")
+
+
+@pytest.mark.parametrize(("without", "dies", "lives"), [
+    ("entries", {"guest-snat"}, {"ssh@n1", "ssh@n3"}),
+    ("address", {"ssh@n1", "guest-snat"}, {"ssh@n3"}),
+])
+def test_control_each_part_of_failover_matters(without: str, dies: set[str],
+                                               lives: set[str]) -> None:
+    r = node_death((without,))
+    flows = r["flows"]
+    assert {n for n in dies | lives if not flows[n].survived} == dies, {
+        n: (f.survived, f.error) for n, f in flows.items()}
+    assert r["report"]["skipped_parts"] == [without]
