@@ -24,6 +24,7 @@ from orchestrator.errors import ConvergentError
 # flag -> what it installs (the installer: entry point KIND of group convergent.hook_installers)
 INSTALLERS = {
     "xen": "Xen's vif hotplug script (convergent-vif, wrapping vif-bridge)",
+    "libvirt": "libvirt's qemu hook (qemu.d/convergent, after an operator's hooks/qemu)",
 }
 GROUP = "convergent.hook_installers"
 
