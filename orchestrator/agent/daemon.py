@@ -29,6 +29,7 @@ from orchestrator.agent.metrics import AgentMetrics, timed_store
 from orchestrator.agent.peer import PeerFeed, PeerServer
 from orchestrator.agent.reconcile import Reconciler
 from orchestrator.agent.reload import reload_problems
+from orchestrator.audit.key import audit_key
 from orchestrator.audit.log import AuditLog
 from orchestrator.errors import ConvergentError, MigrationError
 from orchestrator.logs import is_journal
@@ -71,7 +72,8 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         self.store: Store = timed_store(await open_store(self.settings.store), self.metrics)
         self.audit = AuditLog(_per_node(str(self.settings.audit_log), self.node),
-                              node=self.node, actor="agent")
+                              node=self.node, actor="agent",
+                              key=audit_key(self.settings.audit_key_file))
         self.audit.subscribe(self.metrics.on_audit)
         self.table = ConntrackTable(None)
         handle = NodeHandle(self.node, self.table,

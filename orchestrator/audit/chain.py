@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.audit.record import FIELDS, GENESIS, validate
+from orchestrator.audit.record import FIELDS, GENESIS, mac_ok, validate
 
 CHUNK = 1 << 22
 _SEQ = b'{"seq":'
@@ -72,7 +72,7 @@ class Finding:
     file: Path
     line: int
     kind: str  # edited | deleted | inserted | reordered | corrupt | restart | no-genesis |
-    #            anchor | truncated
+    #            anchor | forged | truncated
     why: str
 
     def __str__(self) -> str:
@@ -131,6 +131,7 @@ class Verifier:
     files: list[Path]
     partial: bool = False
     anchors: Mapping[int, str] = field(default_factory=dict)
+    key: bytes | None = None  # the audit key: every line must carry a mac made with it
 
     def run(self) -> Report:
         """Every problem, each with its line: after one, the walk picks the chain up again
@@ -175,13 +176,15 @@ class Verifier:
         good.hash = hashlib.sha256(raw).hexdigest()
         good.where, good.raw = (path, lineno), raw
         self._check_anchor(good.seq, good.hash, path, lineno, report)
+        if self.key is not None:
+            self._check_mac(raw, path, lineno, report)
 
     def _fast(self, good: _Good, path: Path, first: int, block: list[bytes], start: int,
               report: Report) -> int:  # fmt: skip
         """The hot loop: accept lines while each carries the prefix it must have; the
         index of the first that does not, or -1. Locals only, for speed."""
         seq, digest, before = good.seq, good.hash, good.before
-        anchors, sha256 = self.anchors, hashlib.sha256
+        anchors, sha256, key = self.anchors, hashlib.sha256, self.key
         expect = expected_prefix(seq + 1, digest)
         bad, last = -1, start - 1
         for index in range(start, len(block)):
@@ -194,6 +197,8 @@ class Verifier:
             expect = b'{"seq":%d,"prev":"%s"' % (seq + 1, digest.encode())
             if anchors:
                 self._check_anchor(seq, digest, path, first + index, report)
+            if key is not None:
+                self._check_mac(raw, path, first + index, report)
             last = index
         if last >= start:
             good.seq, good.hash, good.before = seq, digest, before
@@ -205,6 +210,15 @@ class Verifier:
         if self.anchors.get(seq, digest) != digest:
             why = f"seq {seq} does not hash to the noted anchor: chain rewritten from here"
             report.problems.append(Finding(path, lineno, "anchor", why))
+
+    def _check_mac(self, raw: bytes, path: Path, lineno: int, report: Report) -> None:
+        assert self.key is not None
+        ok = mac_ok(raw, self.key)
+        if not ok:
+            why = ("no mac: the chain is keyed, and this line was written without the key"
+                   if ok is None else "its mac does not check out under the audit key: "
+                   "forged, or changed after it was written")  # fmt: skip
+            report.problems.append(Finding(path, lineno, "forged", why))
 
     def _finish(self, report: Report, good: _Good) -> Report:
         report.records = 0 if report.first_seq is None else good.seq - report.first_seq + 1
@@ -287,9 +301,10 @@ def _after(
 
 
 def verify(
-    files: list[Path], partial: bool = False, anchors: Mapping[int, str] | None = None
+    files: list[Path], partial: bool = False, anchors: Mapping[int, str] | None = None,
+    key: bytes | None = None,
 ) -> Report:
-    return Verifier(files, partial, anchors or {}).run()
+    return Verifier(files, partial, anchors or {}, key).run()
 
 
 def _check_last(good: _Good) -> Finding | None:

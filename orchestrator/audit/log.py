@@ -85,9 +85,11 @@ class AuditLog:
         max_bytes: int = DEFAULT_MAX_BYTES,
         fsync: bool = True,
         writer: ChainWriter | None = None,
+        key: bytes | None = None,
     ) -> None:
+        """``key``: the audit key; every line then carries a mac only its holder can make."""
         self.writer = writer or ChainWriter(
-            Path(path) if path else default_path(), max_bytes=max_bytes, fsync=fsync
+            Path(path) if path else default_path(), max_bytes=max_bytes, fsync=fsync, key=key
         )
         actor = check_choice("actor", actor, ACTORS)
         context = {"node": node or socket.gethostname(), "actor": actor}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import ipaddress
 import json
 from collections.abc import Iterable
@@ -72,7 +73,10 @@ EVENT_FIELDS = (
     "migration",
     "detail",
 )
-FIELDS = CHAIN_FIELDS + EVENT_FIELDS
+# a keyed chain's lines end with ``mac``: HMAC-SHA256/128 under the audit key of the line
+# as it would read without that field (``seal``), so no one without the key can forge one
+MAC_FIELD = "mac"
+FIELDS = (*CHAIN_FIELDS, *EVENT_FIELDS, MAC_FIELD)
 REQUIRED = ("seq", "prev", "time", "node", "actor", "action", "outcome")
 
 # ``prev`` of the first line of a chain.
@@ -108,6 +112,29 @@ def encode(record: dict[str, Any]) -> bytes:
     """The exact bytes of a line, without the newline. Compact and ASCII-only, so a
     line never contains a raw newline and its hash does not depend on a locale."""
     return _ENCODER.encode(record).encode("ascii")
+
+
+_MAC_AT = b',"mac":"'
+_MAC_HEX = 32
+
+
+def seal(line: bytes, key: bytes | None) -> bytes:
+    """The line with its ``mac`` appended (unchanged without a key)."""
+    if key is None:
+        return line
+    mac = hmac.digest(key, line, "sha256")[:16].hex().encode()
+    return line[:-1] + _MAC_AT + mac + b'"}'
+
+
+def mac_ok(line: bytes, key: bytes) -> bool | None:
+    """None: the line carries no mac; else whether it checks out under ``key``. The field
+    is found from the end: inside a JSON string a quote is escaped, so ``,"mac":"`` occurs
+    literally only as the key itself."""
+    at = len(line) - len(_MAC_AT) - _MAC_HEX - 2
+    if at < 0 or line[at : at + len(_MAC_AT)] != _MAC_AT or not line.endswith(b'"}'):
+        return None
+    want = hmac.digest(key, line[:at] + b"}", "sha256")[:16].hex().encode()
+    return hmac.compare_digest(line[at + len(_MAC_AT) : -2], want)
 
 
 def line_hash(line: bytes) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 from orchestrator.audit.chain import is_record_prefix, parse_head
 from orchestrator.audit.errors import AuditError
 from orchestrator.audit.files import lock_path, next_rotated, rotated
-from orchestrator.audit.record import GENESIS, encode, line_hash
+from orchestrator.audit.record import GENESIS, encode, line_hash, seal
 
 DEFAULT_MAX_BYTES = 64 << 20
 _BLOCK = 1 << 16
@@ -52,8 +52,10 @@ class ChainWriter:
     """The final structlog "logger": ``record(**fields)`` appends one chained line and
     returns it as written. Safe across threads and processes."""
 
-    def __init__(self, path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, fsync: bool = True):
+    def __init__(self, path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, fsync: bool = True,
+                 key: bytes | None = None):
         self.path = Path(path)
+        self.key = key  # set: a keyed chain, every line sealed with its mac
         self.max_bytes = max_bytes
         self.fsync = fsync
         self._mutex = threading.RLock()  # flock is per open file, not per thread
@@ -147,7 +149,7 @@ class ChainWriter:
         fd = self._open()
         tail = self._tail_of(fd, event)
         record = {"seq": tail.seq + 1, "prev": tail.hash or GENESIS, **event}
-        line = encode(record) + b"\n"
+        line = seal(encode(record), self.key) + b"\n"
         if tail.size and tail.size + len(line) > self.max_bytes:
             fd, tail = self._rotate(fd, tail)
         self._write(fd, line, tail.size)

@@ -205,25 +205,31 @@ def _poll(scanner: Scanner, followers: list[Follower]) -> Iterator[Row]:
     help="A head printed by an earlier verify; catches a rewritten chain "
     "or deleted last lines (repeatable).",
 )
+@click.option("--key", "key_file", type=click.Path(path_type=Path, dir_okay=False),
+              metavar="FILE", help="The audit key: every line's mac is checked with it.  "
+              "[default: $CONVERGENT_AUDIT_KEY, else the cluster config's [agent] "
+              "audit_key_file when it exists]")
+@click.option("--no-key", is_flag=True, help="Check the hash chain only, not the macs.")
 @click.pass_context
 def verify(
     ctx: click.Context, logs: tuple[Path, ...], partial: bool, as_json: bool,
-    anchors: tuple[str, ...],
+    anchors: tuple[str, ...], key_file: Path | None, no_key: bool,
 ) -> None:
     """Check the hash chains: exit 0 intact, 1 tampered, 3 crash-truncated.
 
-    1: a line edited, deleted, inserted or reordered, or a rotated file missing; the
-    first bad line is named as file:line. 3: intact except a last line cut short by a
-    crash (not tampering). On success each chain's head is printed as SEQ:HASH, to pass
-    back later with --anchor."""
+    1: a line edited, deleted, inserted, reordered or forged (its mac does not check out
+    under the audit key), or a rotated file missing; every bad line is named as
+    file:line. 3: intact except a last line cut short by a crash (not tampering). On
+    success each chain's head is printed as SEQ:HASH, to pass back later with --anchor."""
     chains = _chains(logs)
     noted = _anchors(anchors)
     if noted and len(chains) > 1:
         raise click.UsageError("--anchor needs exactly one chain")
+    key = None if no_key else _audit_key(key_file)
     worst = 0
     results = []
     for chain in chains:
-        report = verify_chain(chain.files, partial, noted)
+        report = verify_chain(chain.files, partial, noted, key)
         if as_json:
             results.append(_report_dict(chain, report))
         else:
@@ -232,6 +238,29 @@ def verify(
     if as_json:
         click.echo(json.dumps({"chains": results, "exit_code": worst}, indent=2))
     ctx.exit(worst)
+
+
+def _audit_key(explicit: Path | None) -> bytes | None:
+    """The key to check macs with: the one named, else the one this host's config names,
+    if it exists (a chain written without a key is then checked as unkeyed: --no-key)."""
+    import os
+
+    from orchestrator.audit.key import load_audit_key
+
+    if explicit is not None:
+        return load_audit_key(explicit)
+    env = os.environ.get("CONVERGENT_AUDIT_KEY")
+    if env:
+        return load_audit_key(Path(env))
+    from orchestrator.config.defaults import config_path
+    from orchestrator.config.loader import load
+    from orchestrator.errors import ConfigError
+
+    try:
+        key_file = load(config_path(None)).agent.audit_key_file
+    except ConfigError:  # no config here, or one that does not load: the hash chain only
+        return None
+    return load_audit_key(key_file) if key_file.exists() else None
 
 
 def _report_dict(chain: Chain, report: Report) -> dict[str, Any]:

@@ -83,7 +83,8 @@ def apply(config_path: str | None, node: str | None, netns: str | None,
         problem = identity_problem(topology, node, local_addresses(netns))
         if problem:
             raise RulesetError(problem)
-    audit = _open_audit(Path(audit_log) if audit_log else topology.agent.audit_log, node)
+    audit = _open_audit(Path(audit_log) if audit_log else topology.agent.audit_log, node,
+                        topology.agent.audit_key_file)
     try:
         result = do_apply(topology, node, netns, audit, warn=_warn)
     finally:
@@ -101,16 +102,19 @@ def _warn(message: str) -> None:
     click.echo(f"convergent: warning: {message}", err=True)
 
 
-def _open_audit(path: Path, node: str) -> AuditLog | None:
-    """The audit log, opened for appending now so a bad path is a warning up front."""
+def _open_audit(path: Path, node: str, key_file: Path | None = None) -> AuditLog | None:
+    """The audit log, opened for appending now so a bad path is a warning up front; keyed
+    with the node's audit key when there is one (the agent makes it)."""
     from orchestrator.audit.errors import AuditError
+    from orchestrator.audit.key import load_audit_key
     from orchestrator.audit.log import AuditLog
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
         with path.open("ab"):
             pass
-        return AuditLog(path, node=node, actor="cli")
+        key = load_audit_key(key_file) if key_file is not None and key_file.exists() else None
+        return AuditLog(path, node=node, actor="cli", key=key)
     except (AuditError, OSError) as exc:
         _warn(f"cannot open the audit log {path}: {exc}; applying without a record")
         return None

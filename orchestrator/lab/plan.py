@@ -101,7 +101,8 @@ def lab_agent_paths(state: Path, store: str | None = None) -> dict[str, str]:
     ``store``: another store URL (``lab up --store etcd``: the lab's own etcd members)."""
     return {"run_dir": f"{state}/run", "store": store or f"sqlite://{state}/store.db",
             "audit_log": f"{state}/audit.log", "spool_dir": f"{state}/spool",
-            "key_file": f"{state}/cluster.key", "state_dir": f"{state}/state"}  # fmt: skip
+            "key_file": f"{state}/cluster.key", "state_dir": f"{state}/state",
+            "audit_key_file": f"{state}/audit.key"}  # fmt: skip
 
 
 def agent_section(state: Path, store: str | None = None) -> str:
@@ -140,7 +141,8 @@ def outside_lab(t: Topology, state: Path) -> list[str]:
     """Agent paths a lab config points outside the lab's directory, as ``key: reason``."""
     a = t.agent
     paths = {"run_dir": a.run_dir, "audit_log": a.audit_log, "spool_dir": a.spool_dir,
-             "key_file": a.key_file, "state_dir": a.state_dir}  # fmt: skip
+             "key_file": a.key_file, "state_dir": a.state_dir,
+             "audit_key_file": a.audit_key_file}  # fmt: skip
     if a.store.startswith("sqlite://"):
         paths["store"] = Path(a.store.removeprefix("sqlite://"))
     root = state.resolve()

@@ -204,6 +204,8 @@ class Agent(_Strict):
     audit_log: PATH = Path("/var/log/convergent/audit.log")
     spool_dir: PATH = Path("/var/spool/convergent")
     key_file: PATH = Path("/etc/convergent/cluster.key")  # the cluster's HMAC key
+    # the audit chain's own key (made on first start): every line carries a mac under it
+    audit_key_file: PATH = Path("/etc/convergent/audit.key")
     # what must survive a restart of the agent (the replicator's boot ids)
     state_dir: PATH = Path("/var/lib/convergent")
     peer_port: INT = Field(7404, ge=1, le=65535)

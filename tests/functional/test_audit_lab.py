@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -141,3 +142,30 @@ def test_verify_names_every_problem_of_a_lab_log_and_junk_never_stops_the_writer
     after = [json.loads(x) for x in live.read_text().splitlines()[junk_at:]]
     assert after[0]["action"] == "error" and "are not audit records" in after[0]["detail"]
     assert "migration.finalize" in {r["action"] for r in after}
+
+
+def test_the_labs_log_is_keyed_and_verify_finds_the_key_through_the_config(lab, tmp_path):
+    import hashlib
+
+    live = lab.dir / "audit.log"
+    lines = live.read_bytes().splitlines()
+    last = json.loads(lines[-1])
+    forged = {**last, "seq": last["seq"] + 1, "prev": hashlib.sha256(lines[-1]).hexdigest(),
+              "action": "ownership.release", "detail": "nothing to see"}
+    forged.pop("mac", None)
+    copy = tmp_path / "audit.log"
+    copy.write_bytes(live.read_bytes() + json.dumps(forged, separators=(",", ":")).encode()
+                     + b"\n")
+    verify = [sys.executable, "-m", "orchestrator", "audit", "verify", "--log", str(copy)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVERGENT_")}
+    bare = subprocess.run([*verify, "--no-key"], capture_output=True, text=True, timeout=30,
+                          env=env)  # fmt: skip
+    assert bare.returncode == 0, bare.stderr  # the hash chain alone cannot see it
+    keyed = subprocess.run(verify, capture_output=True, text=True, timeout=30,
+                           env={**env, "CONVERGENT_CONFIG": str(lab.config_path)})
+    assert keyed.returncode == 1
+    assert keyed.stderr == (f"convergent: {copy}:{len(lines) + 1}: forged: no mac: the chain "
+                            "is keyed, and this line was written without the key\n")
+    intact = subprocess.run([*verify[:-1], str(live)], capture_output=True, text=True,
+                            timeout=30, env={**env, "CONVERGENT_CONFIG": str(lab.config_path)})
+    assert intact.returncode == 0, intact.stderr

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from orchestrator.audit import AuditLog, verify
 from orchestrator.audit.chain import Report, expected_prefix
 from orchestrator.audit.files import chain_files
-from orchestrator.audit.record import line_hash
+from orchestrator.audit.record import line_hash, mac_ok
 
 N = 12
 
@@ -282,3 +282,41 @@ def test_only_a_prefix_of_the_next_record_counts_as_a_crash(path: Path) -> None:
                        (nxt + b',"time":"\x01', 1), (nxt + b',"nope":1', 1)]:
         rewrite(path, lines, tail=b"\n" + tail)
         assert check(path).exit_code == code, tail
+
+
+# --- a keyed chain: what a bare hash chain cannot see ----------------------------------------
+
+AUDIT_KEY = b"0123456789abcdef-audit-key"
+
+
+def forge(lines: list[bytes], **fields: object) -> bytes:
+    """A line a forger appends: right seq, prev recomputed, whatever it likes inside."""
+    last = json.loads(lines[-1])
+    record = {"seq": last["seq"] + 1, "prev": hashlib.sha256(lines[-1]).hexdigest(),
+              **{k: v for k, v in last.items() if k not in ("seq", "prev", "mac")}, **fields}
+    return json.dumps(record, separators=(",", ":")).encode()
+
+
+def test_a_forged_appended_line_and_a_rewritten_chain_are_caught_with_the_key(path: Path) -> None:
+    log = AuditLog(path, node="n1", fsync=False, key=AUDIT_KEY)
+    for i in range(6):
+        log.record("ruleset.apply", entries=i, detail='looks like ,"mac":"' + "0" * 32 + '"}')
+    log.close()
+    lines = path.read_bytes().splitlines()
+    assert all(mac_ok(line, AUDIT_KEY) for line in lines)
+    assert verify(chain_files(path), key=AUDIT_KEY).exit_code == 0
+    # appended: the hash chain is fine, so without the key it passes ...
+    rewrite(path, [*lines, forge(lines, detail="all good")])
+    assert check(path).exit_code == 0
+    report = verify(chain_files(path), key=AUDIT_KEY)  # ... and with it, it does not
+    assert [(p.line, p.kind) for p in report.problems] == [(7, "forged")]
+    assert "no mac" in report.problems[0].why
+    # rewritten: an edit in the middle, every later prev recomputed, the macs kept
+    edited = [*lines[:2], lines[2].replace(b'"entries":2', b'"entries":9'), *lines[3:]]
+    rewrite(path, relink(edited, 3))
+    assert check(path).exit_code == 0
+    report = verify(chain_files(path), key=AUDIT_KEY)
+    assert [(p.line, p.kind) for p in report.problems] == [(n, "forged") for n in range(3, 7)]
+    assert "does not check out" in report.problems[0].why
+    # a wrong key finds nothing right
+    assert len(verify(chain_files(path), key=b"another-key-entirely").problems) == 6
