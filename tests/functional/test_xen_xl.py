@@ -67,9 +67,13 @@ class Node:
         return [e for c in self.agent.calls
                 if (e := parse_vif_call(HookCall.from_dict(c), self.name)) is not None]
 
-    def reaches_guest(self) -> bool:
-        return subprocess.run(["ip", "netns", "exec", self.dom0.netns, "ping", "-c", "1", "-W",
-                               "1", GUEST_IP], capture_output=True).returncode == 0
+    def reaches_guest(self, tries: int = 3) -> bool:
+        """Pinged through this node's bridge (a loaded machine gets a few tries)."""
+        for _ in range(tries):
+            if subprocess.run(["ip", "netns", "exec", self.dom0.netns, "ping", "-c", "1", "-W",
+                               "1", GUEST_IP], capture_output=True).returncode == 0:
+                return True
+        return False
 
 
 @dataclass
@@ -147,7 +151,7 @@ def test_create_migrate_and_destroy_in_libxls_order(cluster: Cluster) -> None:
     n1, n2 = c.nodes["n1"], c.nodes["n2"]
     boot(c, "n1")
     assert [(e.kind, e.guest) for e in n1.events()] == [(EventKind.STARTED, "guest1")]
-    assert n1.reaches_guest() and not n2.reaches_guest()
+    assert n1.reaches_guest() and not n2.reaches_guest(1)
     (dom,) = parse_list_long(n1.xl("list", "-l").stdout)
     assert (dom.name, dom.domid, dom.macs) == ("guest1", 1, (MAC,))
     info = asyncio.run(n1.adapter(c.ssh).describe("guest1"))
@@ -168,7 +172,7 @@ def test_create_migrate_and_destroy_in_libxls_order(cluster: Cluster) -> None:
     assert [e.guest for e in resumed] == ["guest1"] and resumed[0].node == "n2"
     # online before the resume, offline after it
     assert incoming.at < resumed[0].at and gone.at > incoming.at
-    assert n2.reaches_guest() and not n1.reaches_guest()
+    assert n2.reaches_guest() and not n1.reaches_guest(1)
     (dom2,) = parse_list_long(n2.xl("list", "-l").stdout)
     assert (dom2.name, dom2.domid) == ("guest1", 1)  # n2's own first domid
     assert parse_list_long(n1.xl("list", "-l").stdout) == []
@@ -198,7 +202,7 @@ def test_failure_after_go_destroys_the_copy_and_the_source_resumes(
     assert kinds == [(EventKind.INCOMING, "guest1"), (after, "guest1")]
     assert [e.kind for e in seen] == [EventKind.FAILED]  # never ran there
     assert [e.kind for e in n1.events()] == [EventKind.STARTED]  # no vif call on S
-    assert n1.reaches_guest() and not n2.reaches_guest()
+    assert n1.reaches_guest() and not n2.reaches_guest(1)
     (dom,) = parse_list_long(n1.xl("list", "-l").stdout)
     assert dom.name == "guest1"
     assert "-b----" in n1.xl("list", "guest1").stdout  # resumed, not paused

@@ -14,6 +14,7 @@ dropping everything on its NIC until unpause.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 from orchestrator.errors import ConvergentError
@@ -55,11 +56,26 @@ def create(node_ns: str, vif: str, guest_ns: str, devid: int, mac: str) -> None:
 def move(src_ns: str, old: str, dst_ns: str, new: str) -> None:
     """The node end from ``src_ns`` (named ``old``) to ``dst_ns`` (named ``new``), down,
     through a temporary name so it never clashes with a device of the other node."""
-    tmp = f"vmv{abs(hash((src_ns, old, dst_ns))) % 10**9}"[:15]
+    tmp = f"vmv{os.getpid()}"[:15]
     _ip(src_ns, "link", "set", old, "down")
     _ip(src_ns, "link", "set", old, "name", tmp)
     _ip(src_ns, "link", "set", tmp, "netns", dst_ns)
     _ip(dst_ns, "link", "set", tmp, "name", new)
+
+
+def neighbours(guest_ns: str, devid: int) -> list[tuple[str, str]]:
+    """The guest's ARP cache on its NIC: (address, MAC)."""
+    out = _ip(guest_ns, "-j", "neigh", "show", "dev", guest_nic(devid), check=False)
+    return [(n["dst"], n["lladdr"]) for n in json.loads(out or "[]")
+            if "lladdr" in n and ":" not in n["dst"]]
+
+
+def restore_neighbours(guest_ns: str, devid: int, entries: list[tuple[str, str]]) -> None:
+    """A VM keeps its ARP cache across a migration; a veth whose peer changed namespace
+    loses carrier and with it the cache: put it back (stale, so it is re-checked)."""
+    for dst, mac in entries:
+        _ip(guest_ns, "neigh", "replace", dst, "lladdr", mac, "dev", guest_nic(devid), "nud",
+            "stale", check=False)
 
 
 def destroy(node_ns: str, vif: str) -> None:

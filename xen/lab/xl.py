@@ -162,7 +162,9 @@ class Host:
             vif = vif_name(domid, nic.devid)
             if take_from is not None:
                 old = take_from["vifs"][str(nic.devid)]
+                cache = netback.neighbours(self.guest_ns(dom), nic.devid)
                 netback.move(take_from["netns"], old, self.dom0.netns, vif)
+                netback.restore_neighbours(self.guest_ns(dom), nic.devid, cache)
             else:
                 netback.create(self.dom0.netns, vif, self.guest_ns(dom), nic.devid, nic.mac)
             self.set_hv(domid, holds_nic=True)
@@ -196,9 +198,11 @@ class Host:
             if netback.exists(self.dom0.netns, vif):
                 if give_back is not None:
                     old = give_back["vifs"][str(nic.devid)]
+                    cache = netback.neighbours(self.guest_ns(dom), nic.devid)
                     netback.move(self.dom0.netns, vif, give_back["netns"], old)
                     netback.reattach(give_back["netns"], old, give_back["bridges"][
                         str(nic.devid)])
+                    netback.restore_neighbours(self.guest_ns(dom), nic.devid, cache)
                 else:
                     netback.destroy(self.dom0.netns, vif)
             self.dom0.xs_write([(f"{be}/state", str(XENBUS_CLOSED))])
