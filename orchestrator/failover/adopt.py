@@ -30,6 +30,7 @@ from orchestrator.netfilter.render import (
     NETDEV_TABLE,
     SET_ADOPTED_TAGS,
 )
+from orchestrator.netns import in_netns
 from orchestrator.store.base import PublicAddress
 
 log = structlog.get_logger("convergent.failover")
@@ -137,9 +138,10 @@ class AdoptionOps:
         return {str(n.pub_ip) for n in self.topology.nodes}
 
     def announce(self, addresses: list[str]) -> None:
-        """Gratuitous ARP from the uplink: the upstream router moves the address here."""
+        """Gratuitous ARP from the uplink: the upstream router moves the address here
+        (sent from inside the node's namespace when it has one)."""
         for a in addresses:
-            send_gratuitous_arp(self.uplink, IPv4Address(a))
+            in_netns(self.netns, send_gratuitous_arp, self.uplink, IPv4Address(a))
 
     async def reconcile(self, records: list[PublicAddress]) -> Changes:
         want = desired_adoption(records, self.topology, self.node)

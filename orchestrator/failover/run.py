@@ -27,7 +27,6 @@ from orchestrator.model.conntrack import Entry
 from orchestrator.store.base import PublicConflict, Store
 
 log = structlog.get_logger("convergent.failover")
-RELEASE_CONCURRENCY = 16  # guests released at once (each one small transaction)
 SKIPPABLE = frozenset({"entries", "address"})
 
 
@@ -58,6 +57,7 @@ class Failover:
             raise ConvergentError(f"failover: cannot skip {sorted(unknown)}; only "
                                   f"{sorted(SKIPPABLE)}")
         async with self._lock:
+            planning = time.perf_counter()
             try:
                 plan = await self.plan(dead, force)
             except FailoverRefused as exc:
@@ -66,11 +66,11 @@ class Failover:
                 raise
             if dry_run:
                 return {"dry_run": True, **plan.summary()}
-            return await self._run(plan, skip)
+            return await self._run(plan, skip, planning)
 
-    async def _run(self, plan: FailoverPlan, skip: frozenset[str]) -> dict[str, Any]:
-        start = time.perf_counter()
-        steps: dict[str, float] = {}
+    async def _run(self, plan: FailoverPlan, skip: frozenset[str],
+                   start: float) -> dict[str, Any]:
+        steps = {"plan": round((time.perf_counter() - start) * 1000, 1)}
         common = {"from_node": plan.dead, "to_node": self.node}
         notes = (["forced: lease alive"] if plan.forced else []) + [
             f"control run: without {part}" for part in sorted(skip)]
@@ -110,9 +110,14 @@ class Failover:
         t = time.perf_counter()
         released = await self._release(plan.lost)
         lap("release", t)
-        for guest, addrs in released.items():
-            await self.audit.arecord("failover.release", **common, guest=guest,
-                                     addresses=addrs, detail="its host died: guest lost")
+        if released:  # one record for the step: a node may take a thousand guests with it
+            names = sorted(released)
+            await self.audit.arecord(
+                "failover.release", **common, guest=names[0] if len(names) == 1 else None,
+                addresses=sorted(a for addrs in released.values() for a in addrs),
+                duration_ms=steps["release"],
+                detail=f"host died, guests lost: {', '.join(names[:20])}"
+                       + (f" and {len(names) - 20} more" if len(names) > 20 else ""))
         self.wake()
         total = round((time.perf_counter() - start) * 1000, 1)
         await self.audit.arecord("failover.end", **common, duration_ms=total,
@@ -135,18 +140,15 @@ class Failover:
         return rec.epoch
 
     async def _release(self, lost: Mapping[str, Mapping[Any, int]]) -> dict[str, list[str]]:
-        gate = asyncio.Semaphore(RELEASE_CONCURRENCY)
+        """Each lost guest's addresses, all or nothing per guest, batched by the store."""
+        guests = sorted(lost)
+        results = await self.store.release_each([lost[g] for g in guests])
         done: dict[str, list[str]] = {}
-
-        async def one(guest: str, addrs: Mapping[Any, int]) -> None:
-            async with gate:
-                try:
-                    await self.store.release_all(dict(addrs))
-                    done[guest] = sorted(map(str, addrs))
-                except ConvergentError as exc:  # someone moved it meanwhile: theirs now
-                    log.warning("failover.release_skipped", guest=guest, error=str(exc))
-
-        await asyncio.gather(*(one(g, a) for g, a in lost.items()))
+        for guest, result in zip(guests, results, strict=True):
+            if isinstance(result, ConvergentError):  # someone moved it meanwhile: theirs now
+                log.warning("failover.release_skipped", guest=guest, error=str(result))
+            else:
+                done[guest] = sorted(str(o.ip) for o in result)
         return done
 
     async def back(self, home: str) -> dict[str, Any]:

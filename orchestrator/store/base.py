@@ -22,7 +22,7 @@ the change log and a key-value backend store.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from ipaddress import AddressValueError, IPv4Address
@@ -374,6 +374,19 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def release_all(self, expected: Mapping[Address, int]) -> list[Ownership]:
         """Leave the addresses unowned, under the same compare-and-swap as a claim."""
+
+    async def release_each(self, groups: Sequence[Mapping[Address, int]]
+                           ) -> list[list[Ownership] | StoreError]:
+        """Many independent releases (a failover releasing a dead node's guests): each
+        group all or nothing, as ``release_all``; one group's conflict never stops the
+        others. Per group: its new records, or the error. Backends batch them."""
+        out: list[list[Ownership] | StoreError] = []
+        for group in groups:
+            try:
+                out.append(await self.release_all(group))
+            except StoreError as exc:
+                out.append(exc)
+        return out
 
     async def claim(self, ip: Address, node: str, guest: str, expected_epoch: int) -> Ownership:
         return (await self.claim_all({ip: expected_epoch}, node, guest))[0]

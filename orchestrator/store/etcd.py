@@ -27,7 +27,15 @@ import math
 import random
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -294,6 +302,70 @@ class EtcdStore(Store):
 
     async def release_all(self, expected: Mapping[Address, int]) -> list[Ownership]:
         return await self._swap(expected_epochs(expected), None, None)
+
+    async def release_each(self, groups: Sequence[Mapping[Address, int]]
+                           ) -> list[list[Ownership] | StoreError]:
+        """Groups packed into transactions of up to ``max_txn_ops`` addresses; a packed
+        transaction that conflicts is split until the stale groups stand alone."""
+        wants: list[dict[IPv4Address, int] | StoreError] = []
+        for g in groups:
+            try:
+                wants.append(expected_epochs(g))
+            except StoreError as exc:
+                wants.append(exc)
+        out: list[list[Ownership] | StoreError | None] = [
+            w if isinstance(w, StoreError) else None for w in wants]
+        batch: list[int] = []
+        size = 0
+        for i, w in enumerate(wants):
+            if isinstance(w, StoreError):
+                continue
+            if batch and size + len(w) > self.url.max_txn_ops:
+                await self._release_batch(batch, wants, out)
+                batch, size = [], 0
+            batch.append(i)
+            size += len(w)
+        if batch:
+            await self._release_batch(batch, wants, out)
+        return [r if r is not None else StoreError("not released") for r in out]
+
+    async def _release_batch(self, batch: list[int],
+                             wants: Sequence[dict[IPv4Address, int] | StoreError],
+                             out: list[list[Ownership] | StoreError | None]) -> None:
+        if len(batch) == 1:
+            w = wants[batch[0]]
+            assert not isinstance(w, StoreError)
+            try:
+                out[batch[0]] = await self._swap(w, None, None)
+            except StoreError as exc:
+                out[batch[0]] = exc
+            return
+        groups = [cast(dict[IPv4Address, int], wants[i]) for i in batch]
+        keys = {ip: self._key("own", str(ip)) for g in groups for ip in g}
+        read = await self._read("release", list(keys.values()))
+        now, op = time.time(), uuid.uuid4().hex
+        compare, puts, news = [], [], []
+        for g in groups:
+            new = []
+            for ip in sorted(g):
+                kv = read.kvs.get(keys[ip])
+                old = self._own_of(kv) if kv is not None else None
+                if old is None or old.epoch != g[ip]:
+                    break  # stale or never claimed: split, so release_all says which
+                rec = Ownership(ip, None, old.guest, g[ip] + 1, now)
+                compare.append(_version_is(keys[ip], g[ip]))
+                puts.append(_put(keys[ip], _encode(rec, op)))
+                new.append(rec)
+            news.append(new if len(new) == len(g) else None)
+        if all(n is not None for n in news):
+            resp = await self._txn("release", compare, puts)
+            if resp.succeeded:
+                for i, n in zip(batch, news, strict=True):
+                    out[i] = n
+                return
+        half = len(batch) // 2
+        await self._release_batch(batch[:half], wants, out)
+        await self._release_batch(batch[half:], wants, out)
 
     def _check_size(self, ops: int, what: str) -> None:
         if ops > self.url.max_txn_ops:

@@ -21,7 +21,7 @@ import json
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
@@ -245,6 +245,29 @@ class SqliteCore:
     def claim_all(self, expected: Mapping[Address, int], node: str,
                   guest: str) -> list[Ownership]:
         return self._swap(expected, node, guest)
+
+    def release_each(self, groups: Sequence[Mapping[Address, int]]
+                     ) -> list[list[Ownership] | StoreError]:
+        """Every group in one write transaction (one fsync); a stale group is skipped."""
+        out: list[list[Ownership] | StoreError] = []
+        with self._write():
+            now = self._clock()
+            for expected in groups:
+                try:
+                    want = expected_epochs(expected)
+                    current = {ip: self.get_ownership(ip) for ip in want}
+                    check_epochs(want, current)
+                    new = [Ownership(ip, None, guest_after(ip, current[ip], None),
+                                     want[ip] + 1, now) for ip in sorted(want)]
+                except StoreError as exc:
+                    out.append(exc)
+                    continue
+                for rec in new:
+                    self._db.execute("INSERT OR REPLACE INTO ownership VALUES (?, ?, ?, ?, ?)",
+                                     (str(rec.ip), None, rec.guest, rec.epoch, rec.since))
+                    self._log("ownership", str(rec.ip), rec)
+                out.append(new)
+        return out
 
     def release_all(self, expected: Mapping[Address, int]) -> list[Ownership]:
         return self._swap(expected, None, None)
@@ -487,6 +510,10 @@ class SqliteStore(Store):
 
     async def release_all(self, expected: Mapping[Address, int]) -> list[Ownership]:
         return await self._call(self._core.release_all, expected)
+
+    async def release_each(self, groups: Sequence[Mapping[Address, int]]
+                           ) -> list[list[Ownership] | StoreError]:
+        return await self._call(self._core.release_each, list(groups))
 
     async def upsert_node(self, name: str, tag: int, mac_prefix: str,
                           pub_ip: Address) -> NodeRecord:

@@ -811,3 +811,23 @@ def test_etcd_unreachable_is_one_clear_line(tmp_path: Path) -> None:
     msg = str(err.value)
     assert "\n" not in msg and "no etcd member answered within 0.5 s" in msg
     assert "is a quorum of the cluster up?" in msg
+
+
+@contract
+async def test_release_each_releases_every_group_but_a_stale_one(store: Store) -> None:
+    """A failover releasing a dead node's guests: each guest all or nothing; one guest moved
+    meanwhile stays where it is and the others are still released (on etcd, more groups
+    than one transaction holds)."""
+    groups = []
+    for g in range(150):
+        ips = [f"10.8.{g}.1", f"10.8.{g}.2"]
+        await store.claim_all(dict.fromkeys(ips, 0), "n1", f"g{g}")
+        groups.append(dict.fromkeys(ips, 1))
+    await store.claim("10.8.77.2", "n2", "g77", 1)  # g77 half moved away meanwhile
+    results = await store.release_each([*groups, {}])
+    assert isinstance(results[77], EpochConflict) and "10.8.77.2" in str(results[77])
+    assert isinstance(results[-1], StoreError)  # an empty group: refused alone
+    ok = [r for i, r in enumerate(results[:-1]) if i != 77]
+    assert all(isinstance(r, list) and [o.node for o in r] == [None, None] for r in ok)
+    left = {str(o.ip): o.node for o in await store.list_ownership()}
+    assert left == {"10.8.77.1": "n1", "10.8.77.2": "n2"}
