@@ -216,6 +216,14 @@ def agent_families(node: str, status: dict[str, Any]) -> Iterator[Metric]:
     for phase, n in sorted(by_phase.items()):
         in_flight.add_metric([phase], n)
     yield in_flight
+    intake = status.get("intake")
+    if intake is not None:  # hook calls, spool replays, hypervisor events
+        events = CounterMetricFamily(
+            "convergent_intake_events", "Guest events taken in (hook calls, spool replays, "
+            "hypervisor events), by what became of them.", labels=["result"])
+        for result, n in sorted((intake.get("counts") or {}).items()):
+            events.add_metric([result], n)
+        yield events
 
 
 NAMED = {  # (part of the replicator's status, counter) -> (metric, help)

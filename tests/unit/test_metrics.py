@@ -70,6 +70,11 @@ def test_status_answers_become_families() -> None:
     assert got[("convergent_migrations_in_flight", (("phase", "precopy"),))] == 1
     assert got[("convergent_migrations_in_flight", (("phase", "cutover"),))] == 0
     assert got[("convergent_owned_addresses", ())] == 1
+    with_intake = samples(agent_families("n1", {**status, "intake": {
+        "counts": {"act": 3, "duplicate": 1, "spool.taken": 2}, "problems": [], "spooled": 0}}))
+    assert with_intake[("convergent_intake_events_total", (("result", "act"),))] == 3
+    assert with_intake[("convergent_intake_events_total", (("result", "spool.taken"),))] == 2
+    assert not [k for k in got if k[0] == "convergent_intake_events_total"]
     sync = samples(sync_families({**STATUS, "channel": {"sent": 50, "received": 60}}))
     assert sync[("convergent_replicator_datagrams_sent_total", ())] == 50
     assert sync[("convergent_replicator_nacks_received_total", ())] == 2
