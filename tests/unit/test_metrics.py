@@ -125,7 +125,7 @@ def test_the_dashboard_asks_only_for_metrics_that_exist() -> None:
     m.on_audit({"action": "migration.cutover", "outcome": "ok", "duration_ms": 5.0,
                 "entries": 1})  # type: ignore[arg-type]
     m.observe_store("claim_all", 0.001, failed=True)
-    families = [*m.registry.collect(), *agent_families("n1", {"reconcile": {}}),
+    families = [*m.registry.collect(), *agent_families("n1", {"reconcile": {}, "intake": {"counts": {"act": 1}}}),
                 *sync_families({**STATUS, "channel": {}})]
     exposed = {s.name for f in families for s in f.samples}
     exposed |= {"convergent_hook_spool_depth"}  # the live collector's own gauge
