@@ -25,9 +25,17 @@ Handler = Callable[..., Awaitable[Any]]
 
 
 class ApiServer:
-    def __init__(self, path: Path, handlers: dict[str, Handler]) -> None:
+    """``streaming``: operations that report progress before their answer; they get an
+    ``emit`` argument, and each ``emit(obj)`` sends a ``{"progress": obj}`` line first.
+    ``on_bad``: told of each line that is not a request (counted, and audited)."""
+
+    def __init__(self, path: Path, handlers: dict[str, Handler],
+                 streaming: frozenset[str] = frozenset(),
+                 on_bad: Callable[[str], None] | None = None) -> None:
         self.path = path
         self.handlers = handlers
+        self.streaming = streaming
+        self.on_bad = on_bad
         self.server: asyncio.AbstractServer | None = None
         self.requests = 0
         self.errors = 0
@@ -60,21 +68,30 @@ class ApiServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            async def emit(obj: Any) -> None:
+                writer.write(encode({"progress": obj}))
+                await writer.drain()
+
             while line := await reader.readline():
-                writer.write(encode(await self.dispatch(line)))
+                writer.write(encode(await self.dispatch(line, emit)))
                 await writer.drain()
         except (ConnectionError, asyncio.LimitOverrunError, ValueError):
             pass  # a client that went away or sent an endless line
         finally:
             writer.close()
 
-    async def dispatch(self, line: bytes) -> dict[str, Any]:
+    async def dispatch(self, line: bytes,
+                       emit: Callable[[Any], Awaitable[None]] | None = None) -> dict[str, Any]:
         self.requests += 1
         try:
             op, args = parse_request(line)
         except ValueError as exc:
             self.errors += 1
+            if self.on_bad is not None:
+                self.on_bad(str(exc))
             return {"ok": False, "error": f"bad request: {exc}"}
+        if op in self.streaming and emit is not None:
+            args = {**args, "emit": emit}
         handler = self.handlers.get(op)
         if handler is None:
             self.errors += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,11 @@ def encode(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n"
 
 
-async def acall(socket: str | Path, op: str, timeout: float = 30.0, **args: Any) -> Any:
-    """Send one request and return its result; raise AgentError on a refusal."""
+async def acall(socket: str | Path, op: str, timeout: float = 30.0,
+                on_progress: Callable[[Any], None] | None = None, **args: Any) -> Any:
+    """Send one request and return its result; raise AgentError on a refusal. An operation
+    that reports progress sends ``{"progress": ...}`` lines first: each goes to
+    ``on_progress`` and restarts the timeout."""
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_unix_connection(str(socket), limit=MAX_LINE), timeout)
@@ -39,7 +43,13 @@ async def acall(socket: str | Path, op: str, timeout: float = 30.0, **args: Any)
     try:
         writer.write(encode({"op": op, "args": args}))
         await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), timeout)
+        while True:
+            line = await asyncio.wait_for(reader.readline(), timeout)
+            step = _progress(line)
+            if step is None:
+                break
+            if on_progress is not None:
+                on_progress(step)
     except OSError as exc:  # TimeoutError included
         raise AgentUnavailable(f"agent on {socket} did not answer {op}: "
                                f"{str(exc) or 'timed out'}") from None
@@ -56,3 +66,10 @@ async def acall(socket: str | Path, op: str, timeout: float = 30.0, **args: Any)
 def call(socket: str | Path, op: str, timeout: float = 30.0, **args: Any) -> Any:
     """Blocking form for the CLI."""
     return asyncio.run(acall(socket, op, timeout, **args))
+
+
+def _progress(line: bytes) -> Any:
+    """The progress a line carries, or None for the answer itself."""
+    if not line.startswith(b'{"progress":'):
+        return None
+    return json.loads(line)["progress"]

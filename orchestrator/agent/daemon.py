@@ -1,12 +1,16 @@
 """``convergent agent``: one per node (DESIGN §6).
 
 It owns the node's kernel state: the ruleset and its sets (reconciled from the store,
-periodically and whenever the store changes), the conntrack engine, the migration
-coordinator for guests arriving here, the source side of the peer channel for guests
-leaving, and the replicator. It answers hooks and the CLI on a Unix socket.
+periodically and whenever the store changes), the conntrack engine, the migrations in
+flight (``inflight.Migrations``: arriving here, and the source's part of those leaving),
+the replicator, and the intake of guest events (``intake.Intake``: hook calls, the spool,
+the hypervisor's stream, judged by the pure table in ``events``). It answers hooks and the
+CLI on a Unix socket.
 
-A restarted agent remembers nothing: it reads its unfinished migrations from the store and
-finishes or aborts each (``recover``), and the handover bit in D's kernel tells an abort
+This module builds the collaborators (``Parts``: the store, the audit log, the node's
+kernel, the hypervisor adapter; a unit test passes fakes) and maps the API's operations
+onto them. A restarted agent remembers nothing: ``Migrations.recover`` reads its
+unfinished migrations from the store, and the handover bit in D's kernel tells an abort
 exactly which entries to take back.
 """
 
@@ -18,36 +22,91 @@ import functools
 import os
 import sys
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import structlog
 
 from orchestrator.agent.api import ApiServer, Handler
+from orchestrator.agent.events import Op, OpName
 from orchestrator.agent.failpoints import Failpoints
+from orchestrator.agent.guests import GuestBook
+from orchestrator.agent.inflight import Migrations
+from orchestrator.agent.intake import Intake
+from orchestrator.agent.jobs import MigrateJobs
 from orchestrator.agent.keys import load_key
 from orchestrator.agent.metrics import AgentMetrics, timed_store
+from orchestrator.agent.owners import Owners
 from orchestrator.agent.peer import PeerFeed, PeerServer
 from orchestrator.agent.reconcile import Reconciler
 from orchestrator.agent.reload import reload_problems
 from orchestrator.audit.key import audit_key
 from orchestrator.audit.log import AuditLog
 from orchestrator.errors import ConvergentError, MigrationError
+from orchestrator.failover.run import SnatTable
+from orchestrator.hypervisor import GuestEvent, Hypervisor, open_hypervisor
 from orchestrator.logs import is_journal
-from orchestrator.migration.coordinator import Coordinator, Handover, NodeHandle
+from orchestrator.migration.coordinator import Coordinator, FeedFactory, NodeHandle, record_guest
 from orchestrator.migration.feed import SourceFeed, SourceSide
-from orchestrator.migration.nodeops import NftNodeOps
+from orchestrator.migration.nodeops import NftNodeOps, NodeOps
 from orchestrator.model.cluster import Topology
-from orchestrator.netfilter.conntrack import ConntrackTable
+from orchestrator.netfilter.conntrack import Conntrack, ConntrackTable
 from orchestrator.replicator.precopy import PrecopySource
 from orchestrator.store import open_store
-from orchestrator.store.base import ABORTABLE, Address, MigrationRecord, Phase, Store
+from orchestrator.store.base import MigrationRecord, Store
 
 log = structlog.get_logger("convergent.agent")
 WATCH_DEBOUNCE = 0.01
 
 
+class NodeTable(Conntrack, SnatTable, Protocol):
+    """The node's conntrack table: what the coordinator needs, and a failover's commit."""
+
+
+@dataclass
+class Kernel:
+    """The node's kernel as the agent drives it: its conntrack table, and its ruleset,
+    nft sets and gratuitous ARP (``NodeOps``, which the coordinator and the reconciler
+    share). Both are seams with in-memory fakes held to the kernel by contract suites."""
+
+    table: NodeTable
+    ops: NodeOps
+
+    def close(self) -> None:
+        self.table.close()
+
+
+@dataclass
+class Parts:
+    """What the agent is built from (``open_parts`` makes the real ones)."""
+
+    store: Store
+    audit: AuditLog
+    kernel: Kernel
+    hypervisor: Hypervisor
+    feed_factory: FeedFactory | None = None  # None: the peer channel to the source's agent
+    serve_peers: bool = True  # listen for destinations asking this node for entries
+    replicate: bool = True  # run the replicator (when the sync interface exists)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.hypervisor.close()
+        self.kernel.close()
+        await self.store.close()
+
+
+async def open_parts(topology: Topology, node: str, metrics: AgentMetrics) -> Parts:
+    settings = topology.agent
+    hypervisor = open_hypervisor(topology.hypervisor.kind, topology.hypervisor.settings, node)
+    store = timed_store(await open_store(settings.store), metrics)
+    audit = AuditLog(_per_node(str(settings.audit_log), node), node=node, actor="agent",
+                     key=audit_key(settings.audit_key_file))
+    kernel = Kernel(ConntrackTable(None), NftNodeOps(node, None, topology.cluster.guest_bridge))
+    return Parts(store, audit, kernel, hypervisor)
+
+
 class Agent:
-    def __init__(self, topology: Topology, node: str) -> None:
+    def __init__(self, topology: Topology, node: str, parts: Parts | None = None) -> None:
         try:
             self.me = topology.node(node)
         except KeyError:
@@ -58,51 +117,76 @@ class Agent:
         self.settings = topology.agent
         self.key = load_key(self.settings.key_file)
         self.failpoint = Failpoints()
-        self.handovers: dict[str, Handover] = {}  # guest -> migration arriving here
-        self.ungated: set[str] = set()  # guests migrating here without handover (control)
-        self.finalizers: set[asyncio.Task[None]] = set()
         self.wake = asyncio.Event()
         self.started = time.time()
         self.sync: Any = None  # replicator SyncService, when the sync interface exists
         self.metrics = AgentMetrics(node)
         self.ready = asyncio.Event()  # set once it serves: systemd's READY=1 (lifecycle.py)
         self.stop_reason = "stopped"
+        self._given = parts
 
-    # lifecycle ------------------------------------------------------------------------
-    async def run(self, stop: asyncio.Event) -> None:
-        self.store: Store = timed_store(await open_store(self.settings.store), self.metrics)
-        self.audit = AuditLog(_per_node(str(self.settings.audit_log), self.node),
-                              node=self.node, actor="agent",
-                              key=audit_key(self.settings.audit_key_file))
+    @property
+    def handovers(self) -> list[str]:
+        """The guests migrating here (a reload waits for them)."""
+        return list(self.migrations.arrivals)
+
+    # building ---------------------------------------------------------------------------
+    def _build(self, parts: Parts) -> None:
+        self.parts = parts
+        self.store, self.audit, self.table = parts.store, parts.audit, parts.kernel.table
         self.audit.subscribe(self.metrics.on_audit)
-        self.table = ConntrackTable(None)
-        handle = NodeHandle(self.node, self.table,
-                            NftNodeOps(self.node, None, self.topology.cluster.guest_bridge))
+        self.hypervisor = parts.hypervisor
+        self.guests = GuestBook(self.topology, self.hypervisor)
+        handle = NodeHandle(self.node, parts.kernel.table, parts.kernel.ops)
         self.coordinator = Coordinator(self.topology, self.store, {self.node: handle},
-                                       self.audit, feed_factory=self._feed,
+                                       self.audit, feed_factory=parts.feed_factory or self._feed,
                                        failpoint=self.failpoint)
-        self.reconciler = Reconciler(self.topology, self.node, self.store,
-                                     ungated=self.ungated, audit=self.audit)
-        self.api = ApiServer(self.settings.socket(self.node), self._handlers())
         self.peer = PeerServer(self.node, self.key, self._authorize, self.wake.set,
                                self.failpoint, open_precopy=self._open_precopy,
                                addresses={n.name: str(n.peer_ip) for n in self.topology.nodes})
+        self.migrations = Migrations(
+            self.node, self.topology, self.store, self.coordinator, self.audit, self.guests,
+            self.hypervisor, reconcile=lambda: self.reconciler.run(),
+            release=lambda guest: self.owners.stopped(guest),
+            close_streams=self.peer.end_migration)
+        self.reconciler = Reconciler(self.topology, self.node, self.store, ops=parts.kernel.ops,
+                                     ungated=self.migrations.ungated(), audit=self.audit)
+        self.owners = Owners(self.node, self.store, self.guests, self.audit,
+                             self.migrations.arrivals, self.wake.set)
+        self.intake = Intake(self.node, self.hypervisor, self.guests, self.store, self.audit,
+                             self._execute, self.settings.spool(self.node))
+        self.jobs = MigrateJobs(self.node, self.topology, self.store, self.guests,
+                                self.hypervisor, self.migrations)
+        self.api = ApiServer(self.settings.socket(self.node), self._handlers(),
+                             streaming=frozenset({"guest.migrate"}),
+                             on_bad=self.intake.bad_request)
+
+    # lifecycle ------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        self._build(self._given or await open_parts(self.topology, self.node, self.metrics))
         tasks: list[asyncio.Task[Any]] = []
         try:
             await self.store.upsert_node(self.node, self.me.tag, self.me.mac_prefix,
                                          self.me.pub_ip)
             await self.store.grant_lease(self.node, self.settings.lease_ttl_s)
-            await self.audit.arecord("agent.start", detail=f"pid {os.getpid()}")
+            await self.audit.arecord("agent.start", detail=f"pid {os.getpid()}, hypervisor "
+                                     f"{self.hypervisor.kind}")
             await self.reconciler.run(ruleset=True)
             await self._register_public()
-            await self.peer.start(str(self.me.peer_ip), self.settings.peer_port)
-            await self._start_sync()
-            await self.recover()
+            if self.parts.serve_peers:
+                await self.peer.start(str(self.me.peer_ip), self.settings.peer_port)
+            if self.parts.replicate:
+                await self._start_sync()
+            await self.migrations.recover()
+            self.wake.set()
+            await self.intake.replay()  # what hooks spooled while this agent was away
             await self.api.start()
             self._serve_metrics()
-            tasks = [asyncio.create_task(c) for c in (self._reconcile_loop(), self._watch(),
-                                                      self._watchdog(), self._sync_audit(),
-                                                      self._heartbeats())]
+            await self.intake.replay()  # and what they spooled while it was starting
+            await self._truth()
+            tasks = [asyncio.create_task(c) for c in (
+                self._reconcile_loop(), self._watch(), self.migrations.watchdog(),
+                self._sync_audit(), self._heartbeats(), self.intake.follow())]
             log.info("agent.ready", node=self.node, socket=str(self.api.path))
             if not is_journal(sys.stdout):  # the journal has the agent.ready log line
                 print(f"convergent agent {self.node} ready", flush=True)
@@ -117,6 +201,7 @@ class Agent:
         finally:
             for t in tasks:
                 t.cancel()
+            await self.migrations.close()
             with contextlib.suppress(Exception):  # a record, never a reason not to stop
                 await self.audit.arecord("agent.stop", detail=self.stop_reason, outcome=(
                     "failed" if self.stop_reason.startswith("failed") else "ok"))
@@ -125,10 +210,9 @@ class Agent:
             await self.peer.close()
             if self.sync is not None:
                 await self.sync.stop()
-            self.table.close()
             with contextlib.suppress(Exception):  # a clean stop: dead at once, not after a TTL
                 await self.store.revoke_lease(self.node)
-            await self.store.close()
+            await self.parts.close()
 
     def _serve_metrics(self) -> None:
         listen = self.settings.metrics_listen()
@@ -145,7 +229,7 @@ class Agent:
     async def reload(self, new: Topology) -> list[str]:
         """Take a re-read cluster file (SIGHUP): the reasons it cannot, or apply it and
         re-apply the ruleset. A ruleset the kernel rejects keeps the old file in force."""
-        problems = reload_problems(self.topology, new, self.node, list(self.handovers))
+        problems = reload_problems(self.topology, new, self.node, self.handovers)
         if problems:
             return problems
         old = self.topology
@@ -162,6 +246,7 @@ class Agent:
         self.topology, self.settings = topology, topology.agent
         self.me = topology.node(self.node)
         self.reconciler.topology = self.coordinator.topology = topology
+        self.guests.topology = self.migrations.topology = self.jobs.topology = topology
         if self.sync is not None:
             self.sync.topology = topology  # same peers (reload_problems checked)
 
@@ -217,7 +302,8 @@ class Agent:
     # background loops -----------------------------------------------------------------
     async def _reconcile_loop(self) -> None:
         """Every store change wakes it; it also runs every reconcile_interval_s, then with
-        the ruleset too (someone may have flushed it)."""
+        the ruleset too (someone may have flushed it), the spool's leftovers and the
+        hypervisor's truth."""
         while True:
             periodic = False
             try:
@@ -231,6 +317,17 @@ class Agent:
                 await self._adopt()
             except Exception as exc:
                 log.warning("failover.adoption_failed", error=str(exc))
+            with contextlib.suppress(Exception):  # counted by the intake
+                if self.intake.pending():
+                    await self.intake.replay()
+                if periodic:
+                    await self._truth()
+
+    async def _truth(self) -> None:
+        try:
+            await self.intake.truth()
+        except Exception:
+            log.exception("intake.truth_failed")
 
     async def _watch(self) -> None:
         rev = await self.store.revision()
@@ -238,16 +335,6 @@ class Agent:
             del change
             await asyncio.sleep(WATCH_DEBOUNCE)  # a burst of changes: one pass
             self.wake.set()
-
-    async def _watchdog(self) -> None:
-        """A migration here that never got its resume or abort is aborted in the end."""
-        while True:
-            await asyncio.sleep(min(self.settings.migration_timeout_s / 4, 30))
-            now = time.time()
-            for guest, h in list(self.handovers.items()):
-                if (h.record.phase in (Phase.PREPARE, Phase.PRECOPY)
-                        and now - h.record.updated > self.settings.migration_timeout_s):
-                    await self._abort(guest, "no resume within migration_timeout_s")
 
     async def _sync_audit(self) -> None:
         """One ``sync.resync`` record per full resync this node's sender starts (a peer
@@ -261,35 +348,23 @@ class Agent:
             seen = started
             await asyncio.sleep(1.0)
 
-    # recovery ---------------------------------------------------------------------------
-    async def recover(self) -> None:
-        """Finish what a previous life of this agent left open in the store."""
-        for m in await self.store.list_migrations(active=True):
-            if m.dst != self.node:
-                continue
-            await self.audit.arecord("agent.recover", guest=m.guest, migration=m.id,
-                                     detail=f"found in phase {m.phase}")
-            try:
-                await self._recover_one(m)
-            except Exception as exc:
-                log.exception("agent.recover_failed", guest=m.guest)
-                if m.guest in self.handovers:
-                    await self._abort(m.guest, f"recovery failed: {exc}")
-        self.wake.set()
-
-    async def _recover_one(self, m: MigrationRecord) -> None:
-        h = Handover(m)
-        if m.phase in (Phase.PREPARE, Phase.PRECOPY):
-            self.handovers[m.guest] = h
-            await self.coordinator.precopy(h)  # re-plans against what D already has
-        elif m.phase == Phase.CUTOVER:
-            self.handovers[m.guest] = h  # the guest runs here: finish the flip
-            await self.coordinator.cutover(h)
-            self._finalize_later(m.guest, h)
-        elif m.phase == Phase.FINALIZE:
-            await self.coordinator.finalize(h)
-        elif m.phase == Phase.ABORT:
-            await self.coordinator.abort(h, m.error or "aborted before a restart")
+    # the intake's operations -------------------------------------------------------------
+    async def _execute(self, op: Op, event: GuestEvent) -> Any:
+        a = dict(op.args)
+        guest = a["guest"]
+        if op.name == OpName.PREPARE:
+            return await self.migrations.prepare(guest, a["src"], wait=False, id=a["id"])
+        if op.name == OpName.RESUMED:
+            return await self.migrations.resumed(guest)
+        if op.name == OpName.FINALIZE:
+            return await self.migrations.finalize(guest, a["how"])
+        if op.name == OpName.ABORT:
+            return await self.migrations.abort(guest, a["reason"])
+        if op.name == OpName.STARTED:
+            return await self.owners.started(guest)
+        if op.name == OpName.STOPPED:
+            return await self.owners.stopped(guest)
+        raise AssertionError(op.name)
 
     # the peer channel (source side) -----------------------------------------------------
     def _feed(self, record: MigrationRecord) -> SourceFeed:
@@ -315,16 +390,19 @@ class Agent:
                 or mig.guest != req.get("guest"):
             raise MigrationError(f"{peer} asked for {req.get('guest')}'s entries without an "
                                  f"active migration {self.node} -> {peer}")
-        return SourceSide(self.table, self.topology, mig.guest, mig.src, mig.dst,
+        return SourceSide(self.table, self.topology, record_guest(mig), mig.src, mig.dst,
                           mig.addresses)
 
     # API ---------------------------------------------------------------------------------
     def _handlers(self) -> dict[str, Handler]:
+        m = self.migrations
         return {
             "ping": self.ping, "status": self.status, "reconcile": self.reconcile,
-            "migration.prepare": self.prepare, "migration.resumed": self.resumed,
-            "migration.abort": self.abort, "migration.finalize": self.finalize,
-            "guest.started": self.guest_started, "guest.stopped": self.guest_stopped,
+            "hook.deliver": self.intake.deliver, "intake.replay": self.intake.replay,
+            "migration.prepare": m.prepare, "migration.resumed": m.resumed,
+            "migration.abort": m.abort, "migration.finalize": m.finalize,
+            "guest.started": self.owners.started, "guest.stopped": self.owners.stopped,
+            "guest.migrate": self.jobs.migrate, "guest.migrate_abort": self.jobs.abort,
             "sync.status": self.sync_status, "sync.commit": self.sync_commit,
             "failover.run": self.failover, "failover.back": self.failback,
             "cluster.status": self.cluster_status,
@@ -338,144 +416,29 @@ class Agent:
         stats = self.reconciler.stats
         return {
             "node": self.node, "pid": os.getpid(), "uptime_s": round(time.time() - self.started),
+            "hypervisor": self.hypervisor.kind,
             "owned": {str(o.ip): {"guest": o.guest, "epoch": o.epoch} for o in owned},
-            "migrations": [_mig_view(h) for h in self.handovers.values()],
+            "migrations": self.migrations.status(),
+            "recent": list(self.migrations.recent),
+            "jobs": self.jobs.status(),
+            "intake": self.intake.status(),
             "reconcile": {"runs": stats.runs, "changed": stats.changed, "errors": stats.errors,
                           "last_ms": round(stats.last_ms, 1), "total_ms": round(stats.total_ms, 1),
                           "last_error": stats.last_error},
             "api": {"requests": self.api.requests, "errors": self.api.errors},
             "peer": {"streams": self.peer.streams, "refused": self.peer.refused,
                      "refusals": dict(self.peer.counters)},
+            "audit": {"errors": self.coordinator.audit_errors},
             "sync": self.sync is not None,
         }
 
     async def reconcile(self) -> dict[str, Any]:
         return {"changes": await self.reconciler.run(ruleset=True)}
 
-    async def prepare(self, guest: str, src: str | None = None, handover: bool = True,
-                      wait: bool = True) -> dict[str, Any]:
-        """A guest is about to arrive here (libvirt ``migrate begin`` on D, Xen
-        ``--incoming``, or ``lab migrate``). ``wait``: return after precopy's first sync."""
-        if guest in self.handovers:
-            raise MigrationError(f"{guest} is already migrating to {self.node} "
-                                 f"(migration {self.handovers[guest].record.id})")
-        src = src or await self._owner_node(guest)
-        if not handover:
-            self.ungated.add(guest)
-        coord = self._coordinator(handover)
-        try:
-            h = await coord.prepare(guest, src, self.node)
-        except BaseException:
-            self.ungated.discard(guest)
-            raise
-        self.handovers[guest] = h
-        task = asyncio.create_task(self._precopy(coord, guest, h))
-        if wait:
-            await asyncio.shield(task)
-        return _mig_view(h)
-
-    async def _precopy(self, coord: Coordinator, guest: str, h: Handover) -> None:
-        try:
-            await coord.precopy(h)
-        except Exception as exc:
-            log.exception("migration.precopy_failed", guest=guest)
-            await self._abort(guest, f"precopy failed: {exc}")
-            raise
-
-    async def resumed(self, guest: str, wait_finalize: bool = False) -> dict[str, Any]:
-        """The guest runs here now: cutover, then finalize off the caller's path. Repeated
-        (a caller retrying across an agent restart) it reports the cutover already done."""
-        if guest not in self.handovers:
-            done = await self._latest_arrival(guest)
-            if done is not None:
-                return _mig_view(Handover(done, timings=dict(done.timings)))
-        h = self._handover(guest)
-        if h.record.phase not in (Phase.PREPARE, Phase.PRECOPY):
-            # recovery already replays this cutover: wait for it rather than race it
-            await asyncio.gather(*self.finalizers, return_exceptions=True)
-            return _mig_view(h)
-        try:
-            await self._coordinator(guest not in self.ungated).cutover(h)
-        except Exception as exc:
-            if not await self._owns(h):  # past the flip there is nothing to abort
-                await self._abort(guest, f"cutover failed: {exc}")
-            raise
-        self._finalize_later(guest, h)
-        if wait_finalize:
-            await asyncio.gather(*self.finalizers, return_exceptions=True)
-        return _mig_view(h)
-
-    async def abort(self, guest: str, reason: str = "aborted by request") -> dict[str, Any]:
-        h = self._handover(guest)
-        if h.record.phase not in ABORTABLE:
-            raise MigrationError(f"{guest}: migration {h.record.id} is in phase "
-                                 f"{h.record.phase}; nothing to abort")
-        await self._abort(guest, reason)
-        return _mig_view(h)
-
-    async def _abort(self, guest: str, reason: str) -> None:
-        h = self.handovers.pop(guest, None)
-        self.ungated.discard(guest)
-        if h is not None:
-            await self.coordinator.abort(h, reason)
-            # a pass that read the store before the abort may still re-close the gate the
-            # abort opened; passes are serialized, so this one runs after it and undoes that
-            with contextlib.suppress(Exception):  # counted in its stats; the loop retries
-                await self.reconciler.run()
-
-    async def finalize(self, guest: str) -> dict[str, Any]:
-        """S's "guest gone" signal: D finalizes on its own right after cutover, so this
-        only waits for that (idempotent; a no-op for a guest with nothing in flight)."""
-        await asyncio.gather(*self.finalizers, return_exceptions=True)
-        return {"guest": guest, "in_flight": guest in self.handovers}
-
-    def _finalize_later(self, guest: str, h: Handover) -> None:
-        async def run() -> None:
-            try:
-                await self.coordinator.finalize(h)
-            finally:
-                self.handovers.pop(guest, None)
-                self.ungated.discard(guest)
-        task = asyncio.create_task(run())
-        self.finalizers.add(task)
-        task.add_done_callback(self.finalizers.discard)
-
-    async def guest_started(self, guest: str) -> dict[str, Any]:
-        """A guest booted here (not by migration): claim its addresses if nobody owns them."""
-        g = self._guest(guest)
-        owners = {o.ip: o for o in await self.store.list_ownership(guest=guest,
-                                                                   include_released=True)}
-        await self.audit.arecord("guest.start", guest=guest, addresses=_strs(g.addresses))
-        free = {a: owners[a].epoch if a in owners else 0 for a in g.addresses
-                if a not in owners or owners[a].node is None}
-        taken = {str(a): owners[a].node for a in g.addresses
-                 if a in owners and owners[a].node not in (None, self.node)}
-        if free:
-            claimed = await self.store.claim_all(free, self.node, guest)
-            await self.audit.arecord("ownership.claim", guest=guest,
-                                     addresses=_strs(free), epoch=max(o.epoch for o in claimed))
-        self.wake.set()
-        return {"claimed": _strs(free), "owned_elsewhere": taken}
-
-    async def guest_stopped(self, guest: str) -> dict[str, Any]:
-        """A guest shut down here (not migrated away): release what this node owns of it."""
-        g = self._guest(guest)
-        await self.audit.arecord("guest.stop", guest=guest, addresses=_strs(g.addresses))
-        if guest in self.handovers:
-            return {"released": [], "reason": "migrating"}
-        owned = await self.store.list_ownership(guest=guest)
-        mine: dict[Address, int] = {o.ip: o.epoch for o in owned if o.node == self.node}
-        if mine:
-            released = await self.store.release_all(mine)
-            await self.audit.arecord("ownership.release", guest=guest, addresses=_strs(mine),
-                                     epoch=max(o.epoch for o in released))
-        self.wake.set()
-        return {"released": _strs(mine)}
-
-    async def failover(self, from_node: str, force: bool = False, dry_run: bool = False,
-                       skip: list[str] | None = None) -> dict[str, Any]:
+    async def failover(self, from_node: str, force: bool = False,
+                       dry_run: bool = False) -> dict[str, Any]:
         """This node adopts dead ``from_node``'s address and flows (orchestrator/failover)."""
-        return await self.failovers.run(from_node, force, dry_run, frozenset(skip or ()))
+        return await self.failovers.run(from_node, force, dry_run)
 
     async def failback(self, node: str) -> dict[str, Any]:
         return await self.failovers.back(node)
@@ -501,58 +464,6 @@ class Agent:
                                  to_node=self.node, entries=result.get("committed"))
         return result
 
-    # helpers ---------------------------------------------------------------------------
-    def _coordinator(self, handover: bool) -> Coordinator:
-        if handover:
-            return self.coordinator
-        c = Coordinator(self.topology, self.store, self.coordinator.nodes, self.audit,
-                        handover=False, feed_factory=self._feed, failpoint=self.failpoint)
-        return c
-
-    async def _owns(self, h: Handover) -> bool:
-        owners = {o.ip: o.node for o in await self.store.list_ownership(guest=h.record.guest)}
-        return all(owners.get(a) == self.node for a in h.record.addresses)
-
-    async def _latest_arrival(self, guest: str) -> MigrationRecord | None:
-        """The newest migration of ``guest`` here that got past its cutover, if any."""
-        migs = await self.store.list_migrations(active=False, guest=guest)
-        mine = [m for m in migs if m.dst == self.node and m.phase in
-                (Phase.CUTOVER, Phase.FINALIZE, Phase.DONE)]
-        return max(mine, key=lambda m: m.started) if mine else None
-
-    def _handover(self, guest: str) -> Handover:
-        h = self.handovers.get(guest)
-        if h is None:
-            raise MigrationError(f"no migration of {guest} to {self.node} in flight")
-        return h
-
-    def _guest(self, guest: str) -> Any:
-        try:
-            return self.topology.guest(guest)
-        except KeyError:
-            raise ConvergentError(f"unknown guest {guest!r}") from None
-
-    async def _owner_node(self, guest: str) -> str:
-        g = self._guest(guest)
-        owners = {o.node for o in await self.store.list_ownership(guest=guest)}
-        owners.discard(None)
-        if len(owners) != 1:
-            found = sorted(map(str, owners))
-            raise MigrationError(f"cannot tell where {guest} runs: owners {found} of "
-                                 f"{_strs(g.addresses)}; pass src")
-        return str(owners.pop())
-
-
-def _mig_view(h: Handover) -> dict[str, Any]:
-    r = h.record
-    return {"id": r.id, "guest": r.guest, "from": r.src, "to": r.dst, "phase": str(r.phase),
-            "timings": h.timings, "entries": h.entries_pushed, "source_lost": h.source_lost}
-
-
-def _strs(addrs: Any) -> list[str]:
-    return [str(a) for a in addrs]
-
 
 def _per_node(path: str, node: str) -> str:
     return path.replace("{node}", node)
-

@@ -281,6 +281,7 @@ class PeerServer:
         self.server: asyncio.AbstractServer | None = None
         self.streams = 0
         self.refused = 0
+        self.serving: dict[str, set[asyncio.Task[Any]]] = {}  # migration id -> connections
 
     async def start(self, host: str, port: int) -> None:
         try:
@@ -289,6 +290,28 @@ class PeerServer:
         except OSError as exc:
             why = os.strerror(exc.errno) if exc.errno else str(exc)
             raise PeerError(f"peer channel: cannot listen on {host}:{port}: {why}") from None
+
+    def _serving(self, migration: str) -> set[asyncio.Task[Any]]:
+        conns = self.serving.setdefault(migration, set())
+        task = asyncio.current_task()
+        if task is not None:
+            conns.add(task)
+        return conns
+
+    def _done_serving(self, conns: set[asyncio.Task[Any]]) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            conns.discard(task)
+        for mid, c in list(self.serving.items()):
+            if not c:
+                del self.serving[mid]
+
+    def end_migration(self, migration: str) -> int:
+        """The source closes its part: end every stream still serving ``migration``."""
+        conns = self.serving.pop(migration, set())
+        for task in conns:
+            task.cancel()
+        return len(conns)
 
     async def close(self) -> None:
         if self.server is not None:
@@ -303,6 +326,7 @@ class PeerServer:
         side: SourceSide | None = None
         carrier: _Carrier | None = None
         pump: asyncio.Task[None] | None = None
+        serving: set[asyncio.Task[Any]] | None = None
         lock = asyncio.Lock()
         try:
             while True:
@@ -312,6 +336,7 @@ class PeerServer:
                 op = req.get("op")
                 if op == "stream" and side is None:
                     side = await self.authorize(peer, req)
+                    serving = self._serving(str(req.get("migration")))
                     self.streams += 1
                     carrier = await self._carrier(ch, peer, req)
                     carrier.start(await side.open())
@@ -339,7 +364,11 @@ class PeerServer:
             log.warning("peer.refused", peer=ch.peer, error=str(exc))
             with _quiet():
                 await ch.send({"op": "error", "error": str(exc)})
+        except asyncio.CancelledError:
+            log.info("peer.ended", peer=ch.peer, reason="the source closed the migration")
         finally:
+            if serving is not None:
+                self._done_serving(serving)
             if pump is not None:
                 async with lock:
                     pump.cancel()

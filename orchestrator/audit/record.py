@@ -27,6 +27,7 @@ ACTIONS = frozenset(
         "migration.cutover",
         "migration.finalize",
         "migration.abort",
+        "migration.leave",
         "ownership.claim",
         "ownership.release",
         "failover.begin",
@@ -46,6 +47,8 @@ ACTIONS = frozenset(
         "agent.recover",
         "hook.veto",
         "hook.spooled",
+        "hook.report",
+        "hook.rejected",
         "error",
     }
 )

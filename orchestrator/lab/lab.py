@@ -257,7 +257,8 @@ class Lab:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
         deadline = time.monotonic() + 2  # a killed child lingers as a zombie: agent_pid
-        while self.agent_pid(node) is not None and time.monotonic() < deadline:
+        while (self.agent_pid(node) is not None or _threads_left(pid)) \
+                and time.monotonic() < deadline:
             time.sleep(0.01)
 
     def agent_pid(self, node: str) -> int | None:
@@ -294,6 +295,15 @@ class Lab:
             "namespaces": [n for n in ns.list_netns() if n.startswith(self.names.prefix)],
             "guests": {g.name: self.guest_node(t, g.name) for g in t.guests},
         }
+
+
+def _threads_left(pid: int) -> bool:
+    """A killed process's leader turns zombie before its other threads are gone, and its
+    sockets close only with the last of them."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False
 
 
 def preflight() -> None:

@@ -111,7 +111,7 @@ async def _via_agents(lab: Lab, hv: LabHypervisor, guest: str, src: str, dst: st
     timings = done.get("timings", {})
     return MigrationReport(guest, src, dst, prep["timings"].get("precopy", 0.0),
                            timings.get("cutover", 0.0), hv.last_pause_ms,
-                           int(done.get("entries", 0)), (time.monotonic() - start) * 1000)
+                           int(done.get("entries") or 0), (time.monotonic() - start) * 1000)
 
 
 async def _retrying(sock: Path, op: str, **args: Any) -> Any:

@@ -26,7 +26,7 @@ from orchestrator.handover.applier import apply_plan
 from orchestrator.handover.planner import Plan, abort_actions, dest_key, plan_handover
 from orchestrator.migration.feed import FeedBatch, FeedLost, LocalFeed, SourceFeed, SourceSide
 from orchestrator.migration.nodeops import NodeOps
-from orchestrator.model.cluster import Topology
+from orchestrator.model.cluster import Guest, Topology
 from orchestrator.model.conntrack import Entry, EventType, Key
 from orchestrator.netfilter.conntrack import Conntrack
 from orchestrator.store.base import Address, EpochConflict, MigrationRecord, Phase, Store
@@ -51,9 +51,13 @@ class NodeHandle:
 
 @dataclass
 class Handover:
-    """Live state of one migration on the coordinating (destination) side."""
+    """Live state of one migration on the coordinating (destination) side. ``hands_over``
+    False: the control run, which moves the guest without any handover (no gate, no
+    entries) to show what breaks without it."""
 
     record: MigrationRecord
+    hands_over: bool = True
+    guest: Guest | None = None  # resolved once: the cluster file's, or the hypervisor's
     plans: list[Plan] = field(default_factory=list)
     feed: SourceFeed | None = None
     follower: asyncio.Task[None] | None = None
@@ -62,6 +66,22 @@ class Handover:
     steps: dict[str, float] = field(default_factory=dict)  # step of a phase -> ms
     source_lost: bool = False  # S's entries could not be fetched at some point
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def __post_init__(self) -> None:
+        if self.guest is None:
+            self.guest = record_guest(self.record)
+
+    @property
+    def who(self) -> Guest:
+        assert self.guest is not None
+        return self.guest
+
+
+def record_guest(record: MigrationRecord) -> Guest:
+    """The guest as its migration record names it: what the planner needs (name and
+    addresses), also for a guest only the hypervisor knows, after a restart."""
+    return Guest.model_construct(name=record.guest, macs=[], addresses=list(record.addresses),
+                                 home=None)
 
 
 class Coordinator:
@@ -79,13 +99,18 @@ class Coordinator:
         self.store = store
         self.nodes = nodes
         self.audit = audit
-        self.handover_enabled = handover  # False: the control run (what breaks without us)
+        self.handover_default = handover  # False: the control run (what breaks without us)
         self.feed_factory = feed_factory or self._local_feed
         self.failpoint = failpoint or _no_failpoint
         self.bit = topology.cluster.handover_bit
+        self.audit_errors = 0
 
     # phases -------------------------------------------------------------------------
-    async def prepare(self, guest: str, src: str, dst: str) -> Handover:
+    async def prepare(self, guest: str | Guest, src: str, dst: str, *,
+                      handover: bool | None = None, id: str | None = None) -> Handover:
+        """``guest``: a name from the cluster file, or a Guest resolved elsewhere (the
+        hypervisor's metadata). ``id``: the migration's id (the same id again is the same
+        migration). ``handover``: None for the coordinator's default."""
         known = {n.name for n in self.topology.nodes}
         for node in (src, dst):
             if node not in known:
@@ -93,25 +118,35 @@ class Coordinator:
                                      f"{', '.join(sorted(known))})")
         if dst not in self.nodes:
             raise MigrationError(f"this coordinator drives {', '.join(self.nodes)}, not {dst}")
+        g = guest if isinstance(guest, Guest) else self._guest(guest)
         if src == dst:
-            raise MigrationError(f"{guest} is already on {dst}")
+            raise MigrationError(f"{g.name} is already on {dst}")
+        record = await self.store.create_migration(g.name, g.addresses, src, dst, id=id)
+        h = Handover(record, self.handover_default if handover is None else handover, g)
         try:
-            g = self.topology.guest(guest)
-        except KeyError:
-            raise MigrationError(f"unknown guest {guest!r}") from None
-        record = await self.store.create_migration(guest, g.addresses, src, dst)
-        h = Handover(record)
-        if self.handover_enabled:
-            await self._dst(h).ops.gate(g.addresses, closed=True)
-        await self._phase_done(h, Phase.PREPARE, 0.0)
+            if h.hands_over:
+                await self._dst(h).ops.gate(g.addresses, closed=True)
+            await self._phase_done(h, Phase.PREPARE, 0.0)
+        except BaseException as exc:
+            # the record exists: never leave it for the watchdog with the gate closed
+            with contextlib.suppress(Exception):
+                await self.abort(h, f"prepare failed: {type(exc).__name__}: {exc}")
+            raise
         return h
+
+    def _guest(self, name: str) -> Guest:
+        try:
+            return self.topology.guest(name)
+        except KeyError:
+            known = ", ".join(g.name for g in self.topology.guests) or "none"
+            raise MigrationError(f"unknown guest {name!r} (known: {known})") from None
 
     async def precopy(self, h: Handover) -> None:
         """Stream G's entries S -> D while G still runs on S: subscribe, dump, push, follow.
         Replayable: a restarted agent calls it again and re-plans against D's table."""
         start = time.monotonic()
         await self._advance(h, Phase.PREPARE, Phase.PRECOPY)
-        if self.handover_enabled:
+        if h.hands_over:
             await self._dst(h).ops.gate(h.record.addresses, closed=True)
             await self._open_feed(h)
             await self.failpoint("precopy.synced")
@@ -124,21 +159,21 @@ class Coordinator:
         start = time.monotonic()
         await self._advance(h, Phase.PRECOPY, Phase.CUTOVER)
         dst = self._dst(h)
-        if self.handover_enabled:
+        if h.hands_over:
             step = time.monotonic()
             await self._final_delta(h)
             h.steps["final_delta"] = _ms(step)  # what the cutover waits on S for
         await self.failpoint("cutover.drained")
         await self._claim(h)
         await self.failpoint("cutover.claimed")
-        await dst.ops.arrive(h.record.addresses, open_gate=self.handover_enabled)
+        await dst.ops.arrive(h.record.addresses, open_gate=h.hands_over)
         src = self.nodes.get(h.record.src)
         if src is not None:
             await src.ops.host(h.record.addresses, hosted=False)
         if h.feed is not None:
             await h.feed.close(released=True)  # S reconciles its sets now, not at next poll
             h.feed = None
-        if self.handover_enabled:
+        if h.hands_over:
             await dst.ops.announce_gateway(self.topology.cluster.gateway)
         await self._phase_done(h, Phase.CUTOVER, _ms(start), entries=h.entries_pushed,
                                epoch=max(h.record.epoch_before.values(), default=-1) + 1,
@@ -169,7 +204,7 @@ class Coordinator:
         await self._audit("migration.abort", h, outcome="failed", detail=error,
                           entries=len(undo), duration_ms=_ms(start))
 
-    async def run(self, guest: str, src: str, dst: str,
+    async def run(self, guest: str | Guest, src: str, dst: str,
                   move: Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]) -> Handover:
         """The whole migration around ``move`` (the hypervisor's part), which calls back
         once the guest runs on the destination."""
@@ -186,7 +221,7 @@ class Coordinator:
     # handover mechanics -------------------------------------------------------------
     def _local_feed(self, record: MigrationRecord) -> SourceFeed:
         src = self.nodes[record.src]
-        return LocalFeed(SourceSide(src.table, self.topology, record.guest, record.src,
+        return LocalFeed(SourceSide(src.table, self.topology, record_guest(record), record.src,
                                     record.dst, record.addresses))
 
     def _dst(self, h: Handover) -> NodeHandle:
@@ -226,7 +261,7 @@ class Coordinator:
         carries the handover bit."""
         dst = self._dst(h)
         existing = await asyncio.to_thread(dst.table.dump, addresses=list(h.record.addresses))
-        plan = plan_handover(entries, self.topology, h.record.guest, h.record.src,
+        plan = plan_handover(entries, self.topology, h.who, h.record.src,
                              h.record.dst, existing, handover_bit=self.bit)
         h.plans.append(plan)
         done = await apply_plan(dst.table, plan)
@@ -257,7 +292,7 @@ class Coordinator:
         gone = [e.entry for e in batch.events if e.type == EventType.DESTROY]
         if live:
             await self._sync(h, live)
-        keys = [k for e in gone if (k := dest_key(e, self.topology, h.record.guest,
+        keys = [k for e in gone if (k := dest_key(e, self.topology, h.who,
                                                    h.record.src, h.record.dst)) is not None]
         if keys:
             await asyncio.to_thread(self._dst(h).table.delete, keys)
@@ -311,12 +346,19 @@ class Coordinator:
         log.info(f"migration.{phase.value}", guest=h.record.guest, ms=round(ms, 1), **fields)
 
     async def _audit(self, action: str, h: Handover, **fields: Any) -> None:
+        """A record that cannot be written is counted and logged, never a reason for a
+        migration to stop half-way (issue 15: a junk line in the log stranded one)."""
         if self.audit is None:
             return
-        # arecord: the log's lock and fsync stay off the event loop
-        await self.audit.arecord(action, guest=h.record.guest, migration=h.record.id,
-                                 from_node=h.record.src, to_node=h.record.dst,
-                                 addresses=[str(a) for a in h.record.addresses], **fields)
+        try:
+            # arecord: the log's lock and fsync stay off the event loop
+            await self.audit.arecord(action, guest=h.record.guest, migration=h.record.id,
+                                     from_node=h.record.src, to_node=h.record.dst,
+                                     addresses=[str(a) for a in h.record.addresses], **fields)
+        except Exception as exc:
+            self.audit_errors += 1
+            log.error("audit.write_failed", action=action, guest=h.record.guest,
+                      error=f"{type(exc).__name__}: {exc}")
 
 
 def _ms(start: float) -> float:

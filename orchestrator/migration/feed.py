@@ -18,7 +18,7 @@ from ipaddress import IPv4Address
 
 from orchestrator.errors import ConvergentError
 from orchestrator.handover.planner import SourceKind, plan_source
-from orchestrator.model.cluster import Topology
+from orchestrator.model.cluster import Guest, Topology
 from orchestrator.model.conntrack import Entry, Event, EventType
 from orchestrator.netfilter.conntrack import Conntrack, Events, Overrun
 
@@ -64,7 +64,7 @@ class SourceFeed(abc.ABC):
 class SourceSide:
     """The source's half: runs next to S's conntrack table."""
 
-    def __init__(self, table: Conntrack, topology: Topology, guest: str, src: str,
+    def __init__(self, table: Conntrack, topology: Topology, guest: str | Guest, src: str,
                  dst: str, addresses: Iterable[IPv4Address]) -> None:
         self.table = table
         self.topology = topology
