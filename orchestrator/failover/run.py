@@ -20,23 +20,26 @@ import structlog
 
 from orchestrator.audit.log import AuditLog
 from orchestrator.errors import ConvergentError
-from orchestrator.failover.adopt import AdoptionOps
+from orchestrator.failover.adopt import Changes
 from orchestrator.failover.plan import FailoverPlan, FailoverRefused, plan_failover
 from orchestrator.model.cluster import Topology
 from orchestrator.model.conntrack import Entry
-from orchestrator.store.base import PublicConflict, Store
+from orchestrator.netfilter.conntrack import Conntrack
+from orchestrator.store.base import PublicAddress, PublicConflict, Store
 
 log = structlog.get_logger("convergent.failover")
 SKIPPABLE = frozenset({"entries", "address"})
 
 
-class SnatTable(Protocol):
-    def push_snat(self, entries: list[Entry]) -> Any: ...
+class Adoption(Protocol):
+    """What a failover needs of :class:`~orchestrator.failover.adopt.AdoptionOps`."""
+
+    async def reconcile(self, records: list[PublicAddress]) -> Changes: ...
 
 
 class Failover:
-    def __init__(self, topology: Topology, node: str, store: Store, table: SnatTable,
-                 adoption: AdoptionOps, audit: AuditLog,
+    def __init__(self, topology: Topology, node: str, store: Store, table: Conntrack,
+                 adoption: Adoption, audit: AuditLog,
                  cached: Callable[[str], list[Entry]], wake: Callable[[], None]) -> None:
         self.topology, self.node, self.store, self.table = topology, node, store, table
         self.adoption, self.audit, self.cached, self.wake = adoption, audit, cached, wake

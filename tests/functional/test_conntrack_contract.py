@@ -102,6 +102,25 @@ def test_an_add_needs_confirmed_and_drops_what_userspace_cannot_set(table: Connt
     assert held(table, natted).status == PUSHED
 
 
+def test_push_snat_keeps_the_binding(table: Conntrack) -> None:
+    """The failover commit: an SNAT entry created with its binding holds the NATed reply
+    (to the dead node's address and port) and the SRC_NAT bits; the replies find it by that
+    tuple; a second commit creates nothing and is no error."""
+    e = tcp(G, PEER, 40000, dport=443, mark=1, status=PUSHED | Status.SRC_NAT)
+    e = replace(e, tuple_reply=replace(e.tuple_reply, dst=ip_address("192.168.122.11"),
+                                       dport=61000))
+    result = table.push_snat([e, udp(G, PEER, 5353, status=Status.SEEN_REPLY)])
+    assert result.created == 1 and [err.errno for err in result.errors] == [errno.EBUSY]
+    got = held(table, e)
+    assert got.tuple_reply == e.tuple_reply and got.mark == 1
+    assert got.status & (Status.SRC_NAT | Status.SRC_NAT_DONE) == (Status.SRC_NAT
+                                                                  | Status.SRC_NAT_DONE)
+    assert held(table, (e.tuple_reply, 0)).key == e.key
+    again = table.push_snat([e])
+    assert (again.created, again.errors) == (0, [])
+    assert table.count() == 1
+
+
 def test_one_bad_entry_in_a_batch_is_reported_alone(table: Conntrack) -> None:
     batch = [tcp("10.6.0.1", f"10.7.{i // 250}.{i % 250}", 20000 + i) for i in range(600)]
     batch[300] = bad = replace(batch[300], status=Status.SEEN_REPLY)

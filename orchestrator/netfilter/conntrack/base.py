@@ -155,6 +155,13 @@ class Conntrack(Protocol):
         reply tuple is held by another entry is reported as EEXIST."""
         ...
 
+    def push_snat(self, entries: Iterable[Entry]) -> PushResult:
+        """Create SNAT entries *with* their binding (a failover: this node un-SNATs the
+        replies itself). ``tuple_reply`` is the NATed reply (its destination the NAT address
+        and port); the stored entry holds that reply and the SRC_NAT bits. One that exists
+        already counts as neither created nor an error (a binding cannot change live)."""
+        ...
+
     def delete(self, entries: Iterable[Entry | Key], missing_ok: bool = True) -> BatchResult:
         ...
 

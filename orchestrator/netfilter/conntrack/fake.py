@@ -67,6 +67,7 @@ UNCHANGEABLE: Final = (
     | Status.EXPECTED | Status.CONFIRMED | Status.DYING | Status.SEQ_ADJUST | Status.TEMPLATE
     | Status.UNTRACKED | Status.OFFLOAD | Status.HW_OFFLOAD
 )
+NO_STATUS: Final = Status(0)
 EVENT_BYTES: Final = 640  # receive buffer one queued event costs
 _ONLY_SET: Final = Status.SEEN_REPLY | Status.ASSURED | Status.CONFIRMED  # cannot be cleared
 
@@ -102,7 +103,19 @@ class FakeConntrack:
         self._by_tuple[(e.tuple_orig, e.zone)] = e.key
         self._by_tuple[(e.tuple_reply, e.zone)] = e.key
 
-    def _create(self, e: Entry) -> int:
+    def push_snat(self, entries: Iterable[Entry]) -> PushResult:
+        result = PushResult()
+        with self._lock:
+            self.calls.append("push_snat")
+            for e in entries:
+                err = self._create(e, nat=Status.SRC_NAT | Status.SRC_NAT_DONE)
+                if err and err != errno.EEXIST:
+                    result.errors.append(EntryError(e, err))
+                elif not err:
+                    result.created += 1
+        return result
+
+    def _create(self, e: Entry, nat: Status = NO_STATUS) -> int:
         if not e.status & Status.CONFIRMED or e.status & (Status.EXPECTED | Status.DYING):
             return errno.EBUSY
         if self._find(e.tuple_orig, e.zone) or self._find(e.tuple_reply, e.zone):
@@ -111,8 +124,8 @@ class FakeConntrack:
         if e.tuple_orig.proto == Proto.TCP:
             fresh = TcpInfo(TcpState.NONE)
             tcp = _written(fresh, e.tcp or fresh)
-        stored = replace(e, status=(e.status & ~UNCHANGEABLE) | Status.CONFIRMED, tcp=tcp,
-                         id=self._next_id)  # fmt: skip
+        status = (e.status & ~UNCHANGEABLE) | Status.CONFIRMED | nat
+        stored = replace(e, status=status, tcp=tcp, id=self._next_id)
         self._next_id += 1
         self._store(stored)
         self._emit(EventType.NEW, stored)
