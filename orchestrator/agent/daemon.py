@@ -43,7 +43,6 @@ from orchestrator.agent.reload import reload_problems
 from orchestrator.audit.key import audit_key
 from orchestrator.audit.log import AuditLog
 from orchestrator.errors import ConvergentError, MigrationError
-from orchestrator.failover.run import SnatTable
 from orchestrator.hypervisor import GuestEvent, Hypervisor, open_hypervisor
 from orchestrator.logs import is_journal
 from orchestrator.migration.coordinator import Coordinator, FeedFactory, NodeHandle, record_guest
@@ -59,8 +58,9 @@ log = structlog.get_logger("convergent.agent")
 WATCH_DEBOUNCE = 0.01
 
 
-class NodeTable(Conntrack, SnatTable, Protocol):
-    """The node's conntrack table: what the coordinator needs, and a failover's commit."""
+class NodeTable(Conntrack, Protocol):
+    """The node's conntrack table: what the coordinator needs, and a failover's commit
+    (``push_snat`` is part of the Conntrack seam now)."""
 
 
 @dataclass
