@@ -435,10 +435,11 @@ class Agent:
     async def reconcile(self) -> dict[str, Any]:
         return {"changes": await self.reconciler.run(ruleset=True)}
 
-    async def failover(self, from_node: str, force: bool = False,
-                       dry_run: bool = False) -> dict[str, Any]:
-        """This node adopts dead ``from_node``'s address and flows (orchestrator/failover)."""
-        return await self.failovers.run(from_node, force, dry_run)
+    async def failover(self, from_node: str, force: bool = False, dry_run: bool = False,
+                       skip: list[str] | None = None) -> dict[str, Any]:
+        """This node adopts dead ``from_node``'s address and flows (orchestrator/failover);
+        ``skip``: parts left out on purpose (control runs)."""
+        return await self.failovers.run(from_node, force, dry_run, frozenset(skip or ()))
 
     async def failback(self, node: str) -> dict[str, Any]:
         return await self.failovers.back(node)
