@@ -10,22 +10,31 @@ sockets across a move, and QEMU announces it on the destination, as in productio
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import shlex
 import subprocess
+import sys
+import tempfile
 import time
+import tomllib
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Interface
 from pathlib import Path
+from typing import Any
 
-from orchestrator.errors import LabError
+from orchestrator.errors import ConvergentError, LabError
 from orchestrator.lab import netns as ns
-from orchestrator.lab.lab import Lab
-from orchestrator.model.cluster import Topology
+from orchestrator.lab.flows import Proc, client_spec, demo_config
+from orchestrator.lab.lab import WORKSTATION_TCP_PORT, Lab
+from orchestrator.model.cluster import Guest, Topology
+from orchestrator.netfilter.apply import apply
 
 from .domxml import LabDomain, lab_domain_xml
 from .image import GuestImage, ensure_image
+from .install import HookConf, install
 from .libvirtd import Daemon
 from .libvirtd import preflight as libvirt_preflight
 
@@ -184,3 +193,123 @@ class VirtLab:
 
 def guest_uuid(lab: str, guest: str) -> str:
     return str(uuid.UUID(hashlib.sha256(f"{lab}:{guest}".encode()).hexdigest()[:32]))
+
+
+def hypervisor_section(lab_dir: Path, t_nodes: list[str]) -> str:
+    """``[hypervisor]`` of a libvirt lab: each agent reaches its node's libvirtd on its
+    socket in the lab directory, and the others' over the migration segment."""
+    sock = lab_dir / "libvirt" / "{node}" / "run" / "libvirt" / "libvirt-sock"
+    addrs = ", ".join(f'{n} = "{mig_addr(i)}"' for i, n in enumerate(t_nodes, start=1))
+    return (f'[hypervisor]\nkind = "libvirt"\nuri = "qemu+unix:///system?socket={sock}"\n'
+            f"addresses = {{ {addrs} }}\n")
+
+
+@dataclass
+class LibvirtLab(Lab):
+    """The lab with real VMs: like :class:`Lab`, but each guest is a TCG VM run by its
+    node's libvirtd (no guest namespaces), the hooks installed in every node's libvirt,
+    and ``[hypervisor] kind = "libvirt"`` in the cluster file."""
+
+    metadata_only: tuple[str, ...] = field(default=())  # guests booted with metadata
+
+    @property
+    def virt(self) -> VirtLab:
+        return VirtLab(self)
+
+    def up(self, nodes: int = 3, config: Path | None = None, agents: bool = True,
+           store: str = "sqlite") -> Topology:
+        libvirt_preflight()
+        ensure_image()  # before any namespace exists: a failed build leaves nothing behind
+        text = config.read_text() if config else demo_config(nodes, self.name)
+        if "hypervisor" not in _toml(text):
+            names = [n["name"] for n in _toml(text).get("nodes", [])]
+            text += "\n" + hypervisor_section(self.dir, names)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "cluster.toml"
+            path.write_text(text)
+            return super().up(nodes, path, agents, store)
+
+    def is_up(self, topology: Topology) -> bool:
+        existing = set(ns.list_netns())
+        guests = {self.names.guest(g.name) for g in topology.guests}
+        return self.config_path.exists() and all(
+            n in existing for n in self.names.all_for(topology) if n not in guests)
+
+    def down(self) -> list[str]:
+        with contextlib.suppress(ConvergentError, OSError):
+            self.virt.destroy_all(self.topology())
+        return super().down()
+
+    def _build(self, t: Topology) -> None:
+        n = self.names
+        guests = {n.guest(g.name) for g in t.guests}
+        for name in n.all_for(t):
+            if name not in guests:
+                ns.add_netns(name)
+        for bridge in ("wan", "pipes", "sync"):
+            ns.bridge(n.switch, bridge)
+        self._build_workstation(t)
+        for i, node in enumerate(t.nodes, start=1):
+            self._build_node(t, i, node.name)
+        for node in t.nodes:
+            apply(t, node.name, n.node(node.name))
+        self._responder(n.workstation, "workstation", [WORKSTATION_TCP_PORT], [])
+        virt = self.virt
+        virt.build(t)
+        for name in virt.daemons(t):
+            self.install_hooks(t, name)
+        virt.start_daemons(t)
+        image = ensure_image()
+        for g in t.guests:
+            if g.home:
+                virt.boot(t, g.name, g.home, image, xml=lab_domain_xml(
+                    virt.domain(t, g.name, image, g.name in self.metadata_only)))
+
+    def install_hooks(self, t: Topology, node: str) -> list[str]:
+        """``install-hooks --libvirt`` into the node's libvirt (before its libvirtd starts:
+        libvirt looks for hooks at start)."""
+        conf = HookConf(str(t.agent.socket(node)), str(t.agent.spool(node)), node)
+        return install(self.virt.daemon(t, node).root, conf, None)
+
+    def plug_guest(self, t: Topology, guest: Guest, node: str) -> None:
+        raise LabError(f"{guest.name} is a VM: boot it with libvirt, not a veth")
+
+    def guest_node(self, t: Topology, guest: str) -> str | None:
+        return self.virt.guest_node(t, guest)
+
+
+@dataclass
+class VmGuest:
+    """The flows' guest end inside a VM (flows.GuestSide): its servers run from its boot;
+    the guest-initiated client runs there over SSH from its node (kvm.guestexec)."""
+
+    lab: LibvirtLab
+    topology: Topology
+    guest: str
+
+    def start_servers(self, run_dir: Path) -> tuple[list[Proc], Path]:
+        return [], self.lab.virt.ssh_key()
+
+    def start_client(self, run_dir: Path, spec: dict[str, Any]) -> Proc:
+        home = self.lab.guest_node(self.topology, self.guest)
+        if home is None:
+            raise LabError(f"guest {self.guest} runs nowhere")
+        spec_path = run_dir / "guest-spec.json"
+        spec_path.write_text(json.dumps(client_spec(spec)))
+        result, log = run_dir / "guest-result.json", run_dir / "guest-client.log"
+        address = self.topology.guest(self.guest).addresses[0]
+        pid = ns.spawn(self.lab.names.node(home), [
+            sys.executable, "-m", "orchestrator.kvm.guestexec", "--host", str(address),
+            "--key", str(self.lab.virt.ssh_key()), "--spec", str(spec_path),
+            "--result", str(result)], log)
+        return Proc(pid, log, result)
+
+    def restore(self, run_dir: Path) -> None:
+        return None
+
+
+def _toml(text: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return {}  # the lab's loader reports it, with its line

@@ -17,6 +17,8 @@ import itertools
 import json
 import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -329,7 +331,7 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 # main -------------------------------------------------------------------------------
-async def run(spec: dict[str, Any], result: Path) -> None:
+async def run(spec: dict[str, Any], result: Path, stop_on_eof: bool = False) -> None:
     ctx = Ctx(spec.get("interval", 0.05), spec.get("connect_timeout", 10.0),
               spec.get("ssh_key"))
     if spec.get("echo_port"):
@@ -339,6 +341,8 @@ async def run(spec: dict[str, Any], result: Path) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if stop_on_eof:  # run over ssh (a VM's guest side): no signal reaches us, EOF does
+        threading.Thread(target=_until_eof, args=(loop, stop), daemon=True).start()
     streams = [Stream(f["name"], f["kind"], f["entry_node"]) for f in spec["flows"]]
     started = time.time()
     tasks = [asyncio.create_task(run_flow(f, s, ctx)) for f, s in
@@ -369,12 +373,18 @@ def write_result(path: Path, started: float, stopped: float, streams: list[Strea
     os.replace(tmp, path)  # atomic: the reader never sees half a file
 
 
+def _until_eof(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    sys.stdin.buffer.read()
+    loop.call_soon_threadsafe(stop.set)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--spec", type=Path, required=True)
     ap.add_argument("--result", type=Path, required=True)
+    ap.add_argument("--stop-on-eof", action="store_true", help="stop when stdin closes")
     a = ap.parse_args()
-    asyncio.run(run(json.loads(a.spec.read_text()), a.result))
+    asyncio.run(run(json.loads(a.spec.read_text()), a.result, a.stop_on_eof))
 
 
 if __name__ == "__main__":

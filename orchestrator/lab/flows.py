@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from orchestrator.errors import LabError
 from orchestrator.lab import netns as ns
@@ -73,20 +73,64 @@ class FlowResult:
 
 
 @dataclass
-class _Proc:
+class Proc:
     pid: int
     log: Path
     result: Path | None = None
+
+
+class GuestSide(Protocol):
+    """Where the guest's end of the flows runs: a guest namespace (the namespace lab), or
+    a real VM (the libvirt lab, orchestrator.kvm)."""
+
+    def start_servers(self, run_dir: Path) -> tuple[list[Proc], Path]:
+        """The guest's OpenSSH and app servers (those to stop at the end) and the client
+        key its sshd accepts."""
+
+    def start_client(self, run_dir: Path, spec: dict[str, Any]) -> Proc:
+        """The guest-initiated flows' client, inside the guest; it prints ``ready {...}``
+        and, stopped with SIGTERM, writes its result to ``Proc.result``."""
+
+    def restore(self, run_dir: Path) -> None:
+        """Leave the guest as the flows found it."""
+
+
+@dataclass
+class NamespaceGuest:
+    """The namespace lab's guest: its servers are spawned in its namespace, and the lab's
+    one-shot responder (on the same ports) is stopped meanwhile."""
+
+    lab: Lab
+    guest: str
+    responder: list[str] = field(default_factory=list)
+
+    @property
+    def netns(self) -> str:
+        return self.lab.names.guest(self.guest)
+
+    def start_servers(self, run_dir: Path) -> tuple[list[Proc], Path]:
+        self.responder = _free_guest_ports(self.lab, self.guest)
+        servers = [_start_sshd(self.netns, run_dir), _start_app_servers(self.netns, run_dir)]
+        return servers, run_dir / "ssh" / "client_key"
+
+    def start_client(self, run_dir: Path, spec: dict[str, Any]) -> Proc:
+        return _start_client(self.netns, run_dir, "guest", spec)
+
+    def restore(self, run_dir: Path) -> None:
+        if self.responder:  # leave the lab as we found it: ``lab check`` passes again
+            log = run_dir / "responder.log"
+            ns.spawn(self.netns, self.responder, log)
+            ns.wait_for_line(log, "ready")
+            self.responder = []
 
 
 @dataclass
 class FlowSet:
     lab: Lab
     run_dir: Path
-    clients: list[_Proc]
-    servers: list[_Proc]
-    guest_ns: str
-    responder: list[str]  # the lab's guest responder, stopped while the flows run
+    clients: list[Proc]
+    servers: list[Proc]
+    guest: GuestSide
     started_at: float = field(default_factory=time.time)
     results: list[FlowResult] | None = None
 
@@ -113,33 +157,30 @@ class FlowSet:
         for proc in self.servers:  # frees the ports for the next start_flows
             _signal(proc.pid, signal.SIGTERM)
         _wait_gone([proc.pid for proc in self.servers])
-        if self.responder:  # leave the lab as we found it: ``lab check`` passes again
-            log = self.run_dir / "responder.log"
-            ns.spawn(self.guest_ns, self.responder, log)
-            ns.wait_for_line(log, "ready")
-            self.responder = []
+        self.guest.restore(self.run_dir)
 
 
-def start_flows(lab: Lab, topology: Topology, guest: str,
-                entry_nodes: Sequence[str]) -> FlowSet:
-    """Open every stream (each inbound kind via each entry node, plus guest-initiated)."""
+def start_flows(lab: Lab, topology: Topology, guest: str, entry_nodes: Sequence[str],
+                side: GuestSide | None = None) -> FlowSet:
+    """Open every stream (each inbound kind via each entry node, plus guest-initiated).
+    ``side``: where the guest's end runs (default: the guest's namespace)."""
     _require_services(topology, guest)
     home = lab.guest_node(topology, guest)
     if home is None:
         raise LabError(f"guest {guest!r} is on no node")
     inbound = _inbound_specs(topology, entry_nodes)
     run_dir = _new_run_dir(lab)
-    g_ns, ws_ns = lab.names.guest(guest), lab.names.workstation
-    flows = FlowSet(lab, run_dir, [], [], g_ns, _free_guest_ports(lab, guest))
+    side = side or NamespaceGuest(lab, guest)
+    flows = FlowSet(lab, run_dir, [], [], side)
     try:
-        flows.servers += [_start_sshd(g_ns, run_dir), _start_app_servers(g_ns, run_dir)]
-        ws_spec = {"flows": inbound, "echo_port": SNAT_PORT,
-                   "ssh_key": str(run_dir / "ssh" / "client_key")}
-        flows.clients.append(_start_client(ws_ns, run_dir, "workstation", ws_spec,
-                                           "listening"))
+        servers, key = side.start_servers(run_dir)
+        flows.servers += servers
+        ws_spec = {"flows": inbound, "echo_port": SNAT_PORT, "ssh_key": str(key)}
+        flows.clients.append(_start_client(lab.names.workstation, run_dir, "workstation",
+                                           ws_spec, "listening"))
         snat = {"name": "guest-snat", "kind": "guest-snat", "entry_node": home,
                 "host": str(topology.lab.workstation), "port": SNAT_PORT}
-        flows.clients.append(_start_client(g_ns, run_dir, "guest", {"flows": [snat]}))
+        flows.clients.append(side.start_client(run_dir, client_spec({"flows": [snat]})))
         failed = {k: v for c in flows.clients for k, v in _wait_ready(c).items()}
         if failed:
             raise LabError(f"flows failed to start: {failed}")
@@ -147,6 +188,10 @@ def start_flows(lab: Lab, topology: Topology, guest: str,
         flows.abort()
         raise
     return flows
+
+
+def client_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    return {"interval": INTERVAL, **spec}
 
 
 # preparation -------------------------------------------------------------------------
@@ -225,7 +270,7 @@ def _running(pid: int) -> bool:
 
 
 # processes ---------------------------------------------------------------------------
-def _start_sshd(g_ns: str, run_dir: Path) -> _Proc:
+def _start_sshd(g_ns: str, run_dir: Path) -> Proc:
     sshd = shutil.which("sshd", path=os.pathsep.join(
         [os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
     if sshd is None:
@@ -236,7 +281,7 @@ def _start_sshd(g_ns: str, run_dir: Path) -> _Proc:
     # -D: stays in the foreground (dies with the namespace); -e: logs to the log file
     pid = ns.spawn(g_ns, [os.path.abspath(sshd), "-D", "-e", "-f", str(config)], log)
     ns.wait_for_line(log, "Server listening")
-    return _Proc(pid, log)
+    return Proc(pid, log)
 
 
 def _ssh_material(d: Path) -> Path:
@@ -259,28 +304,28 @@ def _ssh_material(d: Path) -> Path:
     return config
 
 
-def _start_app_servers(g_ns: str, run_dir: Path) -> _Proc:
+def _start_app_servers(g_ns: str, run_dir: Path) -> Proc:
     log = run_dir / "flow-servers.log"
     pid = ns.spawn(g_ns, [sys.executable, "-m", "orchestrator.lab.flow_servers",
                           "--ws", str(WS_PORT), "--http", str(HTTP_PORT),
                           "--udp", str(UDP_PORT), "--interval", str(INTERVAL)], log)
     ns.wait_for_line(log, "ready")
-    return _Proc(pid, log)
+    return Proc(pid, log)
 
 
 def _start_client(netns: str, run_dir: Path, name: str, spec: dict[str, Any],
-                  wait_for: str | None = None) -> _Proc:
+                  wait_for: str | None = None) -> Proc:
     spec_path, result = run_dir / f"{name}-spec.json", run_dir / f"{name}-result.json"
-    spec_path.write_text(json.dumps({"interval": INTERVAL, **spec}))
+    spec_path.write_text(json.dumps(client_spec(spec)))
     log = run_dir / f"{name}-client.log"
     pid = ns.spawn(netns, [sys.executable, "-m", "orchestrator.lab.flow_client",
                            "--spec", str(spec_path), "--result", str(result)], log)
     if wait_for:
         ns.wait_for_line(log, wait_for)
-    return _Proc(pid, log, result)
+    return Proc(pid, log, result)
 
 
-def _wait_ready(proc: _Proc) -> dict[str, str]:
+def _wait_ready(proc: Proc) -> dict[str, str]:
     """The client's connect failures ({} when every stream is up)."""
     ns.wait_for_line(proc.log, "ready ", timeout=20)
     line = next(ln for ln in proc.log.read_text().splitlines() if ln.startswith("ready "))
@@ -325,7 +370,7 @@ def announce_guest(lab: Lab, topology: Topology, guest: str) -> None:
 
 
 # judging -----------------------------------------------------------------------------
-def _collect(proc: _Proc, alive_within: float, timeout: float) -> list[FlowResult]:
+def _collect(proc: Proc, alive_within: float, timeout: float) -> list[FlowResult]:
     assert proc.result is not None
     deadline = time.monotonic() + timeout
     while not proc.result.exists():
