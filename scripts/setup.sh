@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(nftables conntrack conntrackd iproute2 socat tcpdump iputils-arping iputils-ping
           openssh-server openssh-client procps psmisc kmod python3 python3-venv python3-pip
-          systemd etcd-server etcd-client)
+          systemd etcd-server etcd-client openssl)
 # the libvirt lab: real libvirtd + QEMU (TCG) per node; -sysv instead of systemd-sysv (FACTS.md);
 # libvirt-dev, pkg-config, gcc, python3-dev build libvirt-python; e2fsprogs and binutils
 # (mke2fs, readelf) and Debian's python3.11 (bytecode) build the guest image

@@ -20,6 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from orchestrator.errors import LabError
@@ -58,11 +59,14 @@ class EtcdCluster:
     heartbeat_ms: int = 50
     election_ms: int = 500
     max_txn_ops: int = 128
+    # TLS: {"cert", "key", "ca", "client_cert", "client_key"} PEM paths (the members' own,
+    # their CA, a client's for the health check); members then require client certs
+    tls: dict[str, str] | None = None
 
     @classmethod
     def create(cls, names: Sequence[str], root: Path | None = None,
                places: Mapping[str, tuple[str | None, str | None]] | None = None,
-               **tuning: int) -> EtcdCluster:
+               **tuning: Any) -> EtcdCluster:
         # Unix socket paths are limited to 108 bytes: keep the directory short
         root = root or Path(tempfile.mkdtemp(prefix="cvt-etcd-", dir="/tmp"))
         root.mkdir(parents=True, exist_ok=True)
@@ -77,7 +81,8 @@ class EtcdCluster:
         hosts = ",".join(quote(str(self.members[n].client_socket(self.root)), safe="")
                          for n in names)
         query = "&".join(f"{k}={v}" for k, v in options.items())
-        return f"etcd://{hosts}{prefix}" + (f"?{query}" if query else "")
+        scheme = "etcds" if self.tls else "etcd"
+        return f"{scheme}://{hosts}{prefix}" + (f"?{query}" if query else "")
 
     def _initial_cluster(self) -> str:
         return ",".join(f"{m.name}={m.peer_url()}" for m in self.members.values())
@@ -88,7 +93,7 @@ class EtcdCluster:
         if binary is None:
             raise LabError("etcd is not installed (Debian package etcd-server; "
                            "scripts/setup.sh installs it)")
-        sock = f"unix://{m.client_socket(self.root).name}"
+        sock = f"{'unixs' if self.tls else 'unix'}://{m.client_socket(self.root).name}"
         data = self.root / f"{m.name}.data"
         listen_peer = f"http://{m.peer_ip}:{PEER_PORT}" if m.peer_ip else m.peer_url()
         return [binary, "--name", m.name, "--data-dir", str(data),
@@ -100,7 +105,14 @@ class EtcdCluster:
                 "--heartbeat-interval", str(self.heartbeat_ms),
                 "--election-timeout", str(self.election_ms),
                 "--max-txn-ops", str(self.max_txn_ops),
-                "--logger", "zap", "--log-level", "warn", "--log-outputs", "stderr"]
+                "--logger", "zap", "--log-level", "warn", "--log-outputs", "stderr",
+                *self._tls_args()]
+
+    def _tls_args(self) -> list[str]:
+        if not self.tls:
+            return []
+        return ["--cert-file", self.tls["cert"], "--key-file", self.tls["key"],
+                "--trusted-ca-file", self.tls["ca"], "--client-cert-auth"]
 
     def start(self, *names: str) -> None:
         for name in names or tuple(self.members):
@@ -140,8 +152,14 @@ class EtcdCluster:
         if not sock.exists():
             return False
         ctl = shutil.which("etcdctl") or "/usr/bin/etcdctl"
-        proc = subprocess.run([ctl, f"--endpoints=unix://{sock}", "--command-timeout=1s",
-                               "endpoint", "health"], env={**os.environ, "ETCDCTL_API": "3"},
+        tls = []
+        if self.tls:
+            tls = [f"--cacert={self.tls['ca']}", f"--cert={self.tls['client_cert']}",
+                   f"--key={self.tls['client_key']}", "--insecure-skip-tls-verify"]
+        scheme = "unixs" if self.tls else "unix"
+        proc = subprocess.run([ctl, f"--endpoints={scheme}://{sock}", "--command-timeout=1s",
+                               *tls, "endpoint", "health"],
+                              env={**os.environ, "ETCDCTL_API": "3"},
                               capture_output=True, timeout=10)
         return proc.returncode == 0
 

@@ -85,6 +85,9 @@ T = TypeVar("T")
 TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
+_TLS_WORDS = ("SSL", "TSI_", "certificate", "handshake", "Handshake")
+
+
 def _transient(exc: grpc.aio.AioRpcError) -> bool:
     return exc.code() in TRANSIENT or (exc.code() == grpc.StatusCode.UNKNOWN and (
         "deadline exceeded" in (exc.details() or "")))
@@ -194,6 +197,9 @@ def _credentials(url: EtcdUrl) -> grpc.ChannelCredentials:
 
 def _error(url: EtcdUrl, what: str, exc: grpc.aio.AioRpcError) -> StoreError:
     detail = (exc.details() or exc.code().name).strip().replace("\n", " ")
+    if _transient(exc) and url.tls and any(w in detail for w in _TLS_WORDS):
+        return StoreError(f"store {url.display}: {what}: TLS with the members failed "
+                          f"({detail}); check ca=, cert=, key= and server_name=")
     if _transient(exc):
         n = len(url.endpoints)
         # Raft may still commit a write its leader took before losing the quorum: say so
