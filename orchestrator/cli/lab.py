@@ -17,6 +17,11 @@ LAB_NAME = click.option(
     help="Lab name; its namespaces are cvg-LAB-*.  [default: $CONVERGENT_LAB, else lab]",
 )
 
+# one definition for lab migrate and lab demo
+CONTROL_HELP = ("The control run: the handover off (no entries handed over, no race gate, "
+                "no gratuitous ARP), and the guest learns its gateway afresh (the rest of "
+                "its neighbour table kept, as a VM keeps it).")
+
 
 @click.group("lab")
 def lab() -> None:
@@ -104,7 +109,7 @@ def status(name: str, as_json: bool) -> None:
 @LAB_NAME
 @click.argument("guest")
 @click.option("--to", "dst", required=True, metavar="NODE", help="Destination node.")
-@click.option("--control", is_flag=True, help="Move the guest without any handover.")
+@click.option("--control", is_flag=True, help=CONTROL_HELP)
 @JSON
 def migrate(name: str, guest: str, dst: str, control: bool, as_json: bool) -> None:
     """Live-migrate a lab guest to another node, handing its flows over."""
@@ -112,8 +117,9 @@ def migrate(name: str, guest: str, dst: str, control: bool, as_json: bool) -> No
 
     from orchestrator.lab.lab import Lab
     from orchestrator.lab.migrate import migrate as do_migrate
+    from orchestrator.lab.plan import move_options
 
-    report = asyncio.run(do_migrate(Lab(name), guest, dst, handover=not control))
+    report = asyncio.run(do_migrate(Lab(name), guest, dst, **move_options(control)))
     if as_json:
         click.echo(json.dumps(report.as_dict()))
     else:
@@ -127,7 +133,7 @@ def migrate(name: str, guest: str, dst: str, control: bool, as_json: bool) -> No
 @LAB_NAME
 @click.option("--nodes", default=3, show_default=True, type=click.IntRange(2, 16),
               help="How many nodes the guest tours.")
-@click.option("--control", is_flag=True, help="The same tour with the handover disabled.")
+@click.option("--control", is_flag=True, help=CONTROL_HELP)
 @JSON
 @click.option("--plot", type=click.Path(dir_okay=False), metavar="FILE.png",
               help="Draw each flow's gaps and the migrations.")

@@ -24,6 +24,7 @@ from orchestrator.lab.flows import (
 )
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.migrate import migrate
+from orchestrator.lab.plan import move_options
 
 GUEST = "guest1"
 Say = Callable[[str], None]
@@ -68,11 +69,8 @@ def run_demo(name: str, nodes: int = 3, control: bool = False,
             async def moving(dst: str = dst) -> None:
                 say(f"  precopy done; moving the guest to {dst}, then cutover")
 
-            # control: a VM's ARP cache expires and it re-resolves the gateway, now the
-            # destination (the veth move compresses that); with handover the gratuitous
-            # ARP moves a guest that kept its cache
-            report = asyncio.run(migrate(lab, GUEST, dst, handover=not control,
-                                         keep_arp=not control, before_move=moving))
+            report = asyncio.run(migrate(lab, GUEST, dst, **move_options(control),
+                                         before_move=moving))  # as `lab migrate` moves
             marks.append(Migration(started, time.time(), src, dst))
             m = report.as_dict()
             migrations.append(m)

@@ -23,8 +23,9 @@ class LabHypervisor:  # moves to the event-driven seam with issue 11
     def __init__(self, lab: Lab, keep_arp: bool = True) -> None:
         self.lab = lab
         self.topology = lab.topology()
-        # a real VM keeps carrier and its ARP cache across the move; the veth does not,
-        # so we put the old gateway entry back (the destination's gratuitous ARP must fix it)
+        # a real VM keeps carrier and its neighbour table across the move; the veth does
+        # not, so we put every entry back (the destination's gratuitous ARP must fix the
+        # gateway's). keep_arp False: all but the gateway's (the control run, plan.py)
         self.keep_arp = keep_arp
         self.last_pause_ms = 0.0
 
@@ -48,12 +49,10 @@ class LabHypervisor:  # moves to the event-driven seam with issue 11
         t, names = self.topology, self.lab.names
         vif = vif_name(t, guest)
         g_ns = names.guest(guest)
-        old_gw = ns.ip(g_ns, "neigh", "show", str(t.cluster.gateway), "dev", GUEST_IFACE)
+        gateway = str(t.cluster.gateway)
+        kept = [n for n in ns.neighbours(g_ns, GUEST_IFACE) if self.keep_arp or n[0] != gateway]
         ns.ip(names.node(src), "link", "set", vif, "netns", names.node(dst))
         ns.enslave(names.node(dst), vif, t.cluster.guest_bridge)
         # as QEMU/Xen do after a move: RARP from the guest's MAC so the switches relearn it
         announce_guest(self.lab, t, guest)
-        if self.keep_arp and "lladdr" in old_gw:
-            mac = old_gw.split("lladdr")[1].split()[0]
-            ns.ip(g_ns, "neigh", "replace", str(t.cluster.gateway), "lladdr", mac, "dev",
-                  GUEST_IFACE, "nud", "stale")
+        ns.restore_neighbours(g_ns, GUEST_IFACE, kept)  # the whole table, as a VM keeps it

@@ -7,6 +7,7 @@ rules or sysctls.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -27,6 +28,19 @@ def sh(argv: Sequence[str], check: bool = True, timeout: float = 30) -> str:
 
 def ip(netns: str, *args: str, check: bool = True) -> str:
     return sh(["ip", "-n", netns, *args], check=check)
+
+
+def neighbours(netns: str, dev: str) -> list[tuple[str, str]]:
+    """``(address, lladdr)`` of every neighbour entry on ``dev`` that has a link address."""
+    out = json.loads(ip(netns, "-j", "neigh", "show", "dev", dev) or "[]")
+    return [(n["dst"], n["lladdr"]) for n in out if n.get("lladdr") and n.get("dst")]
+
+
+def restore_neighbours(netns: str, dev: str, entries: list[tuple[str, str]]) -> None:
+    """Put entries back (stale: used at once, confirmed in the background), as a VM that
+    never lost carrier still has them; a veth that moved had them flushed."""
+    for dst, lladdr in entries:
+        ip(netns, "neigh", "replace", dst, "lladdr", lladdr, "dev", dev, "nud", "stale")
 
 
 def exec_argv(netns: str, argv: Sequence[str]) -> list[str]:

@@ -10,6 +10,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 from orchestrator.errors import ConfigError
 from orchestrator.model.cluster import Topology
@@ -186,3 +187,20 @@ def default_config(nodes: int = 3, lab: str = "lab", state: Path | None = None,
         'addresses = ["10.5.5.201"]\nhome = "n1"\n'
     )
     return "\n".join(parts)
+
+
+class MoveOptions(TypedDict):
+    handover: bool
+    keep_arp: bool
+
+
+def move_options(control: bool) -> MoveOptions:
+    """What a lab move does, for ``lab migrate`` and ``lab demo`` alike. With handover the
+    guest keeps its whole neighbour table, as a VM does, and the destination's gratuitous
+    ARP moves its gateway entry. The control run turns the handover off (no entries, no
+    race gate, no gratuitous ARP) and the guest learns the gateway afresh (its gateway entry
+    dropped, the rest kept): what a VM meets once that entry must be re-confirmed and the
+    source's MAC no longer answers across the pipes. (A VM with busy TCP flows may instead
+    keep confirming the source's MAC and hairpin through it for as long as the source
+    forwards: measured in the lab, every flow then survives without any handover.)"""
+    return MoveOptions(handover=not control, keep_arp=not control)

@@ -12,7 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import socket
-from typing import cast
+import struct
 
 
 def answer(name: str, peer: tuple[str, int], local: tuple[str, int]) -> bytes:
@@ -34,28 +34,46 @@ async def _serve_tcp(name: str, port: int) -> asyncio.Server:
     return await asyncio.start_server(handle, "0.0.0.0", port, reuse_address=True)
 
 
-class _Udp(asyncio.DatagramProtocol):
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.transport: asyncio.DatagramTransport | None = None
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+_PKTINFO = struct.Struct("=I4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        assert self.transport is not None
-        self.transport.sendto(answer(self.name, addr, self.transport.get_extra_info("sockname")),
-                              addr)
+class _Udp:
+    """Answers each datagram from the address it was sent to, as a real service on a
+    multi-address host does (IP_PKTINFO): a socket bound to 0.0.0.0 would answer from the
+    interface's first address, and the reply would not match the flow's conntrack entry."""
+
+    def __init__(self, name: str, port: int) -> None:
+        self.name, self.port = name, port
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        self.sock.bind(("0.0.0.0", port))
+        self.sock.setblocking(False)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.add_reader(self.sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        while True:
+            try:
+                _data, ancdata, _flags, peer = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+            except (BlockingIOError, InterruptedError):
+                return
+            dst = next((_PKTINFO.unpack(d[: _PKTINFO.size])[2] for lvl, kind, d in ancdata
+                        if lvl == socket.IPPROTO_IP and kind == IP_PKTINFO), bytes(4))
+            local = (socket.inet_ntoa(dst), self.port)
+            info = _PKTINFO.pack(0, dst, bytes(4))  # spec_dst: the source of our reply
+            with contextlib.suppress(OSError):
+                self.sock.sendmsg([answer(self.name, peer, local)],
+                                  [(socket.IPPROTO_IP, IP_PKTINFO, info)], 0, peer)
 
 
 async def serve(name: str, tcp: list[int], udp: list[int]) -> None:
     loop = asyncio.get_running_loop()
     servers = [await _serve_tcp(name, p) for p in tcp]
     for p in udp:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", p))
-        await loop.create_datagram_endpoint(lambda: _Udp(name), sock=sock)
+        _Udp(name, p).start(loop)
     print(f"ready tcp={tcp} udp={udp}", flush=True)
     await asyncio.gather(*(s.serve_forever() for s in servers), asyncio.Event().wait())
 

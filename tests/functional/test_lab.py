@@ -12,6 +12,7 @@ from orchestrator.config.loader import load
 from orchestrator.errors import RulesetError
 from orchestrator.lab import netns as ns
 from orchestrator.lab.check import Check, run_checks
+from orchestrator.lab.hypervisor import LabHypervisor
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.plan import default_config
 from orchestrator.netfilter import nft
@@ -104,14 +105,29 @@ def test_rejected_ruleset_leaves_running_one_untouched(lab3):
 
 
 def test_guest_on_another_node_with_its_own_config(tmp_path):
+    """Its own config: the guest on n2, with a second address that a UDP service publishes
+    (the responder must answer from the address it was asked on, as a real service does).
+    Then its vif moves, and the guest keeps its whole neighbour table, as a VM keeps it."""
     cfg = tmp_path / "c.toml"
-    cfg.write_text(default_config(2).replace('home = "n1"', 'home = "n2"'))
+    cfg.write_text(default_config(2).replace('home = "n1"', 'home = "n2"').replace(
+        'addresses = ["10.5.5.201"]', 'addresses = ["10.5.5.201", "10.5.5.202"]')
+        + '\n[[services]]\nname = "dns2"\nport = 5353\nproto = "udp"\nguest = "guest1"\n'
+          'address = "10.5.5.202"\n')
     lab = Lab(unique("t"))
     try:
         lab.up(config=cfg)
         results = run_checks(lab)
         assert all(c.passed for c in results), [c for c in results if not c.passed]
         assert any(c.name == "http tcp/80 via n1 (foreign, guest on n2)" for c in results)
+        assert any(c.name == "dns2 udp/5353 via n1 (foreign, guest on n2)" for c in results)
+        t = lab.topology()
+        g_ns = lab.names.guest("guest1")
+        for peer in (t.cluster.gateway, t.node("n1").guest_ip, t.node("n2").guest_ip):
+            ns.in_ns(g_ns, "ping", "-c1", "-W1", str(peer))
+        before = dict(ns.neighbours(g_ns, "eth0"))
+        assert len(before) == 3, before
+        LabHypervisor(lab).move_vif("guest1", "n2", "n1")
+        assert dict(ns.neighbours(g_ns, "eth0")) == before
     finally:
         lab.down()
 

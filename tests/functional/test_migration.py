@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
 import time
@@ -185,3 +186,24 @@ def test_abort_removes_what_the_destination_got(lab):
     assert received_within(conn, 2) == b"still"
     cli.close()
     conn.close()
+
+
+def test_lab_migrate_control_is_the_demos_control(lab):
+    """`lab migrate --control` moves as `lab demo --control` does (plan.move_options): no
+    handover, the guest learns its gateway afresh, and keeps the rest of its table."""
+    import subprocess
+    import sys
+
+    t = lab.topology()
+    g_ns = lab.names.guest("guest1")
+    for peer in (t.cluster.gateway, t.node("n3").guest_ip):
+        ns.in_ns(g_ns, "ping", "-c1", "-W1", str(peer))
+    before = dict(ns.neighbours(g_ns, "eth0"))
+    got = subprocess.run([sys.executable, "-m", "orchestrator", "lab", "migrate", "guest1",
+                          "--to", "n2", "--control", "--name", lab.name],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "CONVERGENT_LAB_DIR": str(lab.dir.parent)})
+    assert got.returncode == 0, got.stderr
+    after = dict(ns.neighbours(g_ns, "eth0"))
+    assert after.get(str(t.node("n3").guest_ip)) == before[str(t.node("n3").guest_ip)]
+    assert after.get(str(t.cluster.gateway)) != t.node("n1").bridge_mac  # not the stale one
