@@ -249,6 +249,9 @@ class Agent:
         self.guests.topology = self.migrations.topology = self.jobs.topology = topology
         if self.sync is not None:
             self.sync.topology = topology  # same peers (reload_problems checked)
+        adoption = getattr(self, "adoption", None)  # made once the store is open
+        if adoption is not None:
+            adoption.topology, adoption.me = topology, topology.node(self.node)
 
     async def _register_public(self) -> None:
         """This node's public address as an owned record (created on first start). Held by

@@ -19,7 +19,8 @@ from orchestrator.model.cluster import Topology
 
 LIVE_AGENT_KEYS = frozenset({"reconcile_interval_s", "migration_timeout_s", "peer_retry_s",
                              "recovery_settle_s"})
-RESTART_CLUSTER_KEYS = ("tag_mask", "handover_bit")
+# marks already in the kernel's entries; bridge names the node's seams were built on
+RESTART_CLUSTER_KEYS = ("tag_mask", "handover_bit", "guest_bridge", "uplink")
 # sections taken live (nodes: except the peers, below); agent: only LIVE_AGENT_KEYS; any
 # other section ([sync], [hypervisor], one added later) needs a restart
 LIVE_SECTIONS = frozenset({"cluster", "nodes", "services", "guests", "lab", "agent"})

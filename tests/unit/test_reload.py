@@ -47,6 +47,8 @@ def test_peers_marks_node_and_migrations() -> None:
         "peers) changed: restart the agent to apply"]
     assert changed("tag_mask = 0xff", "tag_mask = 0xfff") == [
         "cluster.tag_mask changed: restart the agent to apply"]
+    assert changed('uplink = "xenbr0"', 'uplink = "br-up"') == [
+        "cluster.uplink changed: restart the agent to apply"]
     assert reload_problems(OLD, OLD, "node9") == [
         "nodes: this node 'node9' is no longer in the file"]
     assert reload_problems(OLD, OLD, "node1", ["guest1"]) == [
