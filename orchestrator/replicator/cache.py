@@ -18,9 +18,9 @@ import enum
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, ValuesView
 
-from orchestrator.model.conntrack import Entry, Event, EventType
+from orchestrator.model.conntrack import Entry, Event, EventType, Key
 
-from .wire import EncodeError, Key, Record, WireKey, key_to_wire
+from .wire import EncodeError, Record, WireKey, key_to_wire
 
 Listener = Callable[[Event], None]
 _DESTROY = EventType.DESTROY

@@ -27,7 +27,7 @@ import structlog
 
 from orchestrator.errors import ConvergentError
 from orchestrator.model.cluster import Topology
-from orchestrator.model.conntrack import Entry, Event, IPAddress
+from orchestrator.model.conntrack import Entry, Event, IPAddress, Key
 from orchestrator.netfilter.conntrack import ConntrackTable
 
 from .channel import Address, Channel, ChannelSpec
@@ -38,7 +38,7 @@ from .protocol import Replicator
 from .receiver import Receiver, ReceiverConfig, StreamInfo
 from .sender import Sender, SenderConfig
 from .state import SyncState, load_state, save_state
-from .wire import SEQ_MOD, Codec, DecodeError, DecodeReason, Key, Outgoing, boot_id
+from .wire import SEQ_MOD, Codec, DecodeError, DecodeReason, Outgoing, boot_id
 
 log = structlog.get_logger("convergent.sync")
 MTU = 1400  # UDP payload per datagram: fits a 1500-byte link with IP and UDP headers

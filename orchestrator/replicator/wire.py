@@ -27,6 +27,7 @@ from orchestrator.model.conntrack import (
     Entry,
     EventType,
     IPAddress,
+    Key,
     Proto,
     Status,
     TcpFlag,
@@ -44,7 +45,6 @@ MAX_DATAGRAM = 65507  # largest UDP payload over IPv4
 SEQ_MOD = 1 << 32
 _HALF = 1 << 31
 
-Key = tuple[Tuple, int]  # Entry.key: (tuple_orig, zone)
 WireKey = bytes  # the same key as it travels: family proto zone orig-tuple; hashes in C
 Peer = Hashable  # whatever the channel uses to name a peer, e.g. ("10.0.0.2", 3780)
 

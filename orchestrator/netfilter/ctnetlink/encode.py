@@ -12,6 +12,7 @@ from typing import Final
 from orchestrator.model.conntrack import (
     Entry,
     IPAddress,
+    Key,
     Proto,
     TcpInfo,
     Tuple,
@@ -192,16 +193,16 @@ def encode_mark(mark: int) -> bytes:
     return nla(CTA_MARK, BE32.pack(mark))
 
 
-def encode_change(key: tuple[Tuple, int], seq: int, extra: bytes) -> bytes:
+def encode_change(key: Key, seq: int, extra: bytes) -> bytes:
     """Update the entry found by ``key`` (orig tuple, zone): ``extra`` holds what changes."""
     return message(MSG_NEW, 0, seq, family_of(key[0]), encode_key(*key) + extra)
 
 
-def encode_delete(key: tuple[Tuple, int], seq: int) -> bytes:
+def encode_delete(key: Key, seq: int) -> bytes:
     return message(MSG_DELETE, 0, seq, family_of(key[0]), encode_key(*key))
 
 
-def encode_get(key: tuple[Tuple, int], seq: int) -> bytes:
+def encode_get(key: Key, seq: int) -> bytes:
     """Look up the entry holding ``key``'s tuple in either direction (both are hashed)."""
     return message(MSG_GET, 0, seq, family_of(key[0]), encode_key(*key))
 
