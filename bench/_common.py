@@ -21,6 +21,7 @@ class Lab:
     namespaces, whatever happened."""
 
     def __init__(self) -> None:
+        self.owner = os.getpid()  # a forked child (pyroute2 forks) must not clean up for us
         self.run = uuid.uuid4().hex[:6]
         self.namespaces: list[str] = []
         self.procs: list[subprocess.Popen[Any]] = []
@@ -38,8 +39,11 @@ class Lab:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
-    @staticmethod
-    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if os.getpid() != self.owner:
+            # a forked child inherited this handler: pyroute2 stops its netns child with
+            # SIGTERM, and unwinding there would run our ``close`` and delete our namespaces
+            os._exit(128 + signum)
         raise SystemExit(128 + signum)  # unwinds through ``finally``/``__exit__``
 
     def netns(self, tag: str) -> str:
@@ -75,6 +79,8 @@ class Lab:
         return proc
 
     def close(self) -> None:
+        if os.getpid() != self.owner:
+            return
         for proc in self.procs:
             if proc.poll() is None:
                 proc.terminate()
