@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.audit.log import AuditLog
+from orchestrator.config.schema import Topology
 from orchestrator.failover.adopt import AdoptionOps
 from orchestrator.failover.run import Failover
-from orchestrator.model.cluster import Topology
 from orchestrator.model.conntrack import Entry, Status, TcpFlag, TcpInfo, Tuple
 from orchestrator.netfilter.apply import apply
 from orchestrator.netfilter.conntrack import ConntrackTable

@@ -66,6 +66,7 @@ import tenacity
 
 from bench._common import load_average, read_root_sysctl
 from orchestrator.audit.log import AuditLog
+from orchestrator.config.schema import Topology
 from orchestrator.handover.planner import dest_key, plan_handover
 from orchestrator.lab import netns as ns
 from orchestrator.lab.hypervisor import LabHypervisor
@@ -73,7 +74,6 @@ from orchestrator.lab.lab import Lab
 from orchestrator.lab.migrate import bootstrap_ownership, node_handles
 from orchestrator.migration.coordinator import Coordinator, Handover, NodeHandle
 from orchestrator.migration.nodeops import NodeOps, NodeSets, SetChanges
-from orchestrator.model.cluster import Topology
 from orchestrator.model.conntrack import (
     Entry,
     Status,

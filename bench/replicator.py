@@ -43,7 +43,7 @@ from typing import Any
 
 from bench._common import Lab, load_average, ratio, run_in, wait_until
 from bench.conntrack import CONNTRACKD_PORT, Conntrackd, synthetic
-from orchestrator.model.cluster import Topology
+from orchestrator.config.schema import Topology
 from orchestrator.netfilter.conntrack import ConntrackTable
 
 PORT = 7405

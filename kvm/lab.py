@@ -25,11 +25,11 @@ from ipaddress import IPv4Interface
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config.schema import Guest, Topology
 from orchestrator.errors import ConvergentError, LabError
 from orchestrator.lab import netns as ns
 from orchestrator.lab.flows import Proc, client_spec, demo_config
 from orchestrator.lab.lab import WORKSTATION_TCP_PORT, Lab
-from orchestrator.model.cluster import Guest, Topology
 from orchestrator.netfilter.apply import apply
 
 from .domxml import LabDomain, lab_domain_xml

@@ -42,13 +42,13 @@ from orchestrator.agent.reconcile import Reconciler
 from orchestrator.agent.reload import reload_problems
 from orchestrator.audit.key import audit_key
 from orchestrator.audit.log import AuditLog
+from orchestrator.config.schema import Topology
 from orchestrator.errors import ConvergentError, MigrationError
 from orchestrator.hypervisor import GuestEvent, Hypervisor, open_hypervisor
 from orchestrator.logs import is_journal
 from orchestrator.migration.coordinator import Coordinator, FeedFactory, NodeHandle, record_guest
 from orchestrator.migration.feed import SourceFeed, SourceSide
 from orchestrator.migration.nodeops import NftNodeOps, NodeOps
-from orchestrator.model.cluster import Topology
 from orchestrator.netfilter.conntrack import Conntrack, ConntrackTable
 from orchestrator.replicator.precopy import PrecopySource
 from orchestrator.store import open_store

@@ -16,9 +16,9 @@ from ipaddress import IPv4Address
 import structlog
 from pydantic import ValidationError
 
+from orchestrator.config.schema import Guest, Topology
 from orchestrator.errors import ConvergentError
 from orchestrator.hypervisor import GuestEvent, GuestInfo, Hypervisor
-from orchestrator.model.cluster import Guest, Topology
 
 log = structlog.get_logger("convergent.guests")
 

@@ -27,10 +27,10 @@ import structlog
 
 from orchestrator.agent.guests import GuestBook
 from orchestrator.audit.log import AuditLog
+from orchestrator.config.schema import Guest, Topology
 from orchestrator.errors import ConvergentError, MigrationError
 from orchestrator.hypervisor import Hypervisor, NoopHypervisor
 from orchestrator.migration.coordinator import Coordinator, Handover
-from orchestrator.model.cluster import Guest, Topology
 from orchestrator.store.base import ABORTABLE, MigrationRecord, Phase, Store
 
 log = structlog.get_logger("convergent.migrations")

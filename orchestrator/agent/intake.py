@@ -41,9 +41,9 @@ from orchestrator.agent.events import (
 )
 from orchestrator.agent.guests import GuestBook, UnknownGuest
 from orchestrator.audit.log import AuditLog
+from orchestrator.config.schema import Guest
 from orchestrator.errors import ConvergentError
 from orchestrator.hypervisor import EventKind, GuestEvent, HookCall, Hypervisor
-from orchestrator.model.cluster import Guest
 from orchestrator.store.base import Ownership, Store
 
 log = structlog.get_logger("convergent.intake")

@@ -20,9 +20,9 @@ import structlog
 from orchestrator.agent.events import reported_at
 from orchestrator.agent.guests import GuestBook
 from orchestrator.agent.inflight import Migrations, record_view
+from orchestrator.config.schema import Topology
 from orchestrator.errors import ConvergentError, MigrationError
 from orchestrator.hypervisor import Hypervisor, Progress
-from orchestrator.model.cluster import Topology
 from orchestrator.store.base import MigrationRecord, Store
 
 log = structlog.get_logger("convergent.jobs")

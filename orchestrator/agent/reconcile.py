@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import structlog
 
 from orchestrator.audit.log import AuditLog
+from orchestrator.config.schema import Topology
 from orchestrator.migration.nodeops import NftNodeOps, NodeOps, NodeSets
-from orchestrator.model.cluster import Topology
 from orchestrator.store.base import Phase, Snapshot, Store
 
 log = structlog.get_logger("convergent.reconcile")

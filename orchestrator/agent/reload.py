@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from orchestrator.model.cluster import Topology
+from orchestrator.config.schema import Topology
 
 LIVE_AGENT_KEYS = frozenset({"reconcile_interval_s", "migration_timeout_s", "peer_retry_s",
                              "recovery_settle_s"})

@@ -11,8 +11,8 @@ from orchestrator.cli.options import JSON, echo_json
 from orchestrator.config.defaults import CONFIG_ENV, DEFAULT_CONFIG, this_node
 from orchestrator.config.defaults import config_path as config_path_default
 from orchestrator.config.loader import load
+from orchestrator.config.schema import Topology
 from orchestrator.errors import ConfigError, RulesetError
-from orchestrator.model.cluster import Topology
 
 if TYPE_CHECKING:
     from orchestrator.audit.log import AuditLog

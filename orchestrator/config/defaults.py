@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping
 from ipaddress import IPv4Address
 from pathlib import Path
 
+from orchestrator.config.schema import Node, Topology
 from orchestrator.errors import ConfigError
-from orchestrator.model.cluster import Node, Topology
 
 DEFAULT_CONFIG = Path("/etc/convergent/cluster.toml")
 CONFIG_ENV = "CONVERGENT_CONFIG"

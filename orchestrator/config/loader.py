@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from orchestrator.config.schema import Parts, Topology, cross_check
 from orchestrator.errors import ConfigError
-from orchestrator.model.cluster import Parts, Topology, cross_check
 
 
 def load(path: str | Path) -> Topology:

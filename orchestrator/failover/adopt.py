@@ -19,9 +19,9 @@ from ipaddress import IPv4Address
 
 import structlog
 
+from orchestrator.config.schema import Topology
 from orchestrator.errors import ConvergentError
 from orchestrator.migration.nodeops import send_gratuitous_arp
-from orchestrator.model.cluster import Topology
 from orchestrator.netfilter import nft
 from orchestrator.netfilter.render import (
     IP_TABLE,

@@ -22,9 +22,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 
+from orchestrator.config.schema import Mode, Node, Topology
 from orchestrator.errors import ConvergentError
 from orchestrator.handover.planner import REQUIRED, liberal
-from orchestrator.model.cluster import Mode, Node, Topology
 from orchestrator.model.conntrack import Entry
 from orchestrator.store.base import Liveness, Ownership, PublicAddress, Snapshot
 

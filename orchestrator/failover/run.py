@@ -19,10 +19,10 @@ from typing import Any, Protocol
 import structlog
 
 from orchestrator.audit.log import AuditLog
+from orchestrator.config.schema import Topology
 from orchestrator.errors import ConvergentError
 from orchestrator.failover.adopt import Changes
 from orchestrator.failover.plan import FailoverPlan, FailoverRefused, plan_failover
-from orchestrator.model.cluster import Topology
 from orchestrator.model.conntrack import Entry
 from orchestrator.netfilter.conntrack import Conntrack
 from orchestrator.store.base import PublicAddress, PublicConflict, Store

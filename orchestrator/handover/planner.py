@@ -25,9 +25,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Network
 
+from orchestrator.config.schema import Guest, Node, Topology
 from orchestrator.errors import MigrationError
 from orchestrator.handover.rules import Rule, reason
-from orchestrator.model.cluster import Guest, Node, Topology
 from orchestrator.model.conntrack import (
     Entry,
     IPAddress,

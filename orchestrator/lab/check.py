@@ -8,9 +8,9 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from orchestrator.config.schema import Mode, Node, Topology
 from orchestrator.lab import netns as ns
 from orchestrator.lab.lab import WORKSTATION_TCP_PORT, Lab
-from orchestrator.model.cluster import Mode, Node, Topology
 
 
 @dataclass

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from orchestrator.config.schema import Mode, Topology
 from orchestrator.errors import LabError
 from orchestrator.lab import netns as ns
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.plan import GUEST_IFACE, default_config
-from orchestrator.model.cluster import Mode, Topology
 
 INTERVAL = 0.05
 SSH_PORT = 22

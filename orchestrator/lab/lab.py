@@ -22,6 +22,7 @@ from pathlib import Path
 from orchestrator.agent.client import AgentUnavailable, acall
 from orchestrator.agent.keys import write_new_key
 from orchestrator.config.loader import load, parse, read_text
+from orchestrator.config.schema import Guest, Topology
 from orchestrator.errors import ConfigError, LabError
 from orchestrator.lab import netns as ns
 from orchestrator.lab.etcd import EtcdCluster
@@ -40,7 +41,6 @@ from orchestrator.lab.plan import (
     vif_name,
     with_lab_agent,
 )
-from orchestrator.model.cluster import Guest, Topology
 from orchestrator.netfilter.apply import apply
 
 STATE_ROOT = Path(os.environ.get("CONVERGENT_LAB_DIR", "/run/convergent/lab"))

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
 
+from orchestrator.config.schema import Topology
 from orchestrator.errors import ConfigError
-from orchestrator.model.cluster import Topology
 
 MAX_NODES = 16
 

@@ -21,12 +21,12 @@ from typing import Any, TypeVar
 import structlog
 
 from orchestrator.audit.log import AuditLog
+from orchestrator.config.schema import Guest, Topology
 from orchestrator.errors import ConvergentError, MigrationError
 from orchestrator.handover.applier import apply_plan
 from orchestrator.handover.planner import Plan, abort_actions, dest_key, plan_handover
 from orchestrator.migration.feed import FeedBatch, FeedLost, LocalFeed, SourceFeed, SourceSide
 from orchestrator.migration.nodeops import NodeOps
-from orchestrator.model.cluster import Guest, Topology
 from orchestrator.model.conntrack import Entry, EventType, Key
 from orchestrator.netfilter.conntrack import Conntrack
 from orchestrator.store.base import Address, EpochConflict, MigrationRecord, Phase, Store

@@ -16,9 +16,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
+from orchestrator.config.schema import Guest, Topology
 from orchestrator.errors import ConvergentError
 from orchestrator.handover.planner import SourceKind, plan_source
-from orchestrator.model.cluster import Guest, Topology
 from orchestrator.model.conntrack import Entry, Event, EventType
 from orchestrator.netfilter.conntrack import Conntrack, Events, Overrun
 

@@ -26,7 +26,7 @@ from orchestrator.netns import in_netns
 
 if TYPE_CHECKING:
     from orchestrator.audit.log import AuditLog
-    from orchestrator.model.cluster import Topology
+    from orchestrator.config.schema import Topology
 
 ETH_P_ARP = 0x0806
 SETS = (SET_LOCAL_GUESTS, SET_RACE_GATE)

@@ -26,8 +26,8 @@ from ipaddress import IPv4Address
 from typing import TYPE_CHECKING
 
 from orchestrator.audit.errors import AuditError
+from orchestrator.config.schema import Topology
 from orchestrator.errors import RulesetError
-from orchestrator.model.cluster import Topology
 from orchestrator.netfilter import nft
 from orchestrator.netfilter.render import (
     IP_TABLE,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from orchestrator.model.cluster import Mode, Node, Service, Topology
+from orchestrator.config.schema import Mode, Node, Service, Topology
 
 IP_TABLE = "convergent"
 NETDEV_TABLE = "convergent_pipes"

@@ -13,10 +13,10 @@ import asyncio
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
+from orchestrator.config.schema import Topology
 from orchestrator.errors import ConvergentError
 from orchestrator.handover.applier import apply_plan
 from orchestrator.handover.planner import DestKind, plan_handover
-from orchestrator.model.cluster import Topology
 from orchestrator.model.conntrack import Entry
 from orchestrator.netfilter.conntrack import Conntrack
 

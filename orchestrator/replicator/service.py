@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 import structlog
 
+from orchestrator.config.schema import Topology
 from orchestrator.errors import ConvergentError
-from orchestrator.model.cluster import Topology
 from orchestrator.model.conntrack import Entry, Event, IPAddress, Key
 from orchestrator.netfilter.conntrack import ConntrackTable
 

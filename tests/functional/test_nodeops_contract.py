@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from orchestrator.config.loader import load
+from orchestrator.config.schema import Topology
 from orchestrator.errors import RulesetError
 from orchestrator.lab.plan import default_config
 from orchestrator.migration.nodeops import (
@@ -26,7 +27,6 @@ from orchestrator.migration.nodeops import (
     NodeOps,
     NodeSets,
 )
-from orchestrator.model.cluster import Topology
 from orchestrator.netfilter import nft
 from orchestrator.netfilter.render import IP_TABLE
 from orchestrator.netns import in_netns

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.config.schema import Topology
 from orchestrator.handover.planner import plan_handover
-from orchestrator.model.cluster import Topology
 from orchestrator.model.conntrack import (
     Entry,
     Proto,

@@ -157,7 +157,7 @@ def test_tag_that_fits_its_mask_but_not_the_wire_is_refused():
 
 
 def test_wire_tag_limit_is_the_header_field():
-    from orchestrator.model.cluster import WIRE_TAG_MAX
+    from orchestrator.config.schema import WIRE_TAG_MAX
     from orchestrator.replicator.wire import HEADER
 
     assert HEADER.format == "!HBBBBHHHIQ"  # magic version type flags key_id TAG ...

@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 
 from orchestrator.config.loader import parse
+from orchestrator.config.schema import Topology
 from orchestrator.errors import MigrationError
 from orchestrator.handover.planner import dest_key
 from orchestrator.lab.plan import default_config
 from orchestrator.migration.coordinator import Coordinator, Handover, NodeHandle
 from orchestrator.migration.feed import FeedLost, LocalFeed, SourceFeed, SourceSide
 from orchestrator.migration.nodeops import FakeNodeOps, NodeSets
-from orchestrator.model.cluster import Topology
 from orchestrator.model.conntrack import Entry, Key, Status, TcpFlag, Tuple
 from orchestrator.netfilter.conntrack.fake import FakeConntrack
 from orchestrator.store import open_store

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config.loader import load
+from orchestrator.config.schema import Topology
 from orchestrator.errors import MigrationError
 from orchestrator.handover.explain import render_abort, render_plan
 from orchestrator.handover.planner import (
@@ -22,7 +23,6 @@ from orchestrator.handover.planner import (
     plan_source,
 )
 from orchestrator.handover.rules import RULES, Rule
-from orchestrator.model.cluster import Topology
 from orchestrator.model.conntrack import Entry, Proto, Status, TcpFlag, TcpInfo, TcpState, Tuple
 
 ROOT = Path(__file__).resolve().parents[2]

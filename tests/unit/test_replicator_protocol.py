@@ -1100,7 +1100,7 @@ def test_cache_versions_tombstones_and_sweep() -> None:
 
 
 def test_precopy_stream_numbers_go_round_and_skip_those_in_use() -> None:
-    from orchestrator.model.cluster import Topology
+    from orchestrator.config.schema import Topology
     from orchestrator.replicator.service import SyncError, SyncService
 
     nodes = [{"name": n, "tag": i, "mac_prefix": f"0a:00:0{i}", "pub_ip": f"192.168.122.1{i}",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config.defaults import DEFAULT_CONFIG
-from orchestrator.model.cluster import Agent
+from orchestrator.config.schema import Agent
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "convergent-agent@.service"

@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config.schema import Guest, Topology
 from orchestrator.errors import LabError
 from orchestrator.hypervisor import ProgressFn
-from orchestrator.model.cluster import Guest, Topology
 
 from ..adapter import XenHypervisor
 from ..install import HookConf, install

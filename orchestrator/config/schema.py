@@ -1,4 +1,5 @@
-"""The cluster as one validated description: settings, nodes, services, guests.
+"""The config schema, beside its loader (``loader.py``): the cluster as one validated
+description of settings, nodes, services, guests.
 
 These pydantic models are both the config schema and the in-memory topology the rest
 of the core reads. Cross-field rules (unique tags, addresses inside the subnet, ...)
