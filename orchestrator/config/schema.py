@@ -190,15 +190,15 @@ class Guest(_Strict):
         return out
 
 
-class Lab(_Strict):
-    """Only read by ``convergent lab``: the workstation on the uplink segment."""
+class LabSettings(_Strict):
+    """``[lab]``, only read by ``convergent lab``: the workstation on the uplink segment."""
 
     workstation: IPV4 = IPv4Address("192.168.122.1")
     uplink_prefix: INT = Field(24, ge=8, le=30)
 
 
-class Agent(_Strict):
-    """Where one node's agent keeps its state and how it reaches its peers."""
+class AgentSettings(_Strict):
+    """``[agent]``: where one node's agent keeps its state and how it reaches its peers."""
 
     run_dir: PATH = Path("/run/convergent")  # the API socket: run_dir/agent-<node>.sock
     store: str = "sqlite:///var/lib/convergent/store.db"
@@ -308,8 +308,8 @@ class Topology(_Strict):
     nodes: list[Node] = Field(min_length=1)
     services: list[Service] = []
     guests: list[Guest] = []
-    lab: Lab = Field(default_factory=Lab)
-    agent: Agent = Field(default_factory=Agent)
+    lab: LabSettings = Field(default_factory=LabSettings)
+    agent: AgentSettings = Field(default_factory=AgentSettings)
     sync: Sync = Field(default_factory=Sync)
     hypervisor: HypervisorSection = Field(default_factory=HypervisorSection)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config.defaults import DEFAULT_CONFIG
-from orchestrator.config.schema import Agent
+from orchestrator.config.schema import AgentSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "convergent-agent@.service"
@@ -41,7 +41,7 @@ def test_unit_runs_the_agent_as_a_notify_service() -> None:
 
 
 def test_directories_match_the_agent_defaults() -> None:
-    s, d = service(), Agent()
+    s, d = service(), AgentSettings()
     assert Path("/run") / s["RuntimeDirectory"] == d.run_dir
     store = Path(d.store.removeprefix("sqlite://"))
     assert Path("/var/lib") / s["StateDirectory"] == store.parent
@@ -96,5 +96,5 @@ def test_exposure_is_low(tmp_path: Path) -> None:
 def test_tmpfiles_makes_the_spool(tmp_path: Path) -> None:
     subprocess.run(["systemd-tmpfiles", "--create", f"--root={tmp_path}", str(TMPFILES)],
                    check=True, capture_output=True, timeout=60)
-    spool = tmp_path / str(Agent().spool_dir).lstrip("/")
+    spool = tmp_path / str(AgentSettings().spool_dir).lstrip("/")
     assert spool.is_dir() and (spool.stat().st_mode & 0o777) == 0o750
