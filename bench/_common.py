@@ -15,7 +15,7 @@ from types import FrameType, TracebackType
 from typing import IO, Any
 
 
-class Lab:
+class BenchNamespaces:
     """Uniquely named namespaces (``cvb-<run>-<tag>``) and the processes this run started
     in them; ``close`` (or leaving the ``with``) kills those processes by pid and deletes the
     namespaces, whatever happened."""
@@ -27,7 +27,7 @@ class Lab:
         self.procs: list[subprocess.Popen[Any]] = []
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> Lab:
+    def __enter__(self) -> BenchNamespaces:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self._old[sig] = signal.signal(sig, self._on_signal)
         return self

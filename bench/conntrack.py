@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import (
-    Lab,
+    BenchNamespaces,
     load_average,
     median,
     rate,
@@ -196,7 +196,7 @@ General {{
 class Conntrackd:
     """conntrackd in two namespaces, A -> B; B's external cache committed on demand."""
 
-    def __init__(self, lab: Lab, workdir: Path, entries: list[Entry]) -> None:
+    def __init__(self, lab: BenchNamespaces, workdir: Path, entries: list[Entry]) -> None:
         self.lab, self.dir, self.n = lab, workdir, len(entries)
         self.a, self.b = lab.netns("ctda"), lab.netns("ctdb")
         self.dev_a, self.dev_b = dev_a, dev_b = lab.veth(self.a, self.b, "10.250.0.1/24",
@@ -252,7 +252,7 @@ class Conntrackd:
         return seconds
 
 
-def conntrackd_commits(lab: Lab, entries: list[Entry], repeat: int) -> dict[str, Any]:
+def conntrackd_commits(lab: BenchNamespaces, entries: list[Entry], repeat: int) -> dict[str, Any]:
     if subprocess.run(["which", "conntrackd"], capture_output=True).returncode != 0:
         return {"per_s": None, "error": "conntrackd is not installed"}
     with tempfile.TemporaryDirectory(prefix="cvb-ctd-") as tmp:
@@ -367,7 +367,7 @@ def events(table: ConntrackTable, n: int, rcvbuf: int | None = None) -> dict[str
 # --- the run ---------------------------------------------------------------------------------
 
 
-def push_figures(lab: Lab, table: ConntrackTable, n: int, repeat: int,
+def push_figures(lab: BenchNamespaces, table: ConntrackTable, n: int, repeat: int,
                  pyroute2_n: int) -> dict[str, Any]:  # fmt: skip
     entries = synthetic(n)
     with tempfile.TemporaryDirectory(prefix="cvb-ct-") as tmp:
@@ -378,7 +378,7 @@ def push_figures(lab: Lab, table: ConntrackTable, n: int, repeat: int,
             engine.append(push_engine(table, entries))
             restore.append(push_restore(table, path, n))
     mine, theirs = rate(n, median(engine)), rate(n, median(restore))
-    with Lab() as ctd_lab:
+    with BenchNamespaces() as ctd_lab:
         ctd = conntrackd_commits(ctd_lab, entries, repeat)
     figures: dict[str, Any] = {
         "entries": n, "convergent_per_s": mine, "conntrack_restore_per_s": theirs,
@@ -404,7 +404,7 @@ def run(n: int, repeat: int, pyroute2_n: int) -> dict[str, Any]:
         env["capped_from"] = n
         n = max(1000, ct_max - 10_000)
     small = min(10_000, n)
-    with Lab() as lab:
+    with BenchNamespaces() as lab:
         table = ConntrackTable(lab.netns("ct"))
         push_small = push_figures(lab, table, small, repeat, pyroute2_n)
         push = push_figures(lab, table, n, repeat, 0) if n != small else dict(push_small)

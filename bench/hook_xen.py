@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import Lab, load_average
+from bench._common import BenchNamespaces, load_average
 from orchestrator.agent.api import ApiServer
 from orchestrator.xen.lab.rig import DEVID, DOMID, VifRig
 
@@ -65,7 +65,7 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 
 def run(calls: int, work: Path) -> dict[str, Any]:
-    with Lab() as lab:
+    with BenchNamespaces() as lab:
         sock = work / "run" / "agent-n1.sock"
         conf = {"socket": str(sock), "spool_dir": str(work / "spool"), "timeout_s": 1.5,
                 "node": "n1", "wrap": "vif-bridge"}

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench._common import Lab, load_average, ratio, run_in, wait_until
+from bench._common import BenchNamespaces, load_average, ratio, run_in, wait_until
 from bench.conntrack import CONNTRACKD_PORT, Conntrackd, synthetic
 from orchestrator.config.schema import Topology
 from orchestrator.netfilter.conntrack import ConntrackTable
@@ -76,7 +76,7 @@ def entries(n: int) -> list[Any]:
     return [replace(e, mark=MARK_BIT | 1) for e in synthetic(n)]
 
 
-def pair(lab: Lab) -> tuple[str, str]:
+def pair(lab: BenchNamespaces) -> tuple[str, str]:
     a, b = lab.netns("ra"), lab.netns("rb")
     subprocess.run(["ip", "-n", a, "link", "add", "sync0", "type", "veth", "peer", "name",
                     "sync0b", "netns", b], check=True)  # fmt: skip
@@ -147,7 +147,7 @@ def push_and_wait(table: ConntrackTable, items: list[Any], count: Callable[[], i
 class Node:
     """A SyncService in a child process inside ``ns``; ``status()`` over its stdin/stdout."""
 
-    def __init__(self, lab: Lab, ns: str, name: str, workdir: Path,
+    def __init__(self, lab: BenchNamespaces, ns: str, name: str, workdir: Path,
                  resync_rate: int | None = None) -> None:  # fmt: skip
         cmd = [sys.executable, "-m", "bench.replicator", "--child", name,
                "--key-file", str(workdir / "key")]  # fmt: skip
@@ -177,7 +177,7 @@ class Node:
 
 
 def convergent_run(items: list[Any], loss: float, deadline: float) -> dict[str, Any]:
-    with Lab() as lab, tempfile.TemporaryDirectory(prefix="cvb-rep-") as tmp:
+    with BenchNamespaces() as lab, tempfile.TemporaryDirectory(prefix="cvb-rep-") as tmp:
         a, b = pair(lab)
         if loss:
             lose(a, loss)
@@ -205,7 +205,7 @@ def convergent_join(items: list[Any], resync_rate: int | None, deadline: float) 
     """A holds N entries; B starts empty (a node joins or restarts): from B's ready to B's
     cache holding all N. A answers B's HELLO with a full resync paced at ``resync_rate``."""
     n = len(items)
-    with Lab() as lab, tempfile.TemporaryDirectory(prefix="cvb-rep-") as tmp:
+    with BenchNamespaces() as lab, tempfile.TemporaryDirectory(prefix="cvb-rep-") as tmp:
         a, b = pair(lab)
         (Path(tmp) / "key").write_bytes(os.urandom(32))
         na = Node(lab, a, "a", Path(tmp), resync_rate)
@@ -222,7 +222,7 @@ def convergent_join(items: list[Any], resync_rate: int | None, deadline: float) 
 def conntrackd_join(items: list[Any], deadline: float) -> dict[str, Any]:
     """The same for conntrackd: B's external cache flushed, then ``conntrackd -n`` (B asks
     A for a resync), until B's external cache holds all N."""
-    with Lab() as lab, tempfile.TemporaryDirectory(prefix="cvb-rep-ctd-") as tmp:
+    with BenchNamespaces() as lab, tempfile.TemporaryDirectory(prefix="cvb-rep-ctd-") as tmp:
         ctd = Conntrackd(lab, Path(tmp), items)
         ctd.start()
         ctd.ctl("b", "-f", "external")
@@ -261,7 +261,7 @@ def child(name: str, key_file: str, resync_rate: int | None = None) -> None:
 
 
 def conntrackd_run(items: list[Any], deadline: float, loss: float = 0.0) -> dict[str, Any]:
-    with Lab() as lab, tempfile.TemporaryDirectory(prefix="cvb-rep-ctd-") as tmp:
+    with BenchNamespaces() as lab, tempfile.TemporaryDirectory(prefix="cvb-rep-ctd-") as tmp:
         ctd = Conntrackd(lab, Path(tmp), [])  # A starts empty, like convergent's
         ctd.start()
         if loss:
@@ -295,7 +295,7 @@ def kernel_ceiling(items: list[Any], deadline: float) -> dict[str, Any]:
     """The push alone, then with the leanest event listener there is (a socket subscribed
     to the conntrack groups, drained and discarded): no replicator that follows kernel
     events can converge faster than the second push, whatever it does with them."""
-    with Lab() as lab:
+    with BenchNamespaces() as lab:
         ns = lab.netns("rk")
         table = ConntrackTable(ns)
         bare = push_timed(table, items)
