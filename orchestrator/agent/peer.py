@@ -1,19 +1,10 @@
 """The authenticated channel between two agents: the destination asks the source for a
 migrating guest's entries (DESIGN §2 precopy), over TCP.
 
-Handshake (``handshake.py``, where its properties are stated): both sides prove they hold
-the cluster key over fresh nonces, then every frame carries HMAC-SHA256/128 under a
-per-connection session key and a per-direction counter, so a frame can be neither forged,
-replayed into another connection, nor reordered. Entries travel as replicator records
-(``replicator.wire``): one encoding for both carriers.
-
-Before the session nothing big is read (``HANDSHAKE_MAX`` a frame, the whole handshake
-within ``HANDSHAKE_TIMEOUT``), and unauthenticated connections are capped per source
-address and in total; a malformed or refused handshake gets an error frame and a counter
-(``PeerServer.counters``), never a traceback.
-
-Frame: u32 length | u8 type | body | 16-byte MAC. Types: H handshake (JSON, before the
-session), J control (JSON), E entries (a sealed wire DATA message).
+The connection itself (frames, the handshake's session, its MACs) is a
+:class:`~orchestrator.agent.peer_channel.PeerChannel`. Unauthenticated connections are
+capped per source address and in total; a malformed or refused handshake gets an error
+frame and a counter (``PeerServer.counters``), never a traceback.
 
 With ``[sync] precopy = "replicator"`` the entries ride a precopy stream of the replicator
 instead (``replicator.precopy``) and this channel keeps the control: D asks with
@@ -25,12 +16,7 @@ applied. A source without replication answers as if ``via`` was not asked.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import json
 import os
-import secrets
-import struct
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -38,164 +24,22 @@ from typing import Any
 import structlog
 import tenacity
 
-from orchestrator.agent import handshake as hs
 from orchestrator.agent.handshake import HandshakeError
+from orchestrator.agent.peer_channel import (
+    HANDSHAKE_TIMEOUT,
+    PeerChannel,
+    PeerError,
+    quiet,
+)
 from orchestrator.errors import ConvergentError
 from orchestrator.migration.feed import FeedBatch, FeedLost, SourceFeed, SourceSide
 from orchestrator.model.conntrack import Entry, Event, EventType
 from orchestrator.replicator.precopy import PrecopyFollower, PrecopySource
-from orchestrator.replicator.wire import Codec, Message, MsgType, Record
+from orchestrator.replicator.wire import Record
 
 log = structlog.get_logger("convergent.peer")
-_LEN = struct.Struct("!I")
-_CTR = struct.Struct("!Q")
-MAC = 16
-MAX_FRAME = 8 << 20
-RECORDS_PER_FRAME = 2048  # the wire header counts records in 16 bits
-HANDSHAKE_TIMEOUT = 5.0  # for the whole handshake, not per read
 UNAUTHENTICATED_PER_SOURCE = 4  # connections still in their handshake, per source address
 UNAUTHENTICATED_TOTAL = 32
-
-
-class PeerError(ConvergentError):
-    """The other agent is not who it claims, or broke the protocol."""
-
-
-def _mac(key: bytes, *parts: bytes) -> bytes:
-    return hmac.new(key, b"".join(parts), hashlib.sha256).digest()[:MAC]
-
-
-class Channel:
-    """One authenticated connection. ``role`` is b"C" (connecting side) or b"S"."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 key: bytes, role: bytes) -> None:
-        self.reader, self.writer = reader, writer
-        self.key = key
-        self.role = role
-        self.session: bytes | None = None
-        self.sent = self.received = 0
-        self.peer = ""
-        self.codec = Codec(key, max_size=MAX_FRAME)
-
-    # framing ---------------------------------------------------------------------
-    def _write(self, kind: bytes, body: bytes) -> None:
-        mac = b"\0" * MAC
-        if self.session is not None:
-            mac = _mac(self.session, self.role, _CTR.pack(self.sent), kind, body)
-            self.sent += 1
-        self.writer.write(_LEN.pack(1 + len(body) + MAC) + kind + body + mac)
-
-    async def _read(self) -> tuple[bytes, bytes]:
-        limit = MAX_FRAME if self.session is not None else hs.HANDSHAKE_MAX
-        try:
-            (size,) = _LEN.unpack(await self.reader.readexactly(_LEN.size))
-            if not 1 + MAC <= size <= limit:
-                if self.session is None:
-                    raise HandshakeError("frame_too_large", f"handshake frame of {size} bytes "
-                                                            f"(at most {limit})")
-                raise PeerError(f"peer {self.peer or '?'}: frame of {size} bytes")
-            frame = await self.reader.readexactly(size)
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            raise FeedLost(f"peer {self.peer or '?'} closed the connection: {exc}") from None
-        kind, body, mac = frame[:1], frame[1:-MAC], frame[-MAC:]
-        if self.session is not None:
-            other = b"S" if self.role == b"C" else b"C"
-            want = _mac(self.session, other, _CTR.pack(self.received), kind, body)
-            if not hmac.compare_digest(mac, want):
-                raise PeerError(f"peer {self.peer or '?'}: frame {self.received} fails its MAC")
-            self.received += 1
-        return kind, body
-
-    # queue_* write whole frames synchronously: a task cancelled in flush() never leaves
-    # half a message on the stream
-    def queue(self, obj: dict[str, Any]) -> None:
-        self._write(b"J", json.dumps(obj, default=str).encode())
-
-    def queue_records(self, records: list[Record]) -> None:
-        for i in range(0, len(records), RECORDS_PER_FRAME):
-            chunk = tuple(records[i:i + RECORDS_PER_FRAME])
-            self._write(b"E", self.codec.encode(Message(MsgType.DATA, 0, 0, 0, records=chunk)))
-
-    async def flush(self) -> None:
-        await self.writer.drain()
-
-    async def send(self, obj: dict[str, Any]) -> None:
-        self.queue(obj)
-        await self.flush()
-
-    async def recv(self) -> dict[str, Any] | list[Record]:
-        kind, body = await self._read()
-        if kind == b"J":
-            try:
-                obj = json.loads(body)
-            except RecursionError:
-                raise PeerError(f"peer {self.peer}: JSON nested too deeply") from None
-            if not isinstance(obj, dict):
-                raise PeerError(f"peer {self.peer}: a control frame that is not an object")
-            return obj
-        if kind == b"E":
-            return list(self.codec.decode(body).records)
-        raise PeerError(f"peer {self.peer}: unexpected frame type {kind!r}")
-
-    # handshake -------------------------------------------------------------------
-    async def _hello(self, fields: dict[str, str]) -> None:
-        self._write(b"H", hs.encode(fields))
-        await self.writer.drain()
-
-    async def _hello_reply(self, *want: str) -> dict[str, Any]:
-        kind, body = await self._read()
-        if kind != b"H":
-            raise HandshakeError("bad_handshake", "handshake expected")
-        return hs.parse(body, *want)
-
-    async def refuse(self, reason: str) -> None:
-        """Tell the other side why (an unauthenticated H frame), best effort."""
-        with _quiet():
-            self._write(b"H", json.dumps({"error": reason}).encode())
-            await asyncio.wait_for(self.writer.drain(), 1.0)
-
-    async def connect_as(self, me: str) -> str:
-        try:
-            return await asyncio.wait_for(self._connect_as(me), HANDSHAKE_TIMEOUT)
-        except HandshakeError as exc:
-            raise PeerError(f"peer handshake with {self.peer or 'the source'}: {exc}") from None
-        except TimeoutError:
-            raise FeedLost(f"peer {self.peer or '?'}: handshake timed out") from None
-
-    async def _connect_as(self, me: str) -> str:
-        nc = secrets.token_bytes(hs.NONCE)
-        await self._hello({"node": me, "nonce": nc.hex()})
-        reply = await self._hello_reply("node", "nonce", "proof")
-        peer, ns = reply["node"], reply["nonce"]
-        self.peer = peer
-        hs.check_proof(reply["proof"], hs.proof(self.key, b"S", nc, ns, me, peer),
-                       f"peer {peer}")
-        await self._hello({"proof": hs.proof(self.key, b"C", nc, ns, me, peer).hex()})
-        self.session = hs.session_key(self.key, nc, ns, me, peer)
-        return peer
-
-    async def accept_as(self, me: str, source: str | None = None,
-                        addresses: dict[str, str] | None = None) -> str:
-        """The connecting agent's node name, once it proved the key (and, given
-        ``addresses``, came from that node's address)."""
-        hello = await self._hello_reply("node", "nonce")
-        peer, nc = hello["node"], hello["nonce"]
-        self.peer = peer
-        if addresses is not None and addresses.get(peer) != source:
-            raise HandshakeError("wrong_address", f"connection from {source} claims to be "
-                                                  f"{peer}, which is at {addresses.get(peer)}")
-        ns = secrets.token_bytes(hs.NONCE)
-        proof = hs.proof(self.key, b"S", nc, ns, peer, me)
-        await self._hello({"node": me, "nonce": ns.hex(), "proof": proof.hex()})
-        final = await self._hello_reply("proof")
-        hs.check_proof(final["proof"], hs.proof(self.key, b"C", nc, ns, peer, me),
-                       f"connection claiming to be {peer}")
-        self.session = hs.session_key(self.key, nc, ns, peer, me)
-        return peer
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 def _records(batch: FeedBatch) -> list[Record]:
@@ -214,7 +58,7 @@ OpenPrecopy = Callable[[str], PrecopySource | None]  # destination node -> strea
 class _TcpCarrier:
     """The guest's entries as E frames on the channel itself."""
 
-    def __init__(self, ch: Channel) -> None:
+    def __init__(self, ch: PeerChannel) -> None:
         self.ch = ch
 
     def start(self, entries: list[Entry]) -> None:
@@ -235,7 +79,7 @@ class _SyncCarrier:
     """The guest's entries on a replicator precopy stream; "dumped" and barrier echoes say
     up to which seq D must have applied."""
 
-    def __init__(self, ch: Channel, stream: PrecopySource) -> None:
+    def __init__(self, ch: PeerChannel, stream: PrecopySource) -> None:
         self.ch, self.stream = ch, stream
 
     def start(self, entries: list[Entry]) -> None:
@@ -319,7 +163,7 @@ class PeerServer:
             await self.server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        ch = Channel(reader, writer, self.key, b"S")
+        ch = PeerChannel(reader, writer, self.key, b"S")
         peer = await self._authenticate(ch)
         if peer is None:
             return
@@ -362,7 +206,7 @@ class PeerServer:
             self.refused += 1
             self.counters["refused"] += 1
             log.warning("peer.refused", peer=ch.peer, error=str(exc))
-            with _quiet():
+            with quiet():
                 await ch.send({"op": "error", "error": str(exc)})
         except asyncio.CancelledError:
             log.info("peer.ended", peer=ch.peer, reason="the source closed the migration")
@@ -372,7 +216,7 @@ class PeerServer:
             if pump is not None:
                 async with lock:
                     pump.cancel()
-                with _quiet():
+                with quiet():
                     await pump
             if side is not None:
                 side.close()
@@ -380,7 +224,7 @@ class PeerServer:
                 carrier.close()
             ch.close()
 
-    async def _authenticate(self, ch: Channel) -> str | None:
+    async def _authenticate(self, ch: PeerChannel) -> str | None:
         """The peer's node name, or None: refused with an error frame and a counter."""
         source = str((ch.writer.get_extra_info("peername") or ("?",))[0])
         pending = self._unauthenticated
@@ -412,7 +256,7 @@ class PeerServer:
         self.counters[reason] += 1
         log.warning("peer.handshake_refused", source=source, reason=reason, error=message)
 
-    async def _carrier(self, ch: Channel, peer: str, req: dict[str, Any]) -> _Carrier:
+    async def _carrier(self, ch: PeerChannel, peer: str, req: dict[str, Any]) -> _Carrier:
         """A precopy stream if D asked for one and we replicate; else the channel itself."""
         stream = self.open_precopy(peer) if req.get("via") == "sync" and self.open_precopy \
             else None
@@ -430,7 +274,7 @@ class PeerServer:
         return carrier
 
 
-async def _pump(ch: Channel, side: SourceSide, carrier: _Carrier, lock: asyncio.Lock) -> None:
+async def _pump(ch: PeerChannel, side: SourceSide, carrier: _Carrier, lock: asyncio.Lock) -> None:
     """S's events for the guest, forwarded as they happen."""
     while True:
         await side.wait()
@@ -440,21 +284,13 @@ async def _pump(ch: Channel, side: SourceSide, carrier: _Carrier, lock: asyncio.
         await ch.flush()
 
 
-def _queue_batch(ch: Channel, batch: FeedBatch) -> None:
+def _queue_batch(ch: PeerChannel, batch: FeedBatch) -> None:
     if batch.snapshot is not None:
         ch.queue({"op": "snapshot"})
         ch.queue_records(_records(batch))
         ch.queue({"op": "dumped"})
     else:
         ch.queue_records(_records(batch))
-
-
-class _quiet:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return True
 
 
 # --- the destination side ------------------------------------------------------------
@@ -477,7 +313,7 @@ class PeerFeed(SourceFeed):
         self.follow = follow  # set: ask for the entries on a replicator precopy stream
         self.follower: PrecopyFollower | None = None
         self.following = False  # the first dump is applied: changes now go to ``ready``
-        self.ch: Channel | None = None
+        self.ch: PeerChannel | None = None
         self.reader: asyncio.Task[None] | None = None
         self.ready: list[FeedBatch] = []
         self.arrived = asyncio.Event()
@@ -486,7 +322,7 @@ class PeerFeed(SourceFeed):
         self.echoed = 0
         self.echo_seq: int | None = None  # the last seq S sent before its barrier echo
 
-    async def _connect(self) -> Channel:
+    async def _connect(self) -> PeerChannel:
         """Connect and authenticate, retrying a source agent that is (re)starting for up to
         ``retry_s`` (backing off 0.05 s to 0.5 s); then FeedLost."""
         retrying = tenacity.AsyncRetrying(
@@ -495,16 +331,16 @@ class PeerFeed(SourceFeed):
             wait=tenacity.wait_exponential(multiplier=0.05, max=0.5),
         )
         try:
-            ch: Channel = await retrying(self._connect_once)
+            ch: PeerChannel = await retrying(self._connect_once)
         except tenacity.RetryError as exc:
             raise FeedLost(f"source agent {self.host}:{self.port} unreachable for "
                            f"{self.retry_s:g} s: {exc.last_attempt.exception()}") from None
         return ch
 
-    async def _connect_once(self) -> Channel:
+    async def _connect_once(self) -> PeerChannel:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(self.host, self.port), HANDSHAKE_TIMEOUT)
-        ch = Channel(reader, writer, self.key, b"C")
+        ch = PeerChannel(reader, writer, self.key, b"C")
         await ch.connect_as(self.me)
         return ch
 
@@ -613,7 +449,7 @@ class PeerFeed(SourceFeed):
     async def close(self, released: bool = False) -> None:
         if self.reader is not None:
             self.reader.cancel()
-            with _quiet():
+            with quiet():
                 await self.reader
             self.reader = None
         if self.follower is not None:
@@ -622,7 +458,7 @@ class PeerFeed(SourceFeed):
         if self.ch is None:
             return
         if released:
-            with _quiet():
+            with quiet():
                 await self.ch.send({"op": "released"})
         self.ch.close()
         self.ch = None

@@ -23,7 +23,8 @@ import pytest
 from orchestrator.agent import handshake as hs
 from orchestrator.agent.client import AgentError
 from orchestrator.agent.keys import load_key
-from orchestrator.agent.peer import PeerError, PeerFeed
+from orchestrator.agent.peer import PeerFeed
+from orchestrator.agent.peer_channel import PeerError
 from orchestrator.lab import netns as ns
 from orchestrator.lab.lab import Lab
 from orchestrator.migration.feed import FeedLost
