@@ -32,7 +32,7 @@ from orchestrator.netfilter.conntrack import ConntrackTable
 
 from .channel import Address, Channel, ChannelSpec
 from .commit import commit as commit_entries
-from .feed import ConntrackFeed, Scope, close_quietly
+from .kernel_feed import ConntrackFeed, Scope, close_quietly
 from .precopy import PrecopyFollower, PrecopySource, precopy_sender
 from .protocol import Replicator
 from .receiver import Receiver, ReceiverConfig, StreamInfo
