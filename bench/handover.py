@@ -21,7 +21,7 @@ The flows are real plus synthetic:
 Per size, alternating, ``--repeat`` times each (medians reported, samples kept):
 
 handover  ``Coordinator.run`` (prepare, precopy: subscribe + filtered dump + push to D,
-          live events followed; the vif moves; cutover: ``Handover.timings``, i.e. the
+          live events followed; the vif moves; cutover: ``MigrationState.timings``, i.e. the
           resume callback's ``cutover`` call: last delta, ownership claim, nft sets, gate,
           ARP; finalize). The cutover is broken down by timing the calls it makes
           (``cutover_breakdown_ms``).
@@ -72,7 +72,7 @@ from orchestrator.lab import netns as ns
 from orchestrator.lab.hypervisor import LabHypervisor
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.migrate import bootstrap_ownership, node_handles
-from orchestrator.migration.coordinator import Coordinator, Handover, NodeHandle
+from orchestrator.migration.coordinator import Coordinator, MigrationState, NodeHandle
 from orchestrator.migration.nodeops import NodeOps, NodeSets, SetChanges
 from orchestrator.model.conntrack import (
     Entry,
@@ -321,7 +321,7 @@ class Probe:
     """Times, while ``on`` (the cutover), the calls the coordinator makes through its seams:
     each node's :class:`NodeOps` (through :class:`TimedNodeOps`) and the store's
     compare-and-swap calls; the coordinator times its own final delta
-    (``Handover.steps``)."""
+    (``MigrationState.steps``)."""
 
     def __init__(self) -> None:
         self.on = False
@@ -348,7 +348,7 @@ class Probe:
 
             setattr(store, attr, timed)
 
-    def totals(self, h: Handover) -> dict[str, float]:
+    def totals(self, h: MigrationState) -> dict[str, float]:
         """Time per call name, the coordinator's final delta, and ``other``: what those
         leave of the cutover (its own code between them, the event loop's scheduling)."""
         out: dict[str, float] = {}

@@ -9,7 +9,7 @@ remembers nothing: ``recover`` takes both kinds from the store, and a migration 
 preparing is settled from the hypervisor's view if no resume or failure comes soon.
 
 Whether a migration hands the guest's flows over is a field of the migration
-(``Handover.hands_over``), so one coordinator serves the control run too.
+(``MigrationState.hands_over``), so one coordinator serves the control run too.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from orchestrator.audit.log import AuditLog
 from orchestrator.config.schema import Guest, Topology
 from orchestrator.errors import ConvergentError, MigrationError
 from orchestrator.hypervisor import Hypervisor, NoopHypervisor
-from orchestrator.migration.coordinator import Coordinator, Handover
+from orchestrator.migration.coordinator import Coordinator, MigrationState
 from orchestrator.store.base import ABORTABLE, MigrationRecord, Phase, Store
 
 log = structlog.get_logger("convergent.migrations")
@@ -43,7 +43,7 @@ RECENT = 16  # finished arrivals kept for ``status`` (timings, entries)
 class Arrival:
     """A migration arriving here, with the task that runs its precopy."""
 
-    handover: Handover
+    state: MigrationState
     precopy: asyncio.Task[None] | None = None
     failed: str | None = None  # why precopy failed (it then aborted the migration)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one phase change at a time
@@ -85,10 +85,10 @@ class Migrations:
         (else right after the record and the gate: what a hook waits for)."""
         current = self.arrivals.get(guest)
         if current is not None:
-            if id is not None and current.handover.record.id == id:
-                return view(current.handover)  # the same event again
+            if id is not None and current.state.record.id == id:
+                return view(current.state)  # the same event again
             raise MigrationError(f"{guest} is already migrating to {self.node} "
-                                 f"(migration {current.handover.record.id})")
+                                 f"(migration {current.state.record.id})")
         g = await self.guests.resolve(guest)
         src = src or await self._owner_node(g)
         h = await self.coordinator.prepare(g, src, self.node, handover=handover, id=id)
@@ -103,7 +103,7 @@ class Migrations:
         return view(h)
 
     async def _precopy(self, arrival: Arrival) -> None:
-        h = arrival.handover
+        h = arrival.state
         try:
             await self.coordinator.precopy(h)
         except Exception as exc:
@@ -123,9 +123,9 @@ class Migrations:
         if arrival.precopy is not None:
             await asyncio.shield(arrival.precopy)  # cutover follows the first sync
         if self.arrivals.get(guest) is not arrival:
-            raise MigrationError(f"{guest}: migration {arrival.handover.record.id} was "
+            raise MigrationError(f"{guest}: migration {arrival.state.record.id} was "
                                  f"aborted before it resumed ({arrival.failed})")
-        h = arrival.handover
+        h = arrival.state
         async with arrival.lock:
             if h.record.phase in PRE_CUTOVER:
                 try:
@@ -143,7 +143,7 @@ class Migrations:
         arrival = self.arrivals.get(guest)
         if arrival is None:
             raise MigrationError(f"no migration of {guest} to {self.node} in flight")
-        h = arrival.handover
+        h = arrival.state
         if h.record.phase not in ABORTABLE or await self._owns(h):
             raise MigrationError(f"{guest}: migration {h.record.id} is in phase "
                                  f"{h.record.phase}; nothing to abort")
@@ -160,11 +160,11 @@ class Migrations:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if locked:
-            await self.coordinator.abort(arrival.handover, reason)
+            await self.coordinator.abort(arrival.state, reason)
         else:
             async with arrival.lock:
-                await self.coordinator.abort(arrival.handover, reason)
-        self.recent.append(view(arrival.handover))
+                await self.coordinator.abort(arrival.state, reason)
+        self.recent.append(view(arrival.state))
         # a pass that read the store before the abort may still re-close the gate the
         # abort opened; passes are serialized, so this one runs after it and undoes that
         with contextlib.suppress(Exception):  # counted in its stats; the loop retries
@@ -173,13 +173,13 @@ class Migrations:
     def _finalize_later(self, guest: str, arrival: Arrival) -> None:
         async def run() -> None:
             try:
-                await self.coordinator.finalize(arrival.handover)
+                await self.coordinator.finalize(arrival.state)
             except Exception:
                 log.exception("migration.finalize_failed", guest=guest)
             finally:
                 if self.arrivals.get(guest) is arrival:
                     del self.arrivals[guest]
-                self.recent.append(view(arrival.handover))
+                self.recent.append(view(arrival.state))
         task = asyncio.create_task(run())
         self.finalizers.add(task)
         task.add_done_callback(self.finalizers.discard)
@@ -272,7 +272,7 @@ class Migrations:
 
     async def _recover_arrival(self, m: MigrationRecord) -> None:
         g = self.guests.known(m.guest)
-        h = Handover(m, guest=g if g is not None else None)
+        h = MigrationState(m, guest=g if g is not None else None)
         arrival = Arrival(h)
         if m.phase in PRE_CUTOVER:
             self.arrivals[m.guest] = arrival
@@ -294,10 +294,10 @@ class Migrations:
         settles it, so the gate never stays closed for the whole migration timeout."""
         async def run() -> None:
             while self.arrivals.get(guest) is arrival \
-                    and arrival.handover.record.phase in PRE_CUTOVER:
+                    and arrival.state.record.phase in PRE_CUTOVER:
                 await asyncio.sleep(self.settings.recovery_settle_s)
                 if self.arrivals.get(guest) is not arrival \
-                        or arrival.handover.record.phase not in PRE_CUTOVER:
+                        or arrival.state.record.phase not in PRE_CUTOVER:
                     return
                 where = await self._where(guest)
                 if where == "running":
@@ -334,13 +334,13 @@ class Migrations:
             await asyncio.sleep(min(self.settings.migration_timeout_s / 4, 30))
             now = self.clock()
             for guest, a in list(self.arrivals.items()):
-                r = a.handover.record
+                r = a.state.record
                 if r.phase in PRE_CUTOVER and now - r.updated > self.settings.migration_timeout_s:
                     await self._abort(guest, "no resume within migration_timeout_s")
 
     # helpers ---------------------------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:
-        return [view(a.handover) for a in self.arrivals.values()]
+        return [view(a.state) for a in self.arrivals.values()]
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop: a finalize under way gets ``grace`` to finish (a restart would replay it
@@ -353,7 +353,7 @@ class Migrations:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _owns(self, h: Handover) -> bool:
+    async def _owns(self, h: MigrationState) -> bool:
         owners = {o.ip: o.node for o in await self.store.list_ownership(guest=h.record.guest)}
         return all(owners.get(a) == self.node for a in h.record.addresses)
 
@@ -388,13 +388,13 @@ class _Ungated:
 
     def __contains__(self, guest: object) -> bool:
         a = self.migrations.arrivals.get(guest) if isinstance(guest, str) else None
-        return a is not None and not a.handover.hands_over
+        return a is not None and not a.state.hands_over
 
     def __iter__(self) -> Iterator[str]:
-        return (g for g, a in self.migrations.arrivals.items() if not a.handover.hands_over)
+        return (g for g, a in self.migrations.arrivals.items() if not a.state.hands_over)
 
 
-def view(h: Handover) -> dict[str, Any]:
+def view(h: MigrationState) -> dict[str, Any]:
     r = h.record
     return {"id": r.id, "guest": r.guest, "from": r.src, "to": r.dst, "phase": str(r.phase),
             "timings": dict(h.timings) or dict(r.timings), "entries": h.entries_pushed,

@@ -50,7 +50,7 @@ class NodeHandle:
 
 
 @dataclass
-class Handover:
+class MigrationState:
     """Live state of one migration on the coordinating (destination) side. ``hands_over``
     False: the control run, which moves the guest without any handover (no gate, no
     entries) to show what breaks without it."""
@@ -107,7 +107,7 @@ class Coordinator:
 
     # phases -------------------------------------------------------------------------
     async def prepare(self, guest: str | Guest, src: str, dst: str, *,
-                      handover: bool | None = None, id: str | None = None) -> Handover:
+                      handover: bool | None = None, id: str | None = None) -> MigrationState:
         """``guest``: a name from the cluster file, or a Guest resolved elsewhere (the
         hypervisor's metadata). ``id``: the migration's id (the same id again is the same
         migration). ``handover``: None for the coordinator's default."""
@@ -122,7 +122,7 @@ class Coordinator:
         if src == dst:
             raise MigrationError(f"{g.name} is already on {dst}")
         record = await self.store.create_migration(g.name, g.addresses, src, dst, id=id)
-        h = Handover(record, self.handover_default if handover is None else handover, g)
+        h = MigrationState(record, self.handover_default if handover is None else handover, g)
         try:
             if h.hands_over:
                 await self._dst(h).ops.gate(g.addresses, closed=True)
@@ -141,7 +141,7 @@ class Coordinator:
             known = ", ".join(g.name for g in self.topology.guests) or "none"
             raise MigrationError(f"unknown guest {name!r} (known: {known})") from None
 
-    async def precopy(self, h: Handover) -> None:
+    async def precopy(self, h: MigrationState) -> None:
         """Stream G's entries S -> D while G still runs on S: subscribe, dump, push, follow.
         Replayable: a restarted agent calls it again and re-plans against D's table."""
         start = time.monotonic()
@@ -154,7 +154,7 @@ class Coordinator:
                 h.follower = asyncio.create_task(self._follow(h))
         await self._phase_done(h, Phase.PRECOPY, _ms(start), entries=h.entries_pushed)
 
-    async def cutover(self, h: Handover) -> None:
+    async def cutover(self, h: MigrationState) -> None:
         """G runs on D now: last delta, ownership flip, gate open, ARP. Replayable."""
         start = time.monotonic()
         await self._advance(h, Phase.PRECOPY, Phase.CUTOVER)
@@ -179,14 +179,14 @@ class Coordinator:
                                epoch=max(h.record.epoch_before.values(), default=-1) + 1,
                                **({"outcome": "degraded"} if h.source_lost else {}))
 
-    async def finalize(self, h: Handover) -> None:
+    async def finalize(self, h: MigrationState) -> None:
         start = time.monotonic()
         await self._advance(h, Phase.CUTOVER, Phase.FINALIZE)
         await self._clear_bits(h)
         await self.store.finish_migration(h.record.id)
         await self._phase_done(h, Phase.FINALIZE, _ms(start))
 
-    async def abort(self, h: Handover, error: str) -> None:
+    async def abort(self, h: MigrationState, error: str) -> None:
         """Ownership stays with S; D forgets what we pushed and reopens its gate. Replayable:
         what was pushed is found by the handover bit, not remembered."""
         start = time.monotonic()
@@ -205,7 +205,8 @@ class Coordinator:
                           entries=len(undo), duration_ms=_ms(start))
 
     async def run(self, guest: str | Guest, src: str, dst: str,
-                  move: Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]) -> Handover:
+                  move: Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]
+                  ) -> MigrationState:  # fmt: skip
         """The whole migration around ``move`` (the hypervisor's part), which calls back
         once the guest runs on the destination."""
         h = await self.prepare(guest, src, dst)
@@ -224,10 +225,10 @@ class Coordinator:
         return LocalFeed(SourceSide(src.table, self.topology, record_guest(record), record.src,
                                     record.dst, record.addresses))
 
-    def _dst(self, h: Handover) -> NodeHandle:
+    def _dst(self, h: MigrationState) -> NodeHandle:
         return self.nodes[h.record.dst]
 
-    async def _open_feed(self, h: Handover) -> None:
+    async def _open_feed(self, h: MigrationState) -> None:
         """Open the feed and sync its snapshot; an unreachable S costs the handover of
         this phase, never the migration (the hypervisor moves the guest regardless)."""
         await self._close_feed(h)
@@ -242,7 +243,7 @@ class Coordinator:
         h.feed = feed
         await self._sync(h, entries)
 
-    async def _final_delta(self, h: Handover) -> None:
+    async def _final_delta(self, h: MigrationState) -> None:
         if h.follower is not None and h.follower.done() and h.feed is not None:
             await self._close_feed(h)  # the follower died with the feed: reopen below
         await self._stop_follower(h)
@@ -256,7 +257,7 @@ class Coordinator:
             await self._close_feed(h)
             await self._open_feed(h)
 
-    async def _sync(self, h: Handover, entries: list[Entry]) -> None:
+    async def _sync(self, h: MigrationState, entries: list[Entry]) -> None:
         """Plan against D's current entries and write what differs; what the plan adds
         carries the handover bit."""
         dst = self._dst(h)
@@ -270,7 +271,7 @@ class Coordinator:
                         first=str(done.write_errors[0]))
         h.entries_pushed += done.written
 
-    async def _follow(self, h: Handover) -> None:
+    async def _follow(self, h: MigrationState) -> None:
         """Precopy's live part: S's changes for G become D's writes until cutover. Waiting
         is the only point where it is cancelled (``_stop_follower`` holds the lock), so a
         batch taken from the feed always reaches D. A lost feed ends it; the cutover then
@@ -285,7 +286,7 @@ class Coordinator:
         except FeedLost as exc:
             log.warning("migration.feed_lost", guest=h.record.guest, error=str(exc))
 
-    async def _apply_batch(self, h: Handover, batch: FeedBatch) -> None:
+    async def _apply_batch(self, h: MigrationState, batch: FeedBatch) -> None:
         if batch.snapshot is not None:
             await self._sync(h, batch.snapshot)
         live = [e.entry for e in batch.events if e.type != EventType.DESTROY]
@@ -297,7 +298,7 @@ class Coordinator:
         if keys:
             await asyncio.to_thread(self._dst(h).table.delete, keys)
 
-    async def _stop_follower(self, h: Handover) -> None:
+    async def _stop_follower(self, h: MigrationState) -> None:
         if h.follower is not None:
             async with h.lock:  # not while it applies a batch: only while it waits
                 h.follower.cancel()
@@ -305,26 +306,26 @@ class Coordinator:
                 await h.follower
             h.follower = None
 
-    async def _close_feed(self, h: Handover) -> None:
+    async def _close_feed(self, h: MigrationState) -> None:
         await self._stop_follower(h)
         if h.feed is not None:
             await h.feed.close()
             h.feed = None
 
-    async def _pushed(self, h: Handover) -> list[Entry]:
+    async def _pushed(self, h: MigrationState) -> list[Entry]:
         """D's entries of G that a handover added (and finalize has not yet made D's own)."""
         dst = self._dst(h)
         return await asyncio.to_thread(dst.table.dump, addresses=list(h.record.addresses),
                                        mark=self.bit, mark_mask=self.bit)
 
-    async def _clear_bits(self, h: Handover) -> None:
+    async def _clear_bits(self, h: MigrationState) -> None:
         by_mark: dict[int, list[Key]] = {}
         for e in await self._pushed(h):
             by_mark.setdefault(e.mark & ~self.bit, []).append(e.key)
         for mark, keys in by_mark.items():
             await asyncio.to_thread(self._dst(h).table.set_mark, keys, mark)
 
-    async def _claim(self, h: Handover) -> None:
+    async def _claim(self, h: MigrationState) -> None:
         try:
             expected: dict[Address, int] = {ip: ep for ip, ep in h.record.epoch_before.items()}
             await self.store.claim_all(expected, h.record.dst, h.record.guest)
@@ -336,16 +337,16 @@ class Coordinator:
                 raise MigrationError(str(exc)) from exc
 
     # bookkeeping --------------------------------------------------------------------
-    async def _advance(self, h: Handover, expected: Phase, to: Phase) -> None:
+    async def _advance(self, h: MigrationState, expected: Phase, to: Phase) -> None:
         h.record = await self.store.advance_phase(h.record.id, expected, to)
 
-    async def _phase_done(self, h: Handover, phase: Phase, ms: float, **fields: Any) -> None:
+    async def _phase_done(self, h: MigrationState, phase: Phase, ms: float, **fields: Any) -> None:
         h.timings[phase.value] = ms
         h.record = await self.store.record_timing(h.record.id, phase, ms)
         await self._audit(f"migration.{phase.value}", h, duration_ms=round(ms, 3), **fields)
         log.info(f"migration.{phase.value}", guest=h.record.guest, ms=round(ms, 1), **fields)
 
-    async def _audit(self, action: str, h: Handover, **fields: Any) -> None:
+    async def _audit(self, action: str, h: MigrationState, **fields: Any) -> None:
         """A record that cannot be written is counted and logged, never a reason for a
         migration to stop half-way (issue 15: a junk line in the log stranded one)."""
         if self.audit is None:

@@ -17,7 +17,7 @@ from orchestrator.config.schema import Topology
 from orchestrator.errors import MigrationError
 from orchestrator.handover.planner import dest_key
 from orchestrator.lab.plan import default_config
-from orchestrator.migration.coordinator import Coordinator, Handover, NodeHandle
+from orchestrator.migration.coordinator import Coordinator, MigrationState, NodeHandle
 from orchestrator.migration.feed import FeedLost, LocalFeed, SourceFeed, SourceSide
 from orchestrator.migration.nodeops import FakeNodeOps, NodeSets
 from orchestrator.model.conntrack import Entry, Key, Status, TcpFlag, Tuple
@@ -98,7 +98,7 @@ async def until(pred: Callable[[], bool], timeout: float = 3.0) -> None:
 
 
 async def moved(c: Cluster, coord: Coordinator,
-                during: Callable[[], Awaitable[None]] | None = None) -> Handover:  # fmt: skip
+                during: Callable[[], Awaitable[None]] | None = None) -> MigrationState:  # fmt: skip
     async def move(resumed: Callable[[], Awaitable[None]]) -> None:
         if during is not None:
             await during()
@@ -242,11 +242,11 @@ def test_a_restarted_coordinator_replays_precopy_and_abort_by_the_bit(cluster: C
         again = c.coordinator()
         record = await c.store.get_migration(h.record.id)
         assert record is not None
-        h2 = Handover(record)
+        h2 = MigrationState(record)
         before = list(c.tables["n2"].calls)
         await again.precopy(h2)
         pushes = c.tables["n2"].calls[len(before):]
-        await again.abort(Handover(h2.record), "restarted and aborted")
+        await again.abort(MigrationState(h2.record), "restarted and aborted")
         return pushes, c.tables["n2"].count()
 
     pushes, left = run(scenario())
