@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tenacity
 
 from orchestrator.agent.client import AgentUnavailable, acall
 from orchestrator.audit.log import AuditLog
@@ -115,14 +116,13 @@ async def _via_agents(lab: Lab, hv: LabHypervisor, guest: str, src: str, dst: st
 
 
 async def _retrying(sock: Path, op: str, **args: Any) -> Any:
-    deadline = time.monotonic() + AGENT_RETRY_S
-    while True:
-        try:
-            return await acall(sock, op, **args)
-        except AgentUnavailable:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)
+    """``op`` on the agent at ``sock``, retried every 0.1 s while it is unavailable (a
+    restarting agent) for up to ``AGENT_RETRY_S``; then its last AgentUnavailable."""
+    retrying = tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_exception_type(AgentUnavailable),
+        stop=tenacity.stop_after_delay(AGENT_RETRY_S), wait=tenacity.wait_fixed(0.1),
+        reraise=True)
+    return await retrying(acall, sock, op, **args)
 
 
 async def _in_process(lab: Lab, hv: LabHypervisor, guest: str, src: str, dst: str,
