@@ -126,7 +126,7 @@ class Agent:
         self._given = parts
 
     @property
-    def handovers(self) -> list[str]:
+    def arriving(self) -> list[str]:
         """The guests migrating here (a reload waits for them)."""
         return list(self.migrations.arrivals)
 
@@ -229,7 +229,7 @@ class Agent:
     async def reload(self, new: Topology) -> list[str]:
         """Take a re-read cluster file (SIGHUP): the reasons it cannot, or apply it and
         re-apply the ruleset. A ruleset the kernel rejects keeps the old file in force."""
-        problems = reload_problems(self.topology, new, self.node, self.handovers)
+        problems = reload_problems(self.topology, new, self.node, self.arriving)
         if problems:
             return problems
         old = self.topology
