@@ -138,6 +138,7 @@ class XenHypervisor(Hypervisor):
         for domid in self.tracker.known() - names.keys():
             moments += self.tracker.observe(domid, None)
         for domid, name in sorted(names.items()):
+            self.tracker.found(domid, name)
             moments += self.tracker.observe(domid, name)
         return moments
 

@@ -6,8 +6,10 @@ watches names: a domain seen as ``--incoming`` that is now ``NAME`` and running 
 RESUMED here (renamed but still paused, as with ``xl migrate -p``, it has not yet: it is
 checked again until it runs or goes); one seen as ``--incoming`` that disappears without
 having resumed FAILED here (the hook says the same, or STOPPED when it was renamed first:
-replays are harmless). A domain first seen with a plain name says nothing: booted ones
-announce themselves through their vif script.
+replays are harmless). A domain first seen with a plain name by the watch says nothing
+(booted ones announce themselves through their vif script); one first seen by a rescan
+(after the agent started, or missed by the watch) is asked whether it runs, and reported
+RESUMED if so: it may have arrived while nobody watched.
 """
 
 from __future__ import annotations
@@ -58,6 +60,14 @@ class Tracker:
             return [Moment(EventKind.RESUMED, guest, domid,
                            f"domain {domid} renamed from {guest}--incoming and running")]
         return []
+
+    def found(self, domid: int, name: str) -> None:
+        """A domain first seen on a rescan (the agent just started, or the watch missed
+        it) under its plain name: it may have resumed here while nobody watched, so its
+        running state is asked like an arrival's (the table ignores a resume of a guest
+        this node already owns)."""
+        if domid not in self.doms and split_name(name)[1] is Phase.NONE:
+            self.doms[domid] = _Dom(name, Phase.NONE, arriving=True)
 
     def waiting(self) -> list[int]:
         """Domains renamed after arriving whose running state must be asked."""

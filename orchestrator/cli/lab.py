@@ -40,12 +40,18 @@ def lab() -> None:
               show_default=True,
               help="The ownership store: a SQLite file, or a 3-member etcd cluster (one "
                    "member per node, inside the lab's namespaces).")
+@click.option("--hypervisor", default="lab", show_default=True, metavar="KIND",
+              help="The nodes' hypervisor: lab (the lab moves a veth itself) or a real "
+                   "hypervisor's calling convention (xl: Xen's, with Debian's hotplug "
+                   "scripts and stand-ins for xl and xenstore).")
 @JSON
-def up(name: str, nodes: int, config_path: str | None, store: str, as_json: bool) -> None:
+def up(name: str, nodes: int, config_path: str | None, store: str, hypervisor: str,
+       as_json: bool) -> None:
     """Build the lab (idempotent)."""
     from orchestrator.lab.lab import Lab
 
-    t = Lab(name).up(nodes, Path(config_path) if config_path else None, store=store)
+    t = Lab(name).up(nodes, Path(config_path) if config_path else None, store=store,
+                     hypervisor=hypervisor)
     if as_json:
         echo_json({"lab": name, "nodes": [n.name for n in t.nodes],
                    "guests": [g.name for g in t.guests], "config": str(Lab(name).config_path)})
@@ -140,8 +146,11 @@ def migrate(name: str, guest: str, dst: str, control: bool, as_json: bool) -> No
 @click.option("--tcp-loose", type=click.IntRange(0, 1),
               help="Set nf_conntrack_tcp_loose on every node.")
 @click.option("--keep", is_flag=True, help="Leave the lab up afterwards.")
+@click.option("--hypervisor", default="lab", show_default=True, metavar="KIND",
+              help="As for lab up (xl: every move is an xl migrate; --control stops the "
+                   "agents first).")
 def demo(name: str, nodes: int, control: bool, as_json: bool, plot: str | None,
-         tcp_loose: int | None, keep: bool) -> None:
+         tcp_loose: int | None, keep: bool, hypervisor: str) -> None:
     """Real SSH, websocket, HTTP, UDP and guest-initiated flows while the guest tours the
     cluster (n1 -> n2 -> n3 -> n1); reports which flows survived and their largest gap.
 
@@ -151,7 +160,7 @@ def demo(name: str, nodes: int, control: bool, as_json: bool, plot: str | None,
 
     result = run_demo(name, nodes, control, tcp_loose=tcp_loose,
                       plot=Path(plot) if plot else None, keep=keep,
-                      say=lambda line: click.echo(line, err=True))
+                      say=lambda line: click.echo(line, err=True), hypervisor=hypervisor)
     click.echo(json.dumps(result) if as_json else render_table(result))
     lost = lost_flows(result)
     if lost:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -25,6 +26,7 @@ from orchestrator.config.loader import load, parse, read_text
 from orchestrator.config.schema import Guest, Topology
 from orchestrator.errors import ConfigError, LabError
 from orchestrator.lab import netns as ns
+from orchestrator.lab.drivers import BUILTIN, LabDriver, driver_class
 from orchestrator.lab.etcd import EtcdCluster
 from orchestrator.lab.plan import (
     GUEST_IFACE,
@@ -72,7 +74,7 @@ class Lab:
 
     # up / down ------------------------------------------------------------
     def up(self, nodes: int = 3, config: Path | None = None, agents: bool = True,
-           store: str = "sqlite") -> Topology:
+           store: str = "sqlite", hypervisor: str = BUILTIN) -> Topology:
         """Build the lab; ``agents``: start one agent per node (as production runs) and let
         each guest's home agent claim it. Without them, ``lab migrate`` coordinates
         in-process. ``store``: ``sqlite`` (a file in the lab's directory) or ``etcd`` (one
@@ -89,6 +91,7 @@ class Lab:
                 else default_config(nodes, self.name, self.dir, url))
         source = str(config) if config else "<lab default>"
         text = with_lab_agent(text, self.dir, url)  # a lab never touches /var's state
+        text = self._with_hypervisor(text, hypervisor)
         topology = parse(text, source)
         problems = self.names.clashes(topology) + outside_lab(topology, self.dir)
         if problems:
@@ -112,6 +115,24 @@ class Lab:
             self.down()
             raise
         return topology
+
+    def _with_hypervisor(self, text: str, kind: str) -> str:
+        """``--hypervisor KIND``: the cluster file gets the driver's ``[hypervisor]``."""
+        cls = driver_class(kind)
+        if cls is None:
+            return text
+        if re.search(r"^\s*\[hypervisor\]", text, re.MULTILINE):
+            raise LabError(f"--hypervisor {kind}: the config already has a [hypervisor] "
+                           "section; leave one of them out")
+        return text + "\n" + self._make_driver(cls).hypervisor_toml()
+
+    def driver(self, t: Topology) -> LabDriver | None:
+        """The lab hypervisor of this lab's cluster file (None: the built-in veth moves)."""
+        cls = driver_class(t.hypervisor.kind)
+        return None if cls is None else self._make_driver(cls)
+
+    def _make_driver(self, cls: type[LabDriver]) -> LabDriver:
+        return cls(self.dir, _NodeNetns(self.names), self.names.guest("{name}"))
 
     def is_up(self, topology: Topology) -> bool:
         existing = set(ns.list_netns())
@@ -146,8 +167,13 @@ class Lab:
         self._build_workstation(t)
         for i, node in enumerate(t.nodes, start=1):
             self._build_node(t, i, node.name)
+        drv = self.driver(t)
+        if drv is not None:
+            drv.build(t)
         for guest in t.guests:
-            if guest.home:
+            if guest.home and drv is not None:
+                drv.create(guest, guest.home)
+            elif guest.home:
                 self.plug_guest(t, guest, guest.home)
             self._build_guest(t, guest)
         for node in t.nodes:
@@ -202,7 +228,11 @@ class Lab:
         ns.enslave(node_ns, vif, t.cluster.guest_bridge)
 
     def guest_node(self, t: Topology, guest: str) -> str | None:
-        """Which node namespace currently holds the guest's vif (the lab's ground truth)."""
+        """Which node namespace currently holds the guest's vif (the lab's ground truth;
+        with a lab hypervisor: where it runs, as that hypervisor says)."""
+        drv = self.driver(t)
+        if drv is not None:
+            return drv.guest_node(t, guest)
         vif = vif_name(t, guest)
         for node in t.nodes:
             if ns.ip(self.names.node(node.name), "link", "show", vif, check=False):
@@ -242,6 +272,9 @@ class Lab:
         (failpoints for the crash tests)."""
         log = self._agent_log(node)
         mark = log.stat().st_size if log.exists() else 0
+        drv = self.driver(self.topology())
+        if drv is not None:  # the hypervisor's tools, as the node's own environment
+            env = {**drv.agent_env(node), **(env or {})}
         argv = [sys.executable, "-m", "orchestrator", "agent", "--config",
                 str(self.config_path), "--node", node]
         pid = ns.spawn(self.names.node(node), argv, log, env=env)
@@ -295,6 +328,17 @@ class Lab:
             "namespaces": [n for n in ns.list_netns() if n.startswith(self.names.prefix)],
             "guests": {g.name: self.guest_node(t, g.name) for g in t.guests},
         }
+
+
+class _NodeNetns(dict[str, str]):
+    """node -> its namespace, for any node name."""
+
+    def __init__(self, names: LabNames) -> None:
+        super().__init__()
+        self.names = names
+
+    def __missing__(self, node: str) -> str:
+        return self.names.node(node)
 
 
 def _threads_left(pid: int) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -14,10 +15,12 @@ import tenacity
 from orchestrator.agent.client import AgentUnavailable, acall
 from orchestrator.audit.log import AuditLog
 from orchestrator.errors import ConvergentError, MigrationError
+from orchestrator.hypervisor import Progress
 from orchestrator.lab.hypervisor import LabHypervisor
 from orchestrator.lab.lab import Lab
 from orchestrator.migration.coordinator import Coordinator, NodeHandle
 from orchestrator.migration.nodeops import NftNodeOps
+from orchestrator.model.cluster import Topology
 from orchestrator.netfilter.conntrack import ConntrackTable
 from orchestrator.store import open_store
 from orchestrator.store.base import Store
@@ -79,9 +82,55 @@ async def migrate(lab: Lab, guest: str, dst: str, handover: bool = True,
         raise MigrationError(f"guest {guest} is not running on any node")
     if dst not in {n.name for n in t.nodes}:
         raise MigrationError(f"unknown node {dst!r}")
+    drv = lab.driver(t)
+    if drv is not None:
+        return await _via_driver(lab, guest, src, dst, handover, before_move)
     if lab.has_agents(t):
         return await _via_agents(lab, hv, guest, src, dst, handover, before_move)
     return await _in_process(lab, hv, guest, src, dst, handover, before_move)
+
+
+async def _via_driver(lab: Lab, guest: str, src: str, dst: str, handover: bool,
+                      before_move: Callable[[], Awaitable[None]] | None) -> MigrationReport:
+    """A lab on a real hypervisor's calling convention (``lab up --hypervisor KIND``): the
+    move is ``convergent migrate`` on the source's agent, which runs the hypervisor's own
+    migration; the agents learn of it only through their hooks and events."""
+    t = lab.topology()
+    if before_move is not None:
+        await before_move()
+    start = time.monotonic()
+    if not handover:
+        return await _plain_move(lab, guest, src, dst, start)
+    if not lab.has_agents(t):
+        raise MigrationError(f"a lab on {t.hypervisor.kind} hands over through its agents "
+                             "(lab up starts them)")
+    res = await acall(t.agent.socket(src), "guest.migrate", guest=guest, to=dst,
+                      timeout=300)
+    # the guest is suspended from the end of the memory stream until it resumes there
+    at = {p["phase"]: p["at_ms"] for p in res.get("phases", [])}
+    at["paused"] = at.get("memory", at.get("paused", 0.0))
+    m = res.get("migration") or {}
+    timings = m.get("timings") or {}
+    return MigrationReport(guest, src, dst, float(timings.get("precopy") or 0.0),
+                           float(timings.get("cutover") or 0.0),
+                           float(at.get("resumed", 0.0) - at.get("paused", 0.0)),
+                           _entries_pushed(t, dst, str(m.get("id") or "")),
+                           (time.monotonic() - start) * 1000)
+
+
+def _entries_pushed(t: Topology, dst: str, migration: str) -> int:
+    """What the destination pushed (its precopy and cutover audit records): the source's
+    answer does not carry it."""
+    path = Path(str(t.agent.audit_log).replace("{node}", dst))
+    total = 0
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+                if rec.get("migration") == migration and rec.get("action") in (
+                        "migration.precopy", "migration.cutover"):
+                    total += int(rec.get("entries") or 0)
+    return total
 
 
 async def _via_agents(lab: Lab, hv: LabHypervisor, guest: str, src: str, dst: str,
@@ -113,6 +162,30 @@ async def _via_agents(lab: Lab, hv: LabHypervisor, guest: str, src: str, dst: st
     return MigrationReport(guest, src, dst, prep["timings"].get("precopy", 0.0),
                            timings.get("cutover", 0.0), hv.last_pause_ms,
                            int(done.get("entries") or 0), (time.monotonic() - start) * 1000)
+
+
+async def _plain_move(lab: Lab, guest: str, src: str, dst: str,
+                      start: float) -> MigrationReport:
+    """The control run: the hypervisor's own migration with no agent to hear of it."""
+    t = lab.topology()
+    drv = lab.driver(t)
+    assert drv is not None
+    if any(lab.agent_pid(n.name) is not None for n in t.nodes):
+        raise MigrationError("--control on a lab hypervisor: the agents must be stopped, or "
+                             "their hooks hand the flows over")
+    at: dict[str, float] = {}
+
+    def progress(p: Progress) -> None:
+        now = (time.monotonic() - start) * 1000
+        at.setdefault(p.phase, now)
+        if p.phase == "memory":
+            at["paused"] = now  # the last of the stream: the guest is suspended from here
+
+    # as the built-in control: the guest's ARP cache lapses and it finds D's gateway
+    await drv.migrate(guest, src, dst, progress, env={"CONVERGENT_XEN_KEEP_ARP": "0"})
+    return MigrationReport(guest, src, dst, 0.0, 0.0,
+                           at.get("resumed", 0.0) - at.get("paused", 0.0), 0,
+                           (time.monotonic() - start) * 1000)
 
 
 async def _retrying(sock: Path, op: str, **args: Any) -> Any:

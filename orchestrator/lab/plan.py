@@ -101,7 +101,7 @@ def lab_agent_paths(state: Path, store: str | None = None) -> dict[str, str]:
     """Where a lab's agents keep their state: under the lab's directory, never in /var.
     ``store``: another store URL (``lab up --store etcd``: the lab's own etcd members)."""
     return {"run_dir": f"{state}/run", "store": store or f"sqlite://{state}/store.db",
-            "audit_log": f"{state}/audit.log", "spool_dir": f"{state}/spool",
+            "audit_log": f"{state}/audit.log", "spool_dir": f"{state}/spool/{{node}}",
             "key_file": f"{state}/cluster.key", "state_dir": f"{state}/state",
             "audit_key_file": f"{state}/audit.key"}  # fmt: skip
 

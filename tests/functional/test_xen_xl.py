@@ -67,7 +67,7 @@ class Node:
         return [e for c in self.agent.calls
                 if (e := parse_vif_call(HookCall.from_dict(c), self.name)) is not None]
 
-    def reaches_guest(self, tries: int = 3) -> bool:
+    def reaches_guest(self, tries: int = 5) -> bool:
         """Pinged through this node's bridge (a loaded machine gets a few tries)."""
         for _ in range(tries):
             if subprocess.run(["ip", "netns", "exec", self.dom0.netns, "ping", "-c", "1", "-W",

@@ -132,6 +132,18 @@ def test_tracker_renamed_and_destroyed_before_running_is_a_failure() -> None:
     assert f.kind is EventKind.FAILED
 
 
+def test_a_domain_found_by_a_rescan_is_asked_whether_it_runs() -> None:
+    t = Tracker()
+    t.found(9, "guest1")
+    t.found(10, "guest2--incoming")  # an arrival is tracked by its name already
+    assert t.observe(9, "guest1") == [] and t.waiting() == [9]
+    (m,) = t.observe(9, "guest1", running=True)
+    assert (m.kind, m.guest) == (EventKind.RESUMED, "guest1")
+    t.found(9, "guest1")  # known now: not asked again
+    assert t.waiting() == []
+    assert t.observe(10, "guest2--incoming") == [] and t.waiting() == []
+
+
 def test_tracker_ignores_the_source_side() -> None:
     t = Tracker()
     for name in ("g", "g--migratedaway", "g", "g--migratedaway"):

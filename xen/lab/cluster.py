@@ -35,7 +35,7 @@ class XlLab:
         """``netns_of``: node -> its namespace; ``guest_netns``: the guests' namespaces
         with ``{name}`` for the guest's name."""
         self.dir = lab_dir / "xen"
-        self.netns_of = dict(netns_of)
+        self.netns_of = netns_of
         self.guest_netns = guest_netns
 
     @property

@@ -23,7 +23,8 @@ Environment: ``CONVERGENT_XEN_ROOT`` (the node's dom0 directory), ``CONVERGENT_X
 (its namespace), ``CONVERGENT_XEN_BIN`` (the stand-in tools), ``CONVERGENT_XEN_GUEST_NETNS``
 (the guests' namespaces, ``{name}`` replaced), ``CONVERGENT_XEN_STREAM_S`` (how long the
 memory stream takes, default 0.3), ``CONVERGENT_XL_FAULT`` (on a receiver: ``rename`` or
-``unpause`` fails after GO; ``stream`` breaks the stream before the devices are attached).
+``unpause`` fails after GO; ``stream`` breaks the stream before the devices are attached),
+``CONVERGENT_XEN_KEEP_ARP`` (0: the guest's ARP cache lapses across the move).
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ class Host:
             vif = vif_name(domid, nic.devid)
             if take_from is not None:
                 old = take_from["vifs"][str(nic.devid)]
-                cache = netback.neighbours(self.guest_ns(dom), nic.devid)
+                cache = netback.neighbours(self.guest_ns(dom), nic.devid) if _keep_arp() else []
                 netback.move(take_from["netns"], old, self.dom0.netns, vif)
                 netback.restore_neighbours(self.guest_ns(dom), nic.devid, cache)
             else:
@@ -248,6 +249,13 @@ class Host:
         if not paused:
             self.unpause(domid)
         return domid
+
+
+def _keep_arp() -> bool:
+    """A VM keeps its ARP cache across a migration; ``CONVERGENT_XEN_KEEP_ARP=0`` lets it
+    lapse as a cache past its time would (a control run: the guest then re-resolves the
+    gateway and finds the destination's)."""
+    return os.environ.get("CONVERGENT_XEN_KEEP_ARP", "1") != "0"
 
 
 def _gratuitous_arp(guest_ns: str, dom: Domain) -> None:
