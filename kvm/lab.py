@@ -217,7 +217,8 @@ class LibvirtLab(Lab):
         return VirtLab(self)
 
     def up(self, nodes: int = 3, config: Path | None = None, agents: bool = True,
-           store: str = "sqlite") -> Topology:
+           store: str = "sqlite", hypervisor: str = "libvirt") -> Topology:
+        """``hypervisor``: always libvirt here (the section is added below)."""
         libvirt_preflight()
         ensure_image()  # before any namespace exists: a failed build leaves nothing behind
         text = config.read_text() if config else demo_config(nodes, self.name)
