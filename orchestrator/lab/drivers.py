@@ -17,9 +17,9 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Protocol
 
+from orchestrator.config.schema import Guest, Topology
 from orchestrator.errors import LabError
 from orchestrator.hypervisor import ProgressFn
-from orchestrator.model.cluster import Guest, Topology
 
 GROUP = "convergent.lab_hypervisors"
 BUILTIN = "lab"

@@ -14,13 +14,13 @@ import tenacity
 
 from orchestrator.agent.client import AgentUnavailable, acall
 from orchestrator.audit.log import AuditLog
+from orchestrator.config.schema import Topology
 from orchestrator.errors import ConvergentError, MigrationError
 from orchestrator.hypervisor import Progress
 from orchestrator.lab.hypervisor import LabHypervisor
 from orchestrator.lab.lab import Lab
 from orchestrator.migration.coordinator import Coordinator, NodeHandle
 from orchestrator.migration.nodeops import NftNodeOps
-from orchestrator.model.cluster import Topology
 from orchestrator.netfilter.conntrack import ConntrackTable
 from orchestrator.store import open_store
 from orchestrator.store.base import Store
