@@ -3,8 +3,11 @@
 write_per_s        records/s through ``AuditLog.record`` with an fsync per record
 write_batch_per_s  the same in ``batch()`` groups of 100 (one fsync per group)
                    (write_nofsync_per_s: no fsync at all, the writer's own cost)
+write_anchored_per_s  ``write_per_s`` while the agent's anchoring puts the head in a
+                   SQLite store each second, as in an agent (anchor_put_ms: one put)
 verify_1m_s        ``verify`` over a 1M-line chain (generated with the chaining bulk
-                   writer, no fsync), in process; ``*_cli_s`` adds process start-up
+                   writer, no fsync), in process; ``*_cli_s`` adds process start-up;
+                   ``verify_1m_anchored_s`` checks it against an anchor at its head
 show_filter_1m_s   ``show --guest G --action migration`` over the same 1M lines,
                    table rendered to /dev/null
 """
@@ -82,6 +85,43 @@ def bench_write(directory: Path, count: int, batch: int, fsync: bool = True) -> 
     return count / elapsed
 
 
+def bench_write_anchored(directory: Path, count: int) -> tuple[float, float, int]:
+    """``(records/s, ms per anchor put, puts)`` with the agent's anchoring running in its
+    own thread and loop, as the agent's event loop runs beside audit writes."""
+    import asyncio
+    import threading
+
+    from orchestrator.agent.audit_anchor import AuditAnchoring
+    from orchestrator.store import open_store
+
+    log = AuditLog(directory / "anchored.log", node="n1", actor="agent")
+    stop = threading.Event()
+    puts: list[float] = []
+
+    async def anchor() -> None:
+        store = await open_store(f"sqlite://{directory}/store.db")
+        anchoring = AuditAnchoring("n1", log.writer, store)
+        while not stop.is_set():
+            await asyncio.sleep(anchoring.interval)
+            start = time.perf_counter()
+            await anchoring.flush()
+            puts.append(time.perf_counter() - start)
+        await store.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(anchor(),))
+    thread.start()
+    mig = log.bind(guest="web1", addresses=["10.5.5.201"], from_node="n1", to_node="n2")
+    start = time.perf_counter()
+    for i in range(count):
+        mig.record("migration.cutover", epoch=i, entries=i, duration_ms=1.5)
+    elapsed = time.perf_counter() - start
+    stop.set()
+    thread.join()
+    log.close()
+    put_ms = 1000 * sum(puts) / len(puts) if puts else 0.0
+    return count / elapsed, put_ms, len(puts)
+
+
 def _timed(func: Any, *args: Any) -> tuple[float, Any]:
     start = time.perf_counter()
     result = func(*args)
@@ -110,15 +150,22 @@ def run(records: int, lines: int, directory: Path) -> dict[str, Any]:
         "write_batch_per_s": round(bench_write(directory, records, 100)),
         "write_nofsync_per_s": round(bench_write(directory, records, 1, fsync=False)),
     }
+    anchored, put_ms, puts = bench_write_anchored(directory, records)
+    figures |= {"write_anchored_per_s": round(anchored), "anchor_put_ms": round(put_ms, 2),
+                "anchor_puts": puts}
     path = directory / "big" / "audit.log"
     path.parent.mkdir()
     generate_s, _ = _timed(bulk_append, path, synthetic(lines))
     verify_s, report = _timed(verify, chain_files(path))
     assert report.exit_code == 0 and report.records == lines, report
+    anchored_s, checked = _timed(verify, chain_files(path), False,
+                                 {report.last_seq: report.head})
+    assert checked.exit_code == 0, checked
     flt = Filter(guest="g-0042", actions=("migration",))
     show_s, matches = _timed(_show, path, flt)
     figures |= {
         "verify_1m_s": round(verify_s, 2),
+        "verify_1m_anchored_s": round(anchored_s, 2),
         "show_filter_1m_s": round(show_s, 2),
         "verify_1m_cli_s": round(_cli("verify", "--log", str(path)), 2),
         "show_filter_1m_cli_s": round(

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import structlog
 
 from orchestrator.agent.api import ApiServer, Handler
+from orchestrator.agent.audit_anchor import AuditAnchoring
 from orchestrator.agent.events import Op, OpName
 from orchestrator.agent.failpoints import Failpoints
 from orchestrator.agent.guests import GuestBook
@@ -135,6 +136,7 @@ class Agent:
         self.parts = parts
         self.store, self.audit, self.table = parts.store, parts.audit, parts.kernel.table
         self.audit.subscribe(self.metrics.on_audit)
+        self.anchoring = AuditAnchoring(self.node, self.audit.writer, self.store)
         self.hypervisor = parts.hypervisor
         self.guests = GuestBook(self.topology, self.hypervisor)
         handle = NodeHandle(self.node, parts.kernel.table, parts.kernel.ops)
@@ -186,7 +188,8 @@ class Agent:
             await self._truth()
             tasks = [asyncio.create_task(c) for c in (
                 self._reconcile_loop(), self._watch(), self.migrations.watchdog(),
-                self._sync_audit(), self._heartbeats(), self.intake.follow())]
+                self._sync_audit(), self._heartbeats(), self.intake.follow(),
+                self.anchoring.run())]
             log.info("agent.ready", node=self.node, socket=str(self.api.path))
             if not is_journal(sys.stdout):  # the journal has the agent.ready log line
                 print(f"convergent agent {self.node} ready", flush=True)
@@ -205,6 +208,7 @@ class Agent:
             with contextlib.suppress(Exception):  # a record, never a reason not to stop
                 await self.audit.arecord("agent.stop", detail=self.stop_reason, outcome=(
                     "failed" if self.stop_reason.startswith("failed") else "ok"))
+                await self.anchoring.flush()  # the log's last word, anchored too
             self.metrics.close()
             await self.api.close()
             await self.peer.close()

@@ -132,6 +132,7 @@ class Verifier:
     partial: bool = False
     anchors: Mapping[int, str] = field(default_factory=dict)
     key: bytes | None = None  # the audit key: every line must carry a mac made with it
+    source: str = "an earlier verify"  # where the anchors come from, for the messages
 
     def run(self) -> Report:
         """Every problem, each with its line: after one, the walk picks the chain up again
@@ -208,7 +209,8 @@ class Verifier:
     def _check_anchor(self, seq: int, digest: str, path: Path, lineno: int,
                       report: Report) -> None:  # fmt: skip
         if self.anchors.get(seq, digest) != digest:
-            why = f"seq {seq} does not hash to the noted anchor: chain rewritten from here"
+            why = (f"seq {seq} does not hash to the anchor from {self.source}: chain "
+                   "rewritten from here")
             report.problems.append(Finding(path, lineno, "anchor", why))
 
     def _check_mac(self, raw: bytes, path: Path, lineno: int, report: Report) -> None:
@@ -235,7 +237,8 @@ class Verifier:
         beyond = sorted(seq for seq in self.anchors if seq > good.seq)
         if not beyond or good.where is None:
             return None
-        why = f"chain ends at seq {good.seq} but seq {beyond[0]} was noted: last lines deleted"
+        why = (f"chain ends at seq {good.seq} but {self.source} anchored seq {beyond[0]}: "
+               "last lines deleted")
         return Finding(good.where[0], good.where[1], "anchor", why)
 
 
@@ -302,9 +305,9 @@ def _after(
 
 def verify(
     files: list[Path], partial: bool = False, anchors: Mapping[int, str] | None = None,
-    key: bytes | None = None,
+    key: bytes | None = None, source: str = "an earlier verify",
 ) -> Report:
-    return Verifier(files, partial, anchors or {}, key).run()
+    return Verifier(files, partial, anchors or {}, key, source).run()
 
 
 def _check_last(good: _Good) -> Finding | None:

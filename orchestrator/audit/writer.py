@@ -68,6 +68,13 @@ class ChainWriter:
         self._ino = -1
         self._tail: Tail | None = None
 
+    @property
+    def head(self) -> tuple[int, str] | None:
+        """``(seq, hash)`` of the last line this writer appended or read, None before
+        any: what the agent anchors in the store (one attribute read, no lock)."""
+        tail = self._tail
+        return (tail.seq, tail.hash) if tail is not None and tail.hash else None
+
     # -- structlog logger protocol -------------------------------------------------
     def record(self, **event: Any) -> dict[str, Any]:
         with self.locked():

@@ -12,6 +12,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -24,6 +25,7 @@ from orchestrator.audit.files import Chain, default_path, discover
 from orchestrator.audit.follow import Follower
 from orchestrator.audit.query import Filter, Row, Scanner, parse_ip, parse_when
 from orchestrator.audit.render import HEADER, csv_header, csv_row, table_row, timeline
+from orchestrator.store.base import AuditAnchor
 
 F = Callable[..., Any]
 
@@ -210,30 +212,37 @@ def _poll(scanner: Scanner, followers: list[Follower]) -> Iterator[Row]:
               "[default: $CONVERGENT_AUDIT_KEY, else the cluster config's [agent] "
               "audit_key_file when it exists]")
 @click.option("--no-key", is_flag=True, help="Check the hash chain only, not the macs.")
+@click.option("--no-store", is_flag=True, help="Do not check against the chain heads the "
+              "agents anchor in the cluster config's store (the default without --anchor).")
 @click.pass_context
 def verify(
     ctx: click.Context, logs: tuple[Path, ...], partial: bool, as_json: bool,
-    anchors: tuple[str, ...], key_file: Path | None, no_key: bool,
+    anchors: tuple[str, ...], key_file: Path | None, no_key: bool, no_store: bool,
 ) -> None:
     """Check the hash chains: exit 0 intact, 1 tampered, 3 crash-truncated.
 
     1: a line edited, deleted, inserted, reordered or forged (its mac does not check out
     under the audit key), or a rotated file missing; every bad line is named as
     file:line. 3: intact except a last line cut short by a crash (not tampering). On
-    success each chain's head is printed as SEQ:HASH, to pass back later with --anchor."""
+    success each chain's head is printed as SEQ:HASH, to pass back later with --anchor.
+    Without --anchor, each chain is checked against the heads its agents anchored in the
+    store the cluster config names (a deleted tail or a rewritten chain shows there)."""
     chains = _chains(logs)
     noted = _anchors(anchors)
     if noted and len(chains) > 1:
         raise click.UsageError("--anchor needs exactly one chain")
+    # the anchors are read before the logs: a log is never behind what was anchored
+    stored = None if noted or no_store else store_anchors()
     key = None if no_key else _audit_key(key_file)
     worst = 0
     results = []
     for chain in chains:
-        report = verify_chain(chain.files, partial, noted, key)
+        used = _ChainAnchors.given(noted) if noted else _ChainAnchors.of(chain, stored)
+        report = verify_chain(chain.files, partial, used.heads, key, used.source)
         if as_json:
-            results.append(_report_dict(chain, report))
+            results.append({**_report_dict(chain, report), "anchor": used.describe()})
         else:
-            _say(chain, report)
+            _say(chain, report, used)
         worst = max(worst, report.exit_code, key=lambda code: {0: 0, 3: 1, 1: 2}[code])
     if as_json:
         click.echo(json.dumps({"chains": results, "exit_code": worst}, indent=2))
@@ -274,6 +283,78 @@ def _report_dict(chain: Chain, report: Report) -> dict[str, Any]:
             "exit_code": report.exit_code}
 
 
+@dataclass(frozen=True)
+class StoredAnchors:
+    """The store's anchors, read once for every chain."""
+
+    url: str
+    anchors: list[AuditAnchor] = field(default_factory=list)
+    error: str | None = None  # the store could not be read
+
+
+@dataclass(frozen=True)
+class _ChainAnchors:
+    """What one chain is checked against, and how to say so."""
+
+    heads: dict[int, str]
+    source: str
+    named: str  # e.g. "n1 at seq 57, n2 at seq 55"
+
+    @classmethod
+    def given(cls, noted: dict[int, str]) -> _ChainAnchors:
+        named = ", ".join(f"seq {seq}" for seq in sorted(noted))
+        return cls(noted, "--anchor", named)
+
+    @classmethod
+    def of(cls, chain: Chain, stored: StoredAnchors | None) -> _ChainAnchors:
+        if stored is None:
+            return cls({}, "", "")
+        if stored.error:
+            return cls({}, f"the store {stored.url}", f"nothing: {stored.error}")
+        live = str(chain.live.resolve())
+        mine = [a for a in stored.anchors if a.path == live]
+        named = ", ".join(f"{a.node} at seq {a.seq}" for a in mine)
+        return cls({a.seq: a.hash for a in mine}, f"the store {stored.url}", named)
+
+    def describe(self) -> str:
+        if not self.source:
+            return "no anchor (no store: --anchor, or a cluster config naming one)"
+        if not self.heads and not self.named:
+            return f"no anchor: {self.source} holds none for this log"
+        return f"the anchor(s) from {self.source}: {self.named}"
+
+
+def store_anchors() -> StoredAnchors | None:
+    """The anchors in the store this host's cluster config names; None without a config
+    (or a SQLite store whose file does not exist: nothing was anchored there)."""
+    import asyncio
+
+    from orchestrator.config.defaults import config_path
+    from orchestrator.config.loader import load
+    from orchestrator.errors import ConfigError, ConvergentError
+    from orchestrator.store import open_store, sqlite_path
+
+    try:
+        url = load(config_path(None)).agent.store
+    except ConfigError:
+        return None
+    path = sqlite_path(url)
+    if path is not None and not Path(path).exists():
+        return None
+
+    async def read() -> list[AuditAnchor]:
+        store = await open_store(url)
+        try:
+            return await store.list_audit_anchors()
+        finally:
+            await store.close()
+
+    try:
+        return StoredAnchors(url, asyncio.run(asyncio.wait_for(read(), 15)))
+    except (ConvergentError, OSError, TimeoutError) as exc:
+        return StoredAnchors(url, error=str(exc) or type(exc).__name__)
+
+
 def _anchors(values: Iterable[str]) -> dict[int, str]:
     noted = {}
     for value in values:
@@ -284,16 +365,20 @@ def _anchors(values: Iterable[str]) -> dict[int, str]:
     return noted
 
 
-def _say(chain: Chain, report: Report) -> None:
+def _say(chain: Chain, report: Report, used: _ChainAnchors) -> None:
     if report.problems:
         for problem in report.problems:  # every one, each with its line
             click.echo(f"convergent: {problem}", err=True)
+        if used.heads or used.named:  # the anchors the problems above were found against
+            click.echo(f"convergent: {chain.live}: checked against {used.describe()}",
+                       err=True)
         if report.truncated:
             click.echo(f"convergent: warning: {report.truncated}", err=True)
         return
     click.echo(
         f"{chain.live}: ok: {report.records} records, seq {report.first_seq}..{report.last_seq}"
-        f" in {len(chain.files)} file(s); head {report.last_seq}:{report.head}"
+        f" in {len(chain.files)} file(s); head {report.last_seq}:{report.head}; "
+        f"checked against {used.describe()}"
     )
     if report.truncated:
         click.echo(f"convergent: warning: {report.truncated}", err=True)

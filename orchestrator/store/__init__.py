@@ -12,6 +12,7 @@ from typing import Any
 
 from orchestrator.errors import StoreError
 from orchestrator.store.base import (
+    AuditAnchor,
     Change,
     Compacted,
     EpochConflict,
@@ -31,6 +32,7 @@ DEFAULT_URL = "sqlite:///var/lib/convergent/store.db"
 
 __all__ = [
     "DEFAULT_URL",
+    "AuditAnchor",
     "Change",
     "Compacted",
     "EpochConflict",

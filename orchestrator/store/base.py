@@ -136,6 +136,25 @@ Record = Ownership | NodeRecord | MigrationRecord | PublicAddress
 
 
 @dataclass(frozen=True)
+class AuditAnchor:
+    """The head of a node's audit chain as its agent last wrote it: kept outside the log,
+    so a deleted tail or a rewritten chain shows against it (``audit verify``). Not a
+    change: watchers never see it."""
+
+    node: str
+    path: str  # the chain's live file, absolute
+    seq: int
+    hash: str
+    time: float
+
+
+def anchor_advances(old: AuditAnchor | None, new: AuditAnchor) -> bool:
+    """An anchor only moves forward along its chain: a restarted agent on a cut log must
+    not hide the cut by anchoring the shorter head. Another file starts afresh."""
+    return old is None or old.path != new.path or new.seq > old.seq
+
+
+@dataclass(frozen=True)
 class Change:
     """One changed record. ``record is None``: the key was deleted."""
 
@@ -473,6 +492,15 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def finish_migration(self, id: str) -> MigrationRecord:
         """finalize -> done, abort -> aborted; no-op once finished."""
+
+    # audit anchors
+    @abc.abstractmethod
+    async def anchor_audit(self, anchor: AuditAnchor) -> AuditAnchor:
+        """Note ``anchor`` as its node's audit head if it advances (``anchor_advances``);
+        returns the anchor held afterwards (a newer one than ours: the log lost lines)."""
+
+    @abc.abstractmethod
+    async def list_audit_anchors(self) -> list[AuditAnchor]: ...
 
     # changes
     @abc.abstractmethod

@@ -11,6 +11,7 @@ Layout under the URL's prefix P:
     P/alive/<name>  attached to the node's lease: present while the node is alive;
                     P/lease/<name> keeps the TTL it was granted (to re-grant, and to report)
     P/mig/<id>      MigrationRecord JSON; P/active/<guest> holds the id of its active one
+    P/audit/<node>  AuditAnchor JSON: the head of the node's audit chain (not a change)
 
 Revisions are etcd's (global to the cluster); ``watch`` follows the prefix and resumes
 from the last event it delivered after any disconnect, trying each member in turn.
@@ -36,7 +37,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -49,6 +50,7 @@ from etcd3aio import _protobuf as pb
 from orchestrator.errors import StoreError
 from orchestrator.store.base import (
     Address,
+    AuditAnchor,
     Change,
     Compacted,
     Kind,
@@ -61,6 +63,7 @@ from orchestrator.store.base import (
     Record,
     Snapshot,
     Store,
+    anchor_advances,
     check_advance,
     check_epochs,
     check_known_nodes,
@@ -575,6 +578,27 @@ class EtcdStore(Store):
             if resp.succeeded:
                 return new
         raise StoreError(f"store {self.name}: public address of {node} kept conflicting")
+
+    # --- audit anchors --------------------------------------------------------------
+
+    async def anchor_audit(self, anchor: AuditAnchor) -> AuditAnchor:
+        key = self._key("audit", anchor.node)
+        body = json.dumps(asdict(anchor)).encode()
+        for _ in range(CAS_ROUNDS):
+            read = await self._read("anchor audit", [key])
+            cur = read.kvs.get(key)
+            old = AuditAnchor(**_decode(cur)) if cur is not None else None
+            if not anchor_advances(old, anchor):
+                assert old is not None
+                return old
+            resp = await self._txn("anchor audit", [_unchanged(read, key)], [_put(key, body)])
+            if resp.succeeded:
+                return anchor
+        raise StoreError(f"store {self.name}: audit anchor of {anchor.node} kept conflicting")
+
+    async def list_audit_anchors(self) -> list[AuditAnchor]:
+        resp = await self._range("list audit anchors", *self._dir("audit"))
+        return sorted((AuditAnchor(**_decode(kv)) for kv in resp.kvs), key=lambda a: a.node)
 
     # --- migrations -----------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random
 from orchestrator.errors import StoreError
 from orchestrator.store.base import (
     Address,
+    AuditAnchor,
     Change,
     Compacted,
     Kind,
@@ -45,6 +46,7 @@ from orchestrator.store.base import (
     Record,
     Snapshot,
     Store,
+    anchor_advances,
     check_advance,
     check_epochs,
     check_known_nodes,
@@ -60,7 +62,7 @@ from orchestrator.store.base import (
     to_phase,
 )
 
-SCHEMA_VERSION = 2  # 2: leases, public addresses (a v1 file gains the tables on open)
+SCHEMA_VERSION = 3  # 2: leases, public addresses; 3: audit anchors (older files gain them)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('revision', 0), ('compacted', 0);
@@ -82,6 +84,9 @@ CREATE TABLE IF NOT EXISTS leases (
 CREATE TABLE IF NOT EXISTS public (
     node TEXT PRIMARY KEY, ip TEXT NOT NULL, holder TEXT NOT NULL, epoch INTEGER NOT NULL,
     since REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS audit_anchors (
+    node TEXT PRIMARY KEY, path TEXT NOT NULL, seq INTEGER NOT NULL, hash TEXT NOT NULL,
+    time REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS changes (
     rev INTEGER NOT NULL, idx INTEGER NOT NULL, kind TEXT NOT NULL, key TEXT NOT NULL,
     value TEXT, PRIMARY KEY (rev, idx)) WITHOUT ROWID;
@@ -102,6 +107,10 @@ def _node(row: sqlite3.Row) -> NodeRecord:
 def _pub(row: sqlite3.Row) -> PublicAddress:
     return PublicAddress(row["node"], IPv4Address(row["ip"]), row["holder"], row["epoch"],
                          row["since"])
+
+
+def _anchor(row: sqlite3.Row) -> AuditAnchor:
+    return AuditAnchor(row["node"], row["path"], row["seq"], row["hash"], row["time"])
 
 
 def _mig(row: sqlite3.Row) -> MigrationRecord:
@@ -357,6 +366,23 @@ class SqliteCore:
             self._log("public", node, new)
         return new
 
+    # --- audit anchors --------------------------------------------------------------
+
+    def anchor_audit(self, anchor: AuditAnchor) -> AuditAnchor:
+        with self._write():  # not a change: no revision
+            row = self._db.execute("SELECT * FROM audit_anchors WHERE node = ?",
+                                   (anchor.node,)).fetchone()
+            old = _anchor(row) if row else None
+            if not anchor_advances(old, anchor):
+                assert old is not None
+                return old
+            self._db.execute("INSERT OR REPLACE INTO audit_anchors VALUES (?, ?, ?, ?, ?)",
+                             (anchor.node, anchor.path, anchor.seq, anchor.hash, anchor.time))
+        return anchor
+
+    def list_audit_anchors(self) -> list[AuditAnchor]:
+        return [_anchor(r) for r in self._db.execute("SELECT * FROM audit_anchors ORDER BY node")]
+
     # --- migrations -----------------------------------------------------------------
 
     def get_migration(self, id: str) -> MigrationRecord | None:
@@ -549,6 +575,12 @@ class SqliteStore(Store):
 
     async def list_nodes(self) -> list[NodeRecord]:
         return await self._call(self._core.list_nodes)
+
+    async def anchor_audit(self, anchor: AuditAnchor) -> AuditAnchor:
+        return await self._call(self._core.anchor_audit, anchor)
+
+    async def list_audit_anchors(self) -> list[AuditAnchor]:
+        return await self._call(self._core.list_audit_anchors)
 
     async def create_migration(self, guest: str, addresses: Iterable[Address], src: str,
                                dst: str, *, id: str | None = None) -> MigrationRecord:

@@ -169,3 +169,87 @@ def test_the_labs_log_is_keyed_and_verify_finds_the_key_through_the_config(lab, 
     intact = subprocess.run([*verify[:-1], str(live)], capture_output=True, text=True,
                             timeout=30, env={**env, "CONVERGENT_CONFIG": str(lab.config_path)})
     assert intact.returncode == 0, intact.stderr
+
+
+def _store_anchors(lab: Lab) -> list[Any]:
+    from orchestrator.store import open_store
+
+    async def read() -> list[Any]:
+        async with await open_store(lab.topology().agent.store) as store:
+            return await store.list_audit_anchors()
+
+    return asyncio.run(read())
+
+
+def _rechained(lines: list[bytes], start: int) -> list[bytes]:
+    """The chain rewritten from line ``start`` (1-based) on, its hashes recomputed: what
+    someone does who edits a line and covers it up (macs dropped: verify runs --no-key)."""
+    from orchestrator.audit.record import encode, line_hash
+
+    out = lines[: start - 1]
+    for raw in lines[start - 1:]:
+        record = json.loads(raw)
+        record.pop("mac", None)
+        record["prev"] = line_hash(out[-1])
+        if len(out) == start - 1:
+            record["detail"] = "nothing happened here"
+        out.append(encode(record))
+    return out
+
+
+def test_the_store_anchors_the_labs_log_and_verify_checks_it_by_default(lab):
+    from orchestrator.audit.record import line_hash
+
+    live = lab.dir / "audit.log"
+    url = lab.topology().agent.store
+    deadline = time.monotonic() + 10
+    while True:  # each agent anchors its last record within a second
+        lines = live.read_bytes().splitlines()
+        anchors = [a for a in _store_anchors(lab) if a.path == str(live.resolve())]
+        top = max((a.seq for a in anchors), default=0)
+        if top == len(lines) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert {a.node for a in anchors} == {"n1", "n2", "n3"} and top == len(lines), anchors
+    assert all(a.hash == line_hash(lines[a.seq - 1]) for a in anchors)
+    for node in ("n1", "n2", "n3"):
+        lab.kill_agent(node)  # nothing writes any more (SIGKILL: no last anchor either)
+    anchors = [a for a in _store_anchors(lab) if a.path == str(live.resolve())]  # by node
+    original = live.read_bytes()
+    lines = original.splitlines()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CONVERGENT_")},
+           "CONVERGENT_CONFIG": str(lab.config_path)}
+
+    def verify(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "orchestrator", "audit", "verify", "--log",
+                               str(live), *extra], capture_output=True, text=True, timeout=30,
+                              env=env)  # fmt: skip
+
+    untouched = verify()
+    assert untouched.returncode == 0, untouched.stderr
+    named = ", ".join(f"{a.node} at seq {a.seq}" for a in anchors)
+    assert untouched.stdout.endswith(f"; checked against the anchor(s) from the store {url}: "
+                                     f"{named}\n"), untouched.stdout
+
+    # the last three lines deleted: the hash chain and the macs cannot see it; the anchor can
+    end = len(lines) - 3
+    live.write_bytes(b"".join(line + b"\n" for line in lines[:end]))
+    assert verify("--no-store").returncode == 0
+    cut = verify()
+    noted = min(a.seq for a in anchors if a.seq > end)
+    assert cut.returncode == 1
+    assert cut.stderr.splitlines() == [
+        f"convergent: {live}:{end}: anchor: chain ends at seq {end} but the store {url} "
+        f"anchored seq {noted}: last lines deleted",
+        f"convergent: {live}: checked against the anchor(s) from the store {url}: {named}"]
+
+    # a line edited and the chain rewritten after it: each anchor past the edit is named
+    start = min(a.seq for a in anchors) - 1
+    live.write_bytes(b"".join(line + b"\n" for line in _rechained(lines, start)))
+    assert verify("--no-key", "--no-store").returncode == 0  # the control: it passes bare
+    rewritten = verify("--no-key")
+    assert rewritten.returncode == 1
+    assert rewritten.stderr.splitlines()[:-1] == [
+        f"convergent: {live}:{a.seq}: anchor: seq {a.seq} does not hash to the anchor from "
+        f"the store {url}: chain rewritten from here" for a in sorted(anchors, key=lambda a: a.seq)]
+    live.write_bytes(original)

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from orchestrator.errors import StoreError
 from orchestrator.store import (
+    AuditAnchor,
     Change,
     Compacted,
     EpochConflict,
@@ -452,6 +453,35 @@ async def test_public_address_adoption_fences_the_home_node(store: Store) -> Non
     with pytest.raises(PublicConflict, match="never claimed"):
         await store.claim_public("n2", "192.168.122.12", "n2", 1)
     assert await store.get_public("n2") is None
+
+
+# --- audit anchors: the head of each node's chain, only ever moving forward ----------
+
+
+@contract
+async def test_audit_anchor_only_moves_forward_and_is_no_change(store: Store) -> None:
+    rev = await store.revision()
+    assert await store.list_audit_anchors() == []
+    first = AuditAnchor("n1", "/var/log/a.log", 5, "a" * 64, 1.0)
+    assert await store.anchor_audit(first) == first
+    assert await store.anchor_audit(first) == first  # again (a lost reply): the same
+    # a restarted agent on a cut log anchors a shorter head: the store keeps the longer one
+    assert await store.anchor_audit(AuditAnchor("n1", "/var/log/a.log", 3, "b" * 64, 2.0)) \
+        == first  # fmt: skip
+    assert await store.anchor_audit(AuditAnchor("n1", "/var/log/a.log", 5, "c" * 64, 2.0)) \
+        == first  # fmt: skip
+    later = AuditAnchor("n1", "/var/log/a.log", 9, "d" * 64, 3.0)
+    other = AuditAnchor("n2", "/var/log/a.log", 7, "e" * 64, 3.0)
+    assert await store.anchor_audit(later) == later
+    assert await store.anchor_audit(other) == other
+    assert await store.list_audit_anchors() == [later, other]
+    moved = AuditAnchor("n1", "/srv/audit.log", 1, "f" * 64, 4.0)  # another file: afresh
+    assert await store.anchor_audit(moved) == moved
+    assert await store.list_audit_anchors() == [moved, other]
+    # watchers see ownership, nodes, migrations, public addresses: never an anchor
+    await store.claim(A, "n1", "web", 0)
+    (change,) = await take(store, rev, 1)
+    assert change.kind == "ownership"
 
 
 # --- migrations -----------------------------------------------------------------------
