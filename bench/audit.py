@@ -145,14 +145,20 @@ def _cli(*args: str) -> float:
 
 
 def run(records: int, lines: int, directory: Path) -> dict[str, Any]:
+    plain, anchored = [], []
+    for round_ in range(2):  # alternated, best of two: the disk is shared and noisy
+        where = directory / f"round-{round_}"
+        where.mkdir()
+        plain.append(bench_write(where, records, 1))
+        anchored.append(bench_write_anchored(where, records))
+    best = max(anchored)
     figures: dict[str, Any] = {
-        "write_per_s": round(bench_write(directory, records, 1)),
+        "write_per_s": round(max(plain)),
+        "write_anchored_per_s": round(best[0]), "anchor_put_ms": round(best[1], 2),
+        "anchor_puts": best[2],
         "write_batch_per_s": round(bench_write(directory, records, 100)),
         "write_nofsync_per_s": round(bench_write(directory, records, 1, fsync=False)),
     }
-    anchored, put_ms, puts = bench_write_anchored(directory, records)
-    figures |= {"write_anchored_per_s": round(anchored), "anchor_put_ms": round(put_ms, 2),
-                "anchor_puts": puts}
     path = directory / "big" / "audit.log"
     path.parent.mkdir()
     generate_s, _ = _timed(bulk_append, path, synthetic(lines))
