@@ -233,6 +233,9 @@ def verify(
         raise click.UsageError("--anchor needs exactly one chain")
     # the anchors are read before the logs: a log is never behind what was anchored
     stored = None if noted or no_store else store_anchors()
+    if stored is not None and stored.error and not as_json:
+        click.echo(f"convergent: warning: the store {stored.url} cannot be read "
+                   f"({stored.error}): no anchor checked", err=True)
     key = None if no_key else _audit_key(key_file)
     worst = 0
     results = []
@@ -240,7 +243,7 @@ def verify(
         used = _ChainAnchors.given(noted) if noted else _ChainAnchors.of(chain, stored)
         report = verify_chain(chain.files, partial, used.heads, key, used.source)
         if as_json:
-            results.append({**_report_dict(chain, report), "anchor": used.describe()})
+            results.append({**_report_dict(chain, report), "anchor": used.phrase or None})
         else:
             _say(chain, report, used)
         worst = max(worst, report.exit_code, key=lambda code: {0: 0, 3: 1, 1: 2}[code])
@@ -297,37 +300,34 @@ class _ChainAnchors:
     """What one chain is checked against, and how to say so."""
 
     heads: dict[int, str]
-    source: str
-    named: str  # e.g. "n1 at seq 57, n2 at seq 55"
+    source: str  # "" when there is nothing to check against
+    phrase: str  # "the anchor(s) from the store URL: n1 at seq 57, n2 at seq 55"
 
     @classmethod
     def given(cls, noted: dict[int, str]) -> _ChainAnchors:
         named = ", ".join(f"seq {seq}" for seq in sorted(noted))
-        return cls(noted, "--anchor", named)
+        return cls(noted, "--anchor", f"the anchor(s) from --anchor: {named}")
 
     @classmethod
     def of(cls, chain: Chain, stored: StoredAnchors | None) -> _ChainAnchors:
         if stored is None:
             return cls({}, "", "")
+        source = f"the store {stored.url}"
         if stored.error:
-            return cls({}, f"the store {stored.url}", f"nothing: {stored.error}")
+            return cls({}, source, f"no anchor: {source} cannot be read ({stored.error})")
         live = str(chain.live.resolve())
         mine = [a for a in stored.anchors if a.path == live]
+        if not mine:
+            return cls({}, source, f"no anchor: {source} holds none for this log")
         named = ", ".join(f"{a.node} at seq {a.seq}" for a in mine)
-        return cls({a.seq: a.hash for a in mine}, f"the store {stored.url}", named)
-
-    def describe(self) -> str:
-        if not self.source:
-            return "no anchor (no store: --anchor, or a cluster config naming one)"
-        if not self.heads and not self.named:
-            return f"no anchor: {self.source} holds none for this log"
-        return f"the anchor(s) from {self.source}: {self.named}"
+        return cls({a.seq: a.hash for a in mine}, source, f"the anchor(s) from {source}: {named}")
 
 
 def store_anchors() -> StoredAnchors | None:
     """The anchors in the store this host's cluster config names; None without a config
     (or a SQLite store whose file does not exist: nothing was anchored there)."""
     import asyncio
+    import sqlite3
 
     from orchestrator.config.defaults import config_path
     from orchestrator.config.loader import load
@@ -351,7 +351,7 @@ def store_anchors() -> StoredAnchors | None:
 
     try:
         return StoredAnchors(url, asyncio.run(asyncio.wait_for(read(), 15)))
-    except (ConvergentError, OSError, TimeoutError) as exc:
+    except (ConvergentError, OSError, TimeoutError, sqlite3.Error) as exc:
         return StoredAnchors(url, error=str(exc) or type(exc).__name__)
 
 
@@ -369,16 +369,15 @@ def _say(chain: Chain, report: Report, used: _ChainAnchors) -> None:
     if report.problems:
         for problem in report.problems:  # every one, each with its line
             click.echo(f"convergent: {problem}", err=True)
-        if used.heads or used.named:  # the anchors the problems above were found against
-            click.echo(f"convergent: {chain.live}: checked against {used.describe()}",
-                       err=True)
+        if used.heads:  # what the problems above were found against
+            click.echo(f"convergent: {chain.live}: checked against {used.phrase}", err=True)
         if report.truncated:
             click.echo(f"convergent: warning: {report.truncated}", err=True)
         return
-    click.echo(
+    checked = f"; checked against {used.phrase}" if used.source else ""
+    click.echo(  # the head stays the last word: scripts pass it back with --anchor
         f"{chain.live}: ok: {report.records} records, seq {report.first_seq}..{report.last_seq}"
-        f" in {len(chain.files)} file(s); head {report.last_seq}:{report.head}; "
-        f"checked against {used.describe()}"
+        f" in {len(chain.files)} file(s){checked}; head {report.last_seq}:{report.head}"
     )
     if report.truncated:
         click.echo(f"convergent: warning: {report.truncated}", err=True)
