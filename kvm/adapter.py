@@ -3,9 +3,9 @@
 - ``parse_hook``: the qemu hook's calls (pure, :mod:`.events`);
 - ``events()``: domain lifecycle events through libvirt's asyncio integration
   (:mod:`.eventloop`); when libvirtd goes away (restart, crash) it reconnects with
-  backoff and reports, for every guest running here, that it runs here (a resume or
-  a migration's end may have happened while nobody listened: the agent's table makes
-  the report harmless when nothing was missed);
+  backoff. On every connection (the agent's first too: it may have been down) it reports,
+  for every guest running here, that it runs here: a resume may have happened while
+  nobody listened, and the agent's table makes the report harmless when nothing was;
 - ``describe``/``running``: from the domains libvirt lists and their XML;
 - ``migrate``: libvirt's migrate API (peer-to-peer by default), progress from the job's
   statistics, cancellation aborting libvirt's job.
@@ -182,7 +182,7 @@ class LibvirtHypervisor(Hypervisor):
 
     # events --------------------------------------------------------------------------
     async def events(self) -> AsyncIterator[GuestEvent]:
-        first = True
+        first = True  # for the log only: every connection reports what runs here
         while True:
             conn = await self._connect_with_backoff()
             queue: asyncio.Queue[tuple[str, int, int, float]] = asyncio.Queue()
@@ -192,10 +192,9 @@ class LibvirtHypervisor(Hypervisor):
             log.info("libvirt.events", node=self.node, uri=self.config.uri,
                      reconnected=not first)
             try:
-                if not first:
-                    for ev in await self._missed():
-                        yield ev
                 first = False
+                for ev in await self._missed():
+                    yield ev
                 async for ev in self._drain(conn, queue):
                     yield ev
             finally:
@@ -252,8 +251,8 @@ class LibvirtHypervisor(Hypervisor):
             return None  # gone already; the agent resolves it from the cluster file
 
     async def _missed(self) -> list[GuestEvent]:
-        """After a reconnect: every guest running here, as "it runs here" (its resume may
-        have happened while libvirtd was away)."""
+        """Every guest running here, as "it runs here" (its resume may have happened while
+        nobody listened)."""
         try:
             here = await self.running()
         except HypervisorError:
@@ -261,7 +260,7 @@ class LibvirtHypervisor(Hypervisor):
         now = time.time()
         return [GuestEvent(EventKind.RESUMED, i.name, self.node, EVENT_ORIGIN, now,
                            macs=i.macs, addresses=i.addresses, uuid=i.uuid,
-                           id=uuid.uuid4().hex, detail="running after reconnect")
+                           id=uuid.uuid4().hex, detail="running here (connected)")
                 for i in here if i.running]
 
     # migrate -------------------------------------------------------------------------

@@ -87,7 +87,9 @@ def metadata_addresses(root: ET.Element) -> tuple[tuple[IPv4Address, ...], tuple
     found: list[IPv4Address] = []
     errors: list[str] = []
     for guest in root.findall(f"./metadata/{{{METADATA_NS}}}guest"):
-        for e in guest.findall(f"{{{METADATA_NS}}}address"):
+        # `virsh metadata --set` puts only the top element in the namespace: its children
+        # may come without one
+        for e in [*guest.findall(f"{{{METADATA_NS}}}address"), *guest.findall("address")]:
             text = (e.text or "").strip()
             try:
                 addr = IPv4Address(text)

@@ -21,7 +21,7 @@ import time
 import tomllib
 import uuid
 from dataclasses import dataclass, field
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Any
 
@@ -105,21 +105,27 @@ class VirtLab:
 
     def domain(self, t: Topology, guest: str, image: GuestImage,
                metadata_only: bool = False) -> LabDomain:
+        """A guest of the cluster file as a lab domain."""
         g = t.guest(guest)
-        plen = t.cluster.guest_subnet.prefixlen
         tcp = sorted({s.target_port for s in t.services if s.guest == guest
                       and s.proto == "tcp" and ("tcp", s.target_port) not in DEMO_PORTS})
         udp = sorted({s.target_port for s in t.services if s.guest == guest
                       and s.proto == "udp" and ("udp", s.target_port) not in DEMO_PORTS})
+        return self.any_domain(t, g.name, g.macs[0], g.addresses[0], image,
+                               tuple(g.addresses) if metadata_only else (), tcp, udp)
+
+    def any_domain(self, t: Topology, name: str, mac: str, address: IPv4Address,
+                   image: GuestImage, metadata: tuple[IPv4Address, ...] = (),
+                   tcp: list[int] | None = None, udp: list[int] | None = None) -> LabDomain:
+        """A lab domain for any guest, in the cluster file or not."""
+        plen = t.cluster.guest_subnet.prefixlen
         pub = (self.ssh_key().with_suffix(".pub")).read_text().split()[1]
         return LabDomain(
-            name=g.name, uuid=guest_uuid(self.lab.name, g.name), mac=g.macs[0],
-            bridge=t.cluster.guest_bridge,
-            address=IPv4Interface(f"{g.addresses[0]}/{plen}"), gateway=t.cluster.gateway,
-            kernel=str(image.kernel), initrd=str(image.initrd), rootfs=str(image.rootfs),
-            console_log=str(self.console_log(g.name)), ssh_key=pub,
-            tcp_ports=tuple(tcp), udp_ports=tuple(udp),
-            metadata=tuple(g.addresses) if metadata_only else ())
+            name=name, uuid=guest_uuid(self.lab.name, name), mac=mac,
+            bridge=t.cluster.guest_bridge, address=IPv4Interface(f"{address}/{plen}"),
+            gateway=t.cluster.gateway, kernel=str(image.kernel), initrd=str(image.initrd),
+            rootfs=str(image.rootfs), console_log=str(self.console_log(name)), ssh_key=pub,
+            tcp_ports=tuple(tcp or ()), udp_ports=tuple(udp or ()), metadata=metadata)
 
     def console_log(self, guest: str) -> Path:
         return self.dir / "console" / f"{guest}.log"
@@ -222,6 +228,9 @@ class LibvirtLab(Lab):
         libvirt_preflight()
         ensure_image()  # before any namespace exists: a failed build leaves nothing behind
         text = config.read_text() if config else demo_config(nodes, self.name)
+        if "agent" not in _toml(text):
+            # each node's hooks spool apart: an agent replays only its own node's calls
+            text += f'\n[agent]\nspool_dir = "{self.dir}/spool/{{node}}"\n'
         if "hypervisor" not in _toml(text):
             names = [n["name"] for n in _toml(text).get("nodes", [])]
             text += "\n" + hypervisor_section(self.dir, names)
@@ -287,6 +296,8 @@ class VmGuest:
     lab: LibvirtLab
     topology: Topology
     guest: str
+    # a TCG guest on a shared 2-core machine logs in 15 SSH sessions and starts Python
+    ready_timeout_s: float = 90.0
 
     def start_servers(self, run_dir: Path) -> tuple[list[Proc], Path]:
         return [], self.lab.virt.ssh_key()

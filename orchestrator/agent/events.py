@@ -142,8 +142,10 @@ def decide(event: GuestEvent, facts: GuestFacts) -> Decision:
     if event.node != facts.node:
         return _report(f"reported by {event.node} but delivered to {facts.node}")
     if not facts.known:
+        # a destination waiting for a verdict (libvirt's migrate begin) refuses it: the
+        # cluster cannot place a guest it knows no addresses of (issue 12)
         return _report(f"unknown guest {event.guest!r}: not in the cluster file and the "
-                       "hypervisor gave no addresses")
+                       "hypervisor gave no addresses", veto=True)
     if facts.split:
         return _report(f"its addresses are owned by several nodes ({', '.join(facts.split)})",
                        veto=True)

@@ -83,6 +83,8 @@ class GuestSide(Protocol):
     """Where the guest's end of the flows runs: a guest namespace (the namespace lab), or
     a real VM (the libvirt lab, orchestrator.kvm)."""
 
+    ready_timeout_s: float  # how long every client gets to connect its flows
+
     def start_servers(self, run_dir: Path) -> tuple[list[Proc], Path]:
         """The guest's OpenSSH and app servers (those to stop at the end) and the client
         key its sshd accepts."""
@@ -103,6 +105,7 @@ class NamespaceGuest:
     lab: Lab
     guest: str
     responder: list[str] = field(default_factory=list)
+    ready_timeout_s: float = 20.0
 
     @property
     def netns(self) -> str:
@@ -175,13 +178,17 @@ def start_flows(lab: Lab, topology: Topology, guest: str, entry_nodes: Sequence[
     try:
         servers, key = side.start_servers(run_dir)
         flows.servers += servers
-        ws_spec = {"flows": inbound, "echo_port": SNAT_PORT, "ssh_key": str(key)}
+        # half the ready time for each connect (the namespace lab: 10 s, as always)
+        connect = {"connect_timeout": side.ready_timeout_s / 2}
+        ws_spec = {"flows": inbound, "echo_port": SNAT_PORT, "ssh_key": str(key), **connect}
         flows.clients.append(_start_client(lab.names.workstation, run_dir, "workstation",
                                            ws_spec, "listening"))
         snat = {"name": "guest-snat", "kind": "guest-snat", "entry_node": home,
                 "host": str(topology.lab.workstation), "port": SNAT_PORT}
-        flows.clients.append(side.start_client(run_dir, client_spec({"flows": [snat]})))
-        failed = {k: v for c in flows.clients for k, v in _wait_ready(c).items()}
+        flows.clients.append(side.start_client(run_dir, client_spec({"flows": [snat],
+                                                                    **connect})))
+        failed = {k: v for c in flows.clients
+                  for k, v in _wait_ready(c, side.ready_timeout_s).items()}
         if failed:
             raise LabError(f"flows failed to start: {failed}")
     except BaseException:
@@ -325,9 +332,9 @@ def _start_client(netns: str, run_dir: Path, name: str, spec: dict[str, Any],
     return Proc(pid, log, result)
 
 
-def _wait_ready(proc: Proc) -> dict[str, str]:
+def _wait_ready(proc: Proc, timeout: float = 20.0) -> dict[str, str]:
     """The client's connect failures ({} when every stream is up)."""
-    ns.wait_for_line(proc.log, "ready ", timeout=20)
+    ns.wait_for_line(proc.log, "ready ", timeout=timeout)
     line = next(ln for ln in proc.log.read_text().splitlines() if ln.startswith("ready "))
     failed: dict[str, str] = json.loads(line.removeprefix("ready "))
     return failed

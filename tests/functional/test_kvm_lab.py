@@ -164,7 +164,8 @@ def test_the_event_stream_survives_a_libvirtd_restart(lab: Any) -> None:
             await asyncio.to_thread(d.stop)
             await asyncio.sleep(1.5)  # the stream retries meanwhile
             await asyncio.to_thread(d.start)
-            await _until(lambda: any(e.detail == "running after reconnect" for e in seen))
+            await _until(lambda: len([e for e in seen
+                                      if e.detail == "running here (connected)"]) >= 2)
             other = "n1" if node != "n1" else "n2"
             await asyncio.to_thread(lab.virt.virsh_migrate, t, GUEST, node, other)
             await _until(lambda: any(e.kind is EventKind.GONE for e in seen))
@@ -173,8 +174,9 @@ def test_the_event_stream_survives_a_libvirtd_restart(lab: Any) -> None:
             await hv.close()
 
     asyncio.run(run())
-    resumed = [e for e in seen if e.detail == "running after reconnect"]
-    assert resumed[0].kind is EventKind.RESUMED and resumed[0].guest == GUEST
+    resumed = [e for e in seen if e.detail == "running here (connected)"]
+    assert len(resumed) == 2  # at the first connection, and again after the restart
+    assert all(e.kind is EventKind.RESUMED and e.guest == GUEST for e in resumed)
     assert [e.kind for e in seen][-1] is EventKind.GONE
 
 

@@ -181,6 +181,7 @@ def test_an_unknown_guest_and_a_split_owner_are_reported_never_acted_on():
     for kind in EventKind:
         d = decide(ev(kind, "n2", 1.0), GuestFacts("n2", known=False))
         assert d.outcome == Outcome.REPORT and "unknown guest" in d.reason and not d.ops
+        assert d.veto  # refused where the hypervisor waits for a verdict (migrate begin)
         d = decide(ev(kind, "n2", 1.0), GuestFacts("n2", owner="n1", split=("n1", "n3")))
         assert d.outcome == Outcome.REPORT and d.veto
     d = decide(ev(EventKind.INCOMING, "n2", 1.0), GuestFacts("n3", owner="n1"))
