@@ -48,6 +48,10 @@ NODE_SYSCTLS = {
     "net.bridge.bridge-nf-call-iptables": "1",
     # a node that sees one direction of a flow marks the other INVALID otherwise (FACTS.md)
     "net.netfilter.nf_conntrack_tcp_be_liberal": "1",
+    # the default (2) gives an entry event reporting only if a listener existed when it was
+    # created: a flow that began while the agent was down would never report a change or
+    # its end to precopy or the replicator. 1: every entry reports.
+    "net.netfilter.nf_conntrack_events": "1",
 }
 
 DYNAMIC_SETS = (SET_LOCAL_GUESTS, SET_RACE_GATE)

@@ -1,0 +1,56 @@
+"""The node sysctls make every entry report its changes, also one created while nothing
+listened (an agent restarting): with the kernel default (2) such an entry never reports
+its reply nor its end, so precopy and the replicator would miss them."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable
+
+import pytest
+
+from orchestrator.netfilter.apply import NODE_SYSCTLS, ensure_sysctls
+
+pytestmark = pytest.mark.root
+
+SEND = ("import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+        "s.bind(('127.0.0.1', int(sys.argv[1]))); s.sendto(b'x', ('127.0.0.1', int(sys.argv[2])))")
+
+
+def _events_seen_by_late_listener(ns: str) -> str:
+    """Traffic makes an entry while nothing listens; then a listener starts, the reply
+    arrives (an UPDATE) and the entry is deleted (a DESTROY). Returns what it heard."""
+    in_ns = ["ip", "netns", "exec", ns]
+    # conntrack runs in a namespace only once a rule needs it (as the node ruleset does)
+    subprocess.run([*in_ns, "nft", "add table ip t; add chain ip t out "
+                    "{ type filter hook output priority 0; ct state new counter; }"], check=True)
+    subprocess.run([*in_ns, "python3", "-c", SEND, "1000", "2000"], check=True)
+    listener = subprocess.Popen([*in_ns, "conntrack", "-E", "-p", "udp"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        time.sleep(0.3)  # the listener binds its groups
+        subprocess.run([*in_ns, "python3", "-c", SEND, "2000", "1000"], check=True)
+        subprocess.run([*in_ns, "conntrack", "-D", "-p", "udp"], check=True,
+                       capture_output=True)
+        time.sleep(0.3)
+    finally:
+        listener.terminate()
+        out, _ = listener.communicate(timeout=5)
+    return out
+
+
+def test_an_entry_made_before_any_listener_reports_its_reply_and_end(
+        netns: Callable[[str], str]) -> None:
+    ns = netns("ev")
+    ensure_sysctls({k: v for k, v in NODE_SYSCTLS.items() if k.startswith("net.netfilter")},
+                   ns)
+    heard = _events_seen_by_late_listener(ns)
+    assert "[UPDATE]" in heard and "[DESTROY]" in heard, heard
+
+
+def test_control_with_the_kernel_default_such_an_entry_stays_silent(
+        netns: Callable[[str], str]) -> None:
+    ns = netns("ev")
+    heard = _events_seen_by_late_listener(ns)  # a new namespace starts at 2
+    assert "[UPDATE]" not in heard and "[DESTROY]" not in heard, heard
