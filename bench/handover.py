@@ -2,7 +2,7 @@
 
 A 3-node lab (``cvg-bh-<run>-*``, always torn down), guest1 on n1 holding N established
 flows (1k, then 10k) that the real coordinator moves to n2, in-process, as
-``convergent lab migrate`` does (LabHypervisor moves the vif between the resume signal's
+``convergent lab migrate`` does (VifMover moves the vif between the resume signal's
 callbacks).
 
 The flows are real plus synthetic:
@@ -69,7 +69,7 @@ from orchestrator.audit.log import AuditLog
 from orchestrator.config.schema import Topology
 from orchestrator.handover.planner import dest_key, plan_handover
 from orchestrator.lab import netns as ns
-from orchestrator.lab.hypervisor import LabHypervisor
+from orchestrator.lab.hypervisor import VifMover
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.migrate import bootstrap_ownership, node_handles
 from orchestrator.migration.coordinator import Coordinator, MigrationState, NodeHandle
@@ -437,7 +437,7 @@ class Bench:
     async def reset(self) -> None:
         """Guest back on n1; D empty; nft sets as before a migration; S's synthetic entries
         re-created (the last run made them liberal, which precopy would otherwise skip)."""
-        hv = LabHypervisor(self.lab, keep_arp=False)
+        hv = VifMover(self.lab, keep_arp=False)
         where = self.lab.guest_node(self.t, GUEST)
         if where != SRC:
             assert where is not None
@@ -479,7 +479,7 @@ class Bench:
         nodes = timed_nodes(node_handles(self.lab), probe)
         probe.wrap_store(store)
         coord = Coordinator(self.t, store, nodes, audit=None, handover=True)
-        hv = LabHypervisor(self.lab)
+        hv = VifMover(self.lab)
         resumed_ms: list[float] = []
         created: list[Entry] = []
         updated: list[Entry] = []
@@ -548,7 +548,7 @@ class Bench:
         store = await self.fresh_store()
         nodes = node_handles(self.lab)
         coord = Coordinator(self.t, store, nodes, audit=None, handover=False)
-        hv = LabHypervisor(self.lab)
+        hv = VifMover(self.lab)
         parts: dict[str, float] = {}
         written = 0
         try:

@@ -153,7 +153,7 @@ class Agent:
             close_streams=self.peer.end_migration)
         self.reconciler = Reconciler(self.topology, self.node, self.store, ops=parts.kernel.ops,
                                      ungated=self.migrations.ungated(), audit=self.audit)
-        self.owners = Owners(self.node, self.store, self.guests, self.audit,
+        self.owners = Owners(self.node, self.store, self.guests, self.migrations.record,
                              self.migrations.arrivals, self.wake.set)
         self.intake = Intake(self.node, self.hypervisor, self.guests, self.store, self.audit,
                              self._execute, self.settings.spool(self.node))
@@ -435,7 +435,7 @@ class Agent:
             "api": {"requests": self.api.requests, "errors": self.api.errors},
             "peer": {"streams": self.peer.streams, "refused": self.peer.refused,
                      "refusals": dict(self.peer.counters)},
-            "audit": {"errors": self.coordinator.audit_errors},
+            "audit": {"errors": self.coordinator.audit_errors + self.migrations.audit_errors},
             "sync": self.sync is not None,
         }
 

@@ -69,6 +69,7 @@ class Migrations:
         self.closed: deque[str] = deque(maxlen=256)  # migrations whose source part is closed
         self.settlers: set[asyncio.Task[None]] = set()
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self.audit_errors = 0
 
     @property
     def settings(self) -> Any:
@@ -217,15 +218,15 @@ class Migrations:
                                  "addresses": [str(a) for a in mig.addresses]}
         if final is not None and final.phase == Phase.DONE:
             self.close_streams(mig.id)
-            await self._record("migration.leave", detail=f"left for {mig.dst} ({how})",
+            await self.record("migration.leave", detail=f"left for {mig.dst} ({how})",
                                **audit)
         elif final is not None and final.phase == Phase.ABORTED and how == "stopped":
-            await self._record("migration.leave", outcome="failed", detail=(
+            await self.record("migration.leave", outcome="failed", detail=(
                 "the migration was aborted and the guest stopped here: released"), **audit)
             await self.release(mig.guest)
         else:
             state = final.phase if final is not None else f"unfinished after {limit:g} s"
-            await self._record("hook.report", outcome="refused", detail=(
+            await self.record("hook.report", outcome="refused", detail=(
                 f"left {self.node} ({how}) but its migration is {state}: ownership stays "
                 "as the store says"), **audit)
         self.closed.append(mig.id)
@@ -257,7 +258,7 @@ class Migrations:
         gone from here)."""
         for m in await self.store.list_migrations(active=True):
             if m.dst == self.node:
-                await self._record("agent.recover", guest=m.guest, migration=m.id,
+                await self.record("agent.recover", guest=m.guest, migration=m.id,
                                    detail=f"arriving, found in phase {m.phase}")
                 try:
                     await self._recover_arrival(m)
@@ -265,7 +266,7 @@ class Migrations:
                     log.exception("agent.recover_failed", guest=m.guest)
                     await self._abort(m.guest, f"recovery failed: {exc}")
             elif m.src == self.node:
-                await self._record("agent.recover", guest=m.guest, migration=m.id,
+                await self.record("agent.recover", guest=m.guest, migration=m.id,
                                    detail=f"leaving, found in phase {m.phase}")
                 if not await self._here(m.guest):
                     await self.finalize(m.guest, "gone")
@@ -373,10 +374,13 @@ class Migrations:
                                  f"{[str(a) for a in g.addresses]}; pass src")
         return str(owners.pop())
 
-    async def _record(self, action: str, **fields: Any) -> None:
+    async def record(self, action: str, **fields: Any) -> None:
+        """An audit record that cannot be written is counted and logged, never a reason to
+        leave a migration (or an ownership change) half-done."""
         try:
             await self.audit.arecord(action, **fields)
-        except Exception as exc:  # never a reason to leave a migration half-done
+        except Exception as exc:
+            self.audit_errors += 1
             log.error("audit.write_failed", action=action, error=f"{type(exc).__name__}: {exc}")
 
 

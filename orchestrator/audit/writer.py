@@ -177,6 +177,7 @@ class ChainWriter:
             return self._fd
         if self._fd >= 0:
             os.close(self._fd)
+            self._fd = -1  # a failed open below must not close this number again later
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         try:
             self._fd = os.open(self.path, flags, 0o640)

@@ -25,6 +25,7 @@ COMMANDS = {
     "sync": "orchestrator.cli.sync:sync",
     "agent": "orchestrator.cli.agent:agent",
     "status": "orchestrator.cli.agent:status",
+    "migrate": "orchestrator.cli.migrate:migrate",
     "install-hooks": "orchestrator.cli.install_hooks:install_hooks",
     "failover": "orchestrator.cli.failover:failover",
     "failback": "orchestrator.cli.failover:failback",

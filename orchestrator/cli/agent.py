@@ -64,6 +64,14 @@ def status(config_path: str | None, node: str | None, as_json: bool,
     click.echo(f"  reconcile: {r['runs']} runs, {r['changed']} changed, {r['errors']} errors, "
                f"last {r['last_ms']} ms" + (f", last error: {r['last_error']}"
                                             if r["last_error"] else ""))
+    intake = result.get("intake")
+    if intake:
+        c = intake["counts"]
+        click.echo(f"  intake ({result.get('hypervisor', '?')}): {c.get('apply', 0)} applied, "
+                   f"{c.get('ignore', 0)} ignored, {c.get('report', 0)} reported, "
+                   f"{intake['spooled']} spooled")
+        for p in intake["problems"][-5:]:
+            click.echo(f"    {p['kind']}: {p['detail']}")
     click.echo("\n".join(render_view(result["cluster"])))
 
 

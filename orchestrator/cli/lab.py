@@ -116,16 +116,23 @@ def status(name: str, as_json: bool) -> None:
 @click.argument("guest")
 @click.option("--to", "dst", required=True, metavar="NODE", help="Destination node.")
 @click.option("--control", is_flag=True, help=CONTROL_HELP)
+@click.option("--in-process", is_flag=True,
+              help="A lab without agents: coordinate the move in this process.")
 @JSON
-def migrate(name: str, guest: str, dst: str, control: bool, as_json: bool) -> None:
-    """Live-migrate a lab guest to another node, handing its flows over."""
+def migrate(name: str, guest: str, dst: str, control: bool, in_process: bool,
+            as_json: bool) -> None:
+    """Live-migrate a lab guest to another node, handing its flows over.
+
+    The lab's hypervisor moves it and runs its hooks; the nodes' agents do the handover,
+    as for any migration. Refused when an agent of the two nodes is not running."""
     import asyncio
 
     from orchestrator.lab.lab import Lab
     from orchestrator.lab.migrate import migrate as do_migrate
     from orchestrator.lab.plan import move_options
 
-    report = asyncio.run(do_migrate(Lab(name), guest, dst, **move_options(control)))
+    report = asyncio.run(do_migrate(Lab(name), guest, dst, **move_options(control),
+                                    in_process=in_process))
     if as_json:
         click.echo(json.dumps(report.as_dict()))
     else:

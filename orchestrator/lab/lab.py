@@ -36,10 +36,12 @@ from orchestrator.lab.plan import (
     WAN_BRIDGE,
     LabNames,
     default_config,
+    lab_section,
     outside_lab,
     switch_pipe_port,
     switch_sync_port,
     switch_wan_port,
+    toml_tables,
     vif_name,
     with_lab_agent,
 )
@@ -54,6 +56,7 @@ WORKSTATION_TCP_PORT = 7000  # the workstation's own responder: guest-initiated 
 @dataclass
 class Lab:
     name: str = "lab"
+    root: Path | None = None  # where labs keep their state (default $CONVERGENT_LAB_DIR)
 
     @property
     def names(self) -> LabNames:
@@ -61,7 +64,7 @@ class Lab:
 
     @property
     def dir(self) -> Path:
-        return STATE_ROOT / self.name
+        return (self.root or STATE_ROOT) / self.name
 
     @property
     def config_path(self) -> Path:
@@ -119,6 +122,9 @@ class Lab:
     def _with_hypervisor(self, text: str, kind: str) -> str:
         """``--hypervisor KIND``: the cluster file gets the driver's ``[hypervisor]``."""
         cls = driver_class(kind)
+        if cls is None and kind == BUILTIN:  # the lab's own adapter, unless the file says
+            return text if toml_tables(text) >= {"hypervisor"} else text + "\n" + \
+                lab_section(self.name, self.dir)
         if cls is None:
             return text
         if re.search(r"^\s*\[hypervisor\]", text, re.MULTILINE):
@@ -309,10 +315,17 @@ class Lab:
     def has_agents(self, t: Topology) -> bool:
         return all(self.agent_pid(n.name) is not None for n in t.nodes)
 
+    def has_any_agent(self, t: Topology) -> bool:
+        return any(self.agent_pid(n.name) is not None for n in t.nodes)
+
     def _agent_log(self, node: str) -> Path:
         return self.dir / "logs" / f"agent-{node}.log"
 
     async def _claim_homes(self, t: Topology) -> None:
+        if t.hypervisor.kind == BUILTIN:  # as a hypervisor does: through the node's hook
+            from orchestrator.lab.hypervisor import tell_homes
+            await tell_homes(self, t)
+            return
         for g in t.guests:
             node = self.guest_node(t, g.name)
             if node is not None:

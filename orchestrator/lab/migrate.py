@@ -1,7 +1,13 @@
-"""``convergent lab migrate``: the production coordinator driving the lab hypervisor."""
+"""``convergent lab migrate``: move a lab guest as an operator moves a VM with the
+hypervisor's own tool. The lab hypervisor (``lab/hypervisor.py``) moves it and runs its
+hooks; the agents learn each moment through their intake, exactly as from libvirt's or
+libxl's hooks. This driver refuses a move the agents could not follow (an agent down: no
+silent in-process coordination beside running agents), waits for the store to say how the
+migration ended, and reports its timings. ``--in-process`` is the agentless lab."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -10,22 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tenacity
-
 from orchestrator.agent.client import AgentUnavailable, acall
+from orchestrator.agent.events import reported_at
 from orchestrator.audit.log import AuditLog
 from orchestrator.config.schema import Topology
 from orchestrator.errors import ConvergentError, MigrationError
-from orchestrator.hypervisor import Progress
-from orchestrator.lab.hypervisor import LabHypervisor
+from orchestrator.hypervisor import HypervisorError, Progress, ProgressFn
+from orchestrator.lab.hypervisor import VifMover, lab_hypervisor
 from orchestrator.lab.lab import Lab
 from orchestrator.migration.coordinator import Coordinator, NodeHandle
 from orchestrator.migration.nodeops import NftNodeOps
 from orchestrator.netfilter.conntrack import ConntrackTable
 from orchestrator.store import open_store
-from orchestrator.store.base import Store
+from orchestrator.store.base import MigrationRecord, Phase, Store
 
-AGENT_RETRY_S = 15.0
+OUTCOME_WAIT_S = 30.0  # after the move: until the store shows the migration ended
 
 
 @dataclass
@@ -38,11 +43,13 @@ class MigrationReport:
     pause_ms: float
     entries: int
     total_ms: float
+    migration: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return {"from": self.src, "to": self.dst, "precopy_ms": round(self.precopy_ms, 1),
                 "cutover_ms": round(self.cutover_ms, 1), "pause_ms": round(self.pause_ms, 1),
-                "entries": self.entries, "total_ms": round(self.total_ms, 1)}
+                "entries": self.entries, "total_ms": round(self.total_ms, 1),
+                "migration": self.migration}
 
 
 def store_url(lab: Lab) -> str:
@@ -72,22 +79,65 @@ def node_handles(lab: Lab) -> dict[str, NodeHandle]:
 
 async def migrate(lab: Lab, guest: str, dst: str, handover: bool = True,
                   before_move: Callable[[], Awaitable[None]] | None = None,
-                  keep_arp: bool = True) -> MigrationReport:
-    """Move ``guest`` to ``dst``: through the nodes' agents when the lab runs them (as a
-    hypervisor's hooks would), else with a coordinator in this process."""
+                  keep_arp: bool = True, in_process: bool = False,
+                  progress: ProgressFn | None = None) -> MigrationReport:
+    """Move ``guest`` to ``dst`` as an operator would with the hypervisor's own tool: the
+    lab's hypervisor moves it and runs its hooks, and the agents learn every moment through
+    their intake. Refused with one line when the guest, the node or an agent is not there.
+    ``in_process``: no agents at all; a coordinator in this process drives the nodes."""
     t = lab.topology()
-    hv = LabHypervisor(lab, keep_arp=keep_arp)
-    src = hv.describe(guest).node
+    t.guest(guest)  # an unknown guest is one line naming the known ones
+    if dst not in {n.name for n in t.nodes}:
+        raise MigrationError(f"unknown node {dst!r} (nodes: {', '.join(n.name for n in t.nodes)})")
+    src = lab.guest_node(t, guest)  # where the lab's hypervisor says it runs
     if src is None:
         raise MigrationError(f"guest {guest} is not running on any node")
-    if dst not in {n.name for n in t.nodes}:
-        raise MigrationError(f"unknown node {dst!r}")
-    drv = lab.driver(t)
-    if drv is not None:
+    if src == dst:
+        raise MigrationError(f"{guest} already runs on {dst}")
+    if in_process:
+        return await _in_process(lab, VifMover(lab, keep_arp), guest, src, dst, handover,
+                                 before_move)
+    if lab.driver(t) is not None:  # a real hypervisor's stand-in (lab up --hypervisor KIND)
         return await _via_driver(lab, guest, src, dst, handover, before_move)
-    if lab.has_agents(t):
-        return await _via_agents(lab, hv, guest, src, dst, handover, before_move)
-    return await _in_process(lab, hv, guest, src, dst, handover, before_move)
+    for node in (src, dst):
+        await _agent_serves(lab, t, node)
+    return await _by_hypervisor(lab, t, guest, src, dst, handover, before_move, keep_arp,
+                                progress or _no_progress)
+
+
+async def _agent_serves(lab: Lab, t: Topology, node: str) -> None:
+    sock = t.agent.socket(node)
+    try:
+        await acall(sock, "ping", timeout=5)
+    except AgentUnavailable as exc:
+        raise MigrationError(f"the agent of {node} is not running ({exc}): start it "
+                             "(a lab restarts it with lab up), or pass --in-process to move "
+                             "the guest without agents") from None
+
+
+async def _by_hypervisor(lab: Lab, t: Topology, guest: str, src: str, dst: str,
+                         handover: bool, before_move: Callable[[], Awaitable[None]] | None,
+                         keep_arp: bool, progress: ProgressFn) -> MigrationReport:
+    hv = lab_hypervisor(lab, src, before_move=before_move, keep_arp=keep_arp)
+    start, since = time.monotonic(), time.time()
+    if not handover:  # the control run: D prepares a migration that hands nothing over
+        await acall(t.agent.socket(dst), "migration.prepare", guest=guest, src=src,
+                    handover=False)
+    try:
+        await hv.migrate(guest, dst, progress)
+    except HypervisorError as exc:
+        raise MigrationError(f"{guest}: {exc}") from None
+    record = await _outcome(t, guest, since)
+    if record is None:
+        raise MigrationError(f"{guest} moved to {dst}, but no migration of it ended within "
+                             f"{OUTCOME_WAIT_S:g} s: see convergent status on {dst}")
+    if record.phase == Phase.ABORTED:
+        raise MigrationError(f"{guest}: migration {record.id} {src} -> {dst} aborted: "
+                             f"{record.error}")
+    entries = await _entries(t, dst, record.id)
+    return MigrationReport(guest, src, dst, record.timings.get("precopy", 0.0),
+                           record.timings.get("cutover", 0.0), hv.last_pause_ms, entries,
+                           (time.monotonic() - start) * 1000, record.id)
 
 
 async def _via_driver(lab: Lab, guest: str, src: str, dst: str, handover: bool,
@@ -133,37 +183,6 @@ def _entries_pushed(t: Topology, dst: str, migration: str) -> int:
     return total
 
 
-async def _via_agents(lab: Lab, hv: LabHypervisor, guest: str, src: str, dst: str,
-                      handover: bool, before_move: Callable[[], Awaitable[None]] | None
-                      ) -> MigrationReport:
-    """prepare on D (what libvirt's ``migrate begin`` hook sends), the move, then resume on
-    D (the RESUMED event). A D agent that is restarting gets ``AGENT_RETRY_S`` to answer."""
-    sock = lab.topology().agent.socket(dst)
-    start = time.monotonic()
-    prep = await acall(sock, "migration.prepare", guest=guest, src=src, handover=handover)
-    done: dict[str, Any] = {}
-
-    async def resumed() -> None:
-        done.update(await _retrying(sock, "migration.resumed", guest=guest))
-
-    try:
-        if before_move is not None:
-            await before_move()
-        await hv.migrate(guest, src, dst, on_paused=_nothing, on_resumed=resumed)
-    except BaseException as exc:
-        if not done:
-            with contextlib.suppress(ConvergentError):
-                await _retrying(sock, "migration.abort", guest=guest,
-                                reason=f"{type(exc).__name__}: {exc}")
-        raise
-    # S's "guest gone" event in a real cluster; D finalizes right after cutover anyway
-    await _retrying(sock, "migration.finalize", guest=guest)
-    timings = done.get("timings", {})
-    return MigrationReport(guest, src, dst, prep["timings"].get("precopy", 0.0),
-                           timings.get("cutover", 0.0), hv.last_pause_ms,
-                           int(done.get("entries") or 0), (time.monotonic() - start) * 1000)
-
-
 async def _plain_move(lab: Lab, guest: str, src: str, dst: str,
                       start: float) -> MigrationReport:
     """The control run: the hypervisor's own migration with no agent to hear of it."""
@@ -188,20 +207,46 @@ async def _plain_move(lab: Lab, guest: str, src: str, dst: str,
                            (time.monotonic() - start) * 1000)
 
 
-async def _retrying(sock: Path, op: str, **args: Any) -> Any:
-    """``op`` on the agent at ``sock``, retried every 0.1 s while it is unavailable (a
-    restarting agent) for up to ``AGENT_RETRY_S``; then its last AgentUnavailable."""
-    retrying = tenacity.AsyncRetrying(
-        retry=tenacity.retry_if_exception_type(AgentUnavailable),
-        stop=tenacity.stop_after_delay(AGENT_RETRY_S), wait=tenacity.wait_fixed(0.1),
-        reraise=True)
-    return await retrying(acall, sock, op, **args)
+async def _outcome(t: Topology, guest: str, since: float) -> MigrationRecord | None:
+    """The migration the move's hooks prepared, once it ended (its finalize included)."""
+    store = await open_store(t.agent.store)
+    try:
+        deadline = time.monotonic() + OUTCOME_WAIT_S
+        while time.monotonic() < deadline:
+            migs = [m for m in await store.list_migrations(active=False, guest=guest)
+                    if reported_at(m) >= since]
+            done = [m for m in migs if not m.active]
+            if done and not [m for m in migs if m.active]:
+                return max(done, key=reported_at)
+            await asyncio.sleep(0.05)
+        return None
+    finally:
+        await store.close()
 
 
-async def _in_process(lab: Lab, hv: LabHypervisor, guest: str, src: str, dst: str,
+async def _entries(t: Topology, dst: str, migration: str) -> int:
+    """How many entries D's agent pushed (it keeps its recent migrations; 0 if it was
+    restarted meanwhile)."""
+    with contextlib.suppress(ConvergentError):
+        st = await acall(t.agent.socket(dst), "status", timeout=5)
+        for m in st.get("recent", []):
+            if m["id"] == migration:
+                return int(m.get("entries") or 0)
+    return 0
+
+
+def _no_progress(_: Progress) -> None:
+    return None
+
+
+async def _in_process(lab: Lab, hv: VifMover, guest: str, src: str, dst: str,
                       handover: bool, before_move: Callable[[], Awaitable[None]] | None
                       ) -> MigrationReport:
+    """No agents: this process's coordinator drives both nodes (lab up --no-agents)."""
     t = lab.topology()
+    if lab.has_any_agent(t):
+        raise MigrationError("--in-process: this lab runs agents; two coordinators would "
+                             "fight over the guest: drop --in-process")
     store = await open_store(store_url(lab))
     nodes = node_handles(lab)
     try:
@@ -218,7 +263,8 @@ async def _in_process(lab: Lab, hv: LabHypervisor, guest: str, src: str, dst: st
         h = await coord.run(guest, src, dst, move)
         return MigrationReport(guest, src, dst, h.timings.get("precopy", 0.0),
                                h.timings.get("cutover", 0.0), hv.last_pause_ms,
-                               h.entries_pushed, (time.monotonic() - start) * 1000)
+                               h.entries_pushed, (time.monotonic() - start) * 1000,
+                               h.record.id)
     finally:
         for n in nodes.values():
             n.table.close()

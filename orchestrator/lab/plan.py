@@ -109,8 +109,9 @@ def lab_agent_paths(state: Path, store: str | None = None) -> dict[str, str]:
 def agent_section(state: Path, store: str | None = None) -> str:
     lines = [f'{k} = "{v}"' for k, v in lab_agent_paths(state, store).items()]
     # a short lease: a killed agent shows dead within seconds
+    # a migration a killed agent was preparing settles within seconds of its restart
     return "\n".join(["[agent]", *lines, "reconcile_interval_s = 5.0", "peer_retry_s = 5.0",
-                      "lease_ttl_s = 3.0"]) + "\n"
+                      "lease_ttl_s = 3.0", "recovery_settle_s = 5.0"]) + "\n"
 
 
 _AGENT_HEADER = re.compile(r"^[ \t]*\[[ \t]*agent[ \t]*\][ \t]*(#.*)?$", re.M)
@@ -136,6 +137,20 @@ def with_lab_agent(text: str, state: Path, store: str | None = None) -> str:
         raise ConfigError("lab config: write [agent] as a table (an [agent] header) so lab up "
                           f"can add the lab's own {', '.join(k.split()[0] for k in missing)}")
     return text[: header.end()] + "\n" + "\n".join(missing) + text[header.end() :]
+
+
+def lab_section(lab: str, state: Path) -> str:
+    """The ``[hypervisor]`` table of a lab on its own hypervisor (``lab up``'s default):
+    the agents run the lab's adapter (orchestrator/lab/hypervisor.py)."""
+    return f'[hypervisor]\nkind = "lab"\nlab = "{lab}"\ndir = "{state}"\n'
+
+
+def toml_tables(text: str) -> set[str]:
+    """The top-level keys of a config (none when it does not parse: the loader says why)."""
+    try:
+        return set(tomllib.loads(text))
+    except tomllib.TOMLDecodeError:
+        return set()
 
 
 def outside_lab(t: Topology, state: Path) -> list[str]:

@@ -60,12 +60,22 @@ def test_each_action_writes_one_record(lab):
     assert (claim["node"], claim["guest"], claim["epoch"]) == ("n1", "guest1", 1)
     assert claim["addresses"] == ["10.5.5.201"] and claim["actor"] == "agent"
 
-    # migrate: one record per phase, on the destination, with from/to and timings
+    # migrate: one record per phase, on the destination, with from/to and timings, and
+    # one on the source when it closed its part (the guest left it)
     mark = len(records(lab))
     asyncio.run(migrate(lab, "guest1", "n2"))
-    phases = new_since(lab, mark)
+    left = [r for r in new_since(lab, mark) if r["action"] == "migration.leave"]
+    for _ in range(50):  # the source closes its part once the migration is done
+        if left:
+            break
+        time.sleep(0.1)
+        left = [r for r in new_since(lab, mark) if r["action"] == "migration.leave"]
+    assert [(r["node"], r["from_node"], r["to_node"], r["outcome"]) for r in left] == [
+        ("n1", "n1", "n2", "ok")]
+    phases = [r for r in new_since(lab, mark) if r["action"] != "migration.leave"]
     assert [r["action"] for r in phases] == [
         "migration.prepare", "migration.precopy", "migration.cutover", "migration.finalize"]
+    assert left[0]["migration"] == phases[0]["migration"]
     assert len({r["migration"] for r in phases}) == 1
     for r in phases:
         assert (r["node"], r["from_node"], r["to_node"]) == ("n2", "n1", "n2")

@@ -12,7 +12,7 @@ from orchestrator.config.loader import load
 from orchestrator.errors import RulesetError
 from orchestrator.lab import netns as ns
 from orchestrator.lab.check import Check, run_checks
-from orchestrator.lab.hypervisor import LabHypervisor
+from orchestrator.lab.hypervisor import VifMover
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.plan import default_config
 from orchestrator.netfilter import nft
@@ -126,7 +126,7 @@ def test_guest_on_another_node_with_its_own_config(tmp_path):
             ns.in_ns(g_ns, "ping", "-c1", "-W1", str(peer))
         before = dict(ns.neighbours(g_ns, "eth0"))
         assert len(before) == 3, before
-        LabHypervisor(lab).move_vif("guest1", "n2", "n1")
+        VifMover(lab).move_vif("guest1", "n2", "n1")
         assert dict(ns.neighbours(g_ns, "eth0")) == before
     finally:
         lab.down()

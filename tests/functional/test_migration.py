@@ -14,7 +14,7 @@ import pytest
 from orchestrator.agent.client import AgentError, acall
 from orchestrator.errors import MigrationError
 from orchestrator.lab import netns as ns
-from orchestrator.lab.hypervisor import LabHypervisor
+from orchestrator.lab.hypervisor import VifMover
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.migrate import bootstrap_ownership, migrate, node_handles, store_url
 from orchestrator.migration.coordinator import Coordinator
@@ -84,7 +84,7 @@ def test_guest_packet_racing_the_handover_is_dropped_not_snatted(bare_lab, hando
         coord, store = await _coordinator(lab, handover)
         h = await coord.prepare("guest1", "n1", "n2")
         # precopy delayed past the move; the guest re-ARPs and now routes through n2
-        LabHypervisor(lab, keep_arp=False).move_vif("guest1", "n1", "n2")
+        VifMover(lab, keep_arp=False).move_vif("guest1", "n1", "n2")
         cli.sendall(b"raced")
         early = await asyncio.to_thread(received_within, conn, 0.6)
         await coord.precopy(h)

@@ -12,10 +12,14 @@ import json
 import socket
 import time
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from orchestrator.agent.daemon import Agent, Kernel, Parts
+from orchestrator.agent.guests import UnknownGuest, guest_from_info
 from orchestrator.agent.keys import write_new_key
 from orchestrator.audit.log import AuditLog
 from orchestrator.config.loader import parse
@@ -54,6 +58,7 @@ class FakeHypervisor(Hypervisor):
     def __init__(self, node: str) -> None:
         super().__init__({}, node)
         self.here: dict[str, bool] = {}  # guest -> running
+        self.meta: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}  # guest -> (macs, addresses)
 
     def parse_hook(self, call: HookCall) -> GuestEvent | None:
         if not call.argv:
@@ -72,9 +77,11 @@ class FakeHypervisor(Hypervisor):
         yield
 
     async def describe(self, guest: str) -> GuestInfo:
-        if guest not in self.here:
+        if guest not in self.here and guest not in self.meta:
             raise HypervisorError(f"no guest {guest} here")
-        return GuestInfo(guest, (), (), self.node, running=self.here[guest])
+        macs, addrs = self.meta.get(guest, ((), ()))
+        return GuestInfo(guest, macs, tuple(IPv4Address(a) for a in addrs), self.node,
+                         running=self.here.get(guest, True))
 
     async def running(self) -> list[GuestInfo]:
         return [GuestInfo(g, (), (), self.node, running=r) for g, r in self.here.items()]
@@ -314,3 +321,39 @@ def test_a_restarted_destination_settles_what_it_was_preparing(tmp_path):
                 stop.set()
                 await task
     asyncio.run(main())
+
+
+def test_a_guest_only_the_hypervisor_knows_is_resolved_from_its_metadata(tmp_path):
+    async def scenario(r: Running) -> None:
+        r.hv.meta["vm7"] = (("52:54:00:00:07:07",), ("10.5.5.77",))
+        v = await r.hook("started", "vm7")
+        assert (v["outcome"], v["ops"]) == ("apply", ["guest.started"])
+        owned = await r.store.list_ownership(guest="vm7")
+        assert [(str(o.ip), o.node) for o in owned] == [("10.5.5.77", "n2")]
+        # metadata that would clash with the cluster is refused with its reason
+        r.hv.meta["vm8"] = (("52:54:00:00:08:08",), ("10.5.5.201",))  # guest1's address
+        v = await r.hook("started", "vm8")
+        assert v["outcome"] == "report" and "10.5.5.201 belongs to guest guest1" in v["reason"]
+        r.hv.meta["vm9"] = (("52:54:00:00:09:09",), ())
+        v = await r.hook("started", "vm9")
+        assert v["outcome"] == "report" and "no addresses in its metadata" in v["reason"]
+    run(scenario, tmp_path)
+
+
+@pytest.mark.parametrize(("macs", "addrs", "why"), [
+    (["52:54:00:00:01:01"], ["10.9.9.9"], "outside guest_subnet"),
+    (["52:54:00:00:01:01"], ["10.5.5.254"], "reserved"),
+    (["52:54:00:00:01:01"], ["10.5.5.251"], "reserved"),
+    (["0a:00:01:00:00:05"], ["10.5.5.90"], "falls in node n1's MAC prefix"),
+    (["not-a-mac"], ["10.5.5.90"], "macs"),
+    (["52:54:00:00:02:01"], ["10.5.5.90"], None),
+])
+def test_guest_from_info_checks_what_the_cluster_file_checks(macs, addrs, why):
+    topology = parse(default_config(3))
+    ips = [IPv4Address(a) for a in addrs]
+    if why is None:
+        g = guest_from_info("vm", macs, ips, topology)
+        assert (g.name, [str(a) for a in g.addresses]) == ("vm", addrs)
+        return
+    with pytest.raises(UnknownGuest, match=why):
+        guest_from_info("vm", macs, ips, topology)

@@ -212,3 +212,22 @@ def test_a_replaced_lock_file_is_taken_again(tmp_path: Path) -> None:
     held = os.fstat(log.writer._lock_fd).st_ino
     assert held == (tmp_path / "audit.log.lock").stat().st_ino
     assert verify(chain_files(path)).records == 3
+
+
+def test_a_log_that_cannot_be_reopened_never_closes_someone_elses_fd(tmp_path: Path) -> None:
+    """The writer closed its old fd, failed to open the new file, and on the next write
+    closed that fd number again: by then another file (an agent's socket) held it."""
+    path = tmp_path / "audit.log"
+    log = AuditLog(path, node="n1", actor="agent")
+    log.record("agent.start")
+    path.rename(tmp_path / "aside")
+    path.mkdir()  # the next writes cannot open the log
+    with pytest.raises(AuditError):
+        log.record("agent.stop")
+    other = os.open(tmp_path / "aside", os.O_RDONLY)  # takes the number the writer freed
+    try:
+        with pytest.raises(AuditError):
+            log.record("agent.stop")
+        os.fstat(other)  # still open: the writer did not close it behind our back
+    finally:
+        os.close(other)
