@@ -45,7 +45,8 @@ from orchestrator.agent.intake import Intake
 from orchestrator.audit.log import AuditLog
 from orchestrator.config.loader import parse
 from orchestrator.hypervisor import GuestEvent
-from orchestrator.lab.hypervisor import LabHypervisor, hook_path
+from orchestrator.lab.hookrun import hook_path
+from orchestrator.lab.hypervisor import LabHypervisor
 from orchestrator.lab.plan import default_config
 from orchestrator.logs import configure as configure_logs
 from orchestrator.store import open_store

@@ -18,8 +18,8 @@ import click
 
 from orchestrator.cli.options import JSON, echo_json
 from orchestrator.cli.rules import CONFIG
+from orchestrator.config.schema import Topology
 from orchestrator.errors import ConvergentError, MigrationError
-from orchestrator.model.cluster import Topology
 
 MIGRATE_TIMEOUT_S = 900.0  # the agent sends progress as it goes; this bounds a silent phase
 ABORT_WAIT_S = 15.0

@@ -23,19 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from orchestrator.agent.client import AgentUnavailable, acall
+from orchestrator.config.schema import Topology
 from orchestrator.errors import ConvergentError, LabError, MigrationError
 from orchestrator.hypervisor import (
     EventKind,
@@ -49,20 +46,15 @@ from orchestrator.hypervisor import (
 )
 from orchestrator.lab import netns as ns
 from orchestrator.lab.flows import announce_guest
+from orchestrator.lab.hookrun import hook_conf, run_hook
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.plan import GUEST_IFACE, vif_name
-from orchestrator.model.cluster import Topology
 
 log = structlog.get_logger("convergent.lab")
 Callback = Callable[[], Awaitable[None]]
 SETTINGS = {"lab", "dir", "keep_arp", "hook_timeout_s", "precopy_wait_s"}
 HOOK = "lab"
 POLL_S = 0.02
-
-
-def hook_path() -> Path:
-    """The lab's hook executable (installed with the hooks as ``orchestrator/hooks/lab``)."""
-    return Path(str(resources.files("orchestrator.hooks") / "lab"))
 
 
 class VifMover:
@@ -244,55 +236,19 @@ class LabHypervisor(Hypervisor):
 
     async def hook(self, node: str, event: EventKind, guest: str,
                    peer: str | None = None) -> dict[str, Any]:
-        """Run the lab's hook for ``node`` as a hypervisor runs its own: a process of its
-        own, ``python3 -I -S``, a bare environment, the node's hook settings. Its verdict
-        (the lab hook's stdout) is what the agent answered, or that it spooled."""
-        conf = self._hook_conf(node)
-        argv = [sys.executable, "-I", "-S", str(hook_path()), event.value, guest,
-                *([peer] if peer else [])]
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C",
-               "CONVERGENT_HOOK_CONF": str(conf)}
-        start = time.monotonic()
-        proc = await asyncio.create_subprocess_exec(*argv, env=env,
-                                                    stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.PIPE)
+        """Run the lab's hook for ``node`` (``hookrun``); its verdict, kept for the caller."""
+        conf = hook_conf(self.lab.dir, node, self.topology.agent, self.hook_timeout_s)
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), self.hook_timeout_s + 10)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise HypervisorError(f"the lab hook for {node} ran past its timeout") from None
-        except asyncio.CancelledError:
-            # a hypervisor does not kill its hook half-way: let it deliver (it is bounded by
-            # its own timeout), so what the caller sends next (failed) comes after it
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(proc.wait()), self.hook_timeout_s + 5)
-            raise
-        try:
-            verdict: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            raise HypervisorError(f"the lab hook for {node} answered nothing readable "
-                                  f"(exit {proc.returncode}): {err.decode()[-300:]}") from None
-        verdict["hook"] = {"node": node, "event": event.value, "exit": proc.returncode,
-                           "ms": round((time.monotonic() - start) * 1000, 1)}
+            verdict = await run_hook(conf, [event.value, guest, *([peer] if peer else [])],
+                                     self.hook_timeout_s)
+        except LabError as exc:
+            raise HypervisorError(str(exc)) from None
+        verdict["hook"].update(node=node, event=event.value)
         self.verdicts.append(verdict)
         log.info("lab.hook", node=node, hook_event=event.value, guest=guest,
                  verdict=verdict.get("verdict"), outcome=verdict.get("outcome"),
                  spooled=bool(verdict.get("spooled")))
         return verdict
-
-    def _hook_conf(self, node: str) -> Path:
-        """The node's hook settings (``hook.json`` of an installed hook), made once."""
-        path = self.lab.dir / "hooks" / f"{node}.json"
-        if not path.exists():
-            a = self.topology.agent
-            conf = {"socket": str(a.socket(node)), "spool_dir": str(a.spool(node)),
-                    "timeout_s": self.hook_timeout_s, "node": node}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            tmp.write_text(json.dumps(conf))
-            tmp.replace(path)
-        return path
 
 
 def _listening(sock: Path) -> bool:
@@ -306,18 +262,6 @@ def _listening(sock: Path) -> bool:
         except OSError:
             return False
     return True
-
-
-async def tell_homes(lab: Lab, t: Topology) -> None:
-    """Once the agents serve: each guest's node reports it started, through its hook."""
-    for g in t.guests:
-        node = lab.guest_node(t, g.name)
-        if node is not None:
-            v = await LabHypervisor(t.hypervisor.settings, node).hook(
-                node, EventKind.STARTED, g.name)
-            if v.get("spooled"):
-                raise LabError(f"the agent of {node} did not take {g.name}'s start: "
-                               f"{v.get('reason')}")
 
 
 def lab_hypervisor(lab: Lab, node: str, *, before_move: Callback | None = None,

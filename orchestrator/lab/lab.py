@@ -28,6 +28,7 @@ from orchestrator.errors import ConfigError, LabError
 from orchestrator.lab import netns as ns
 from orchestrator.lab.drivers import BUILTIN, LabDriver, driver_class
 from orchestrator.lab.etcd import EtcdCluster
+from orchestrator.lab.hookrun import DEFAULT_TIMEOUT_S, hook_conf, run_hook
 from orchestrator.lab.plan import (
     GUEST_IFACE,
     NODE_UPLINK_PORT,
@@ -323,8 +324,14 @@ class Lab:
 
     async def _claim_homes(self, t: Topology) -> None:
         if t.hypervisor.kind == BUILTIN:  # as a hypervisor does: through the node's hook
-            from orchestrator.lab.hypervisor import tell_homes
-            await tell_homes(self, t)
+            for g in t.guests:
+                node = self.guest_node(t, g.name)
+                if node is not None:
+                    v = await run_hook(hook_conf(self.dir, node, t.agent),
+                                       ["started", g.name], DEFAULT_TIMEOUT_S)
+                    if v.get("spooled"):
+                        raise LabError(f"the agent of {node} did not take {g.name}'s "
+                                       f"start: {v.get('reason')}")
             return
         for g in t.guests:
             node = self.guest_node(t, g.name)
