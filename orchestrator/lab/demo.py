@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from orchestrator.hypervisor import Progress, ProgressFn
 from orchestrator.lab import netns as ns
 from orchestrator.lab.flows import (
     INBOUND_KINDS,
@@ -66,14 +67,10 @@ def run_demo(name: str, nodes: int = 3, control: bool = False,
         marks: list[Migration] = []
         for i, dst in enumerate(tour, 1):
             src = lab.guest_node(lab.topology(), GUEST) or "?"
-            say(f"migration {i}/{len(tour)}: {GUEST} {src} -> {dst}: prepare, precopy")
+            say(f"migration {i}/{len(tour)}: {GUEST} {src} -> {dst}")
             started = time.time()
-
-            async def moving(dst: str = dst) -> None:
-                say(f"  precopy done; moving the guest to {dst}, then cutover")
-
             report = asyncio.run(migrate(lab, GUEST, dst, **move_options(control),
-                                         before_move=moving))  # as `lab migrate` moves
+                                         progress=_phases(say)))  # as `lab migrate` moves
             marks.append(Migration(started, time.time(), src, dst))
             m = report.as_dict()
             migrations.append(m)
@@ -92,6 +89,20 @@ def run_demo(name: str, nodes: int = 3, control: bool = False,
     finally:
         if not keep:
             lab.down()
+
+
+PHASE_WORDS = {"memory": "memory copy", "paused": "paused, moving the guest",
+               "resumed": "resumed", "aborted": "aborted"}
+
+
+def _phases(say: Say) -> ProgressFn:
+    """The hypervisor's steps of one move as indented progress lines (its start and end
+    have lines of their own)."""
+    def show(p: Progress) -> None:
+        if p.phase not in ("starting", "done"):
+            say(f"  {PHASE_WORDS.get(p.phase, p.phase)}" + (f": {p.detail}" if p.detail
+                                                            else ""))
+    return show
 
 
 def title(result: dict[str, Any]) -> str:

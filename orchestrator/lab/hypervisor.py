@@ -245,9 +245,9 @@ class LabHypervisor(Hypervisor):
             raise HypervisorError(str(exc)) from None
         verdict["hook"].update(node=node, event=event.value)
         self.verdicts.append(verdict)
-        log.info("lab.hook", node=node, hook_event=event.value, guest=guest,
-                 verdict=verdict.get("verdict"), outcome=verdict.get("outcome"),
-                 spooled=bool(verdict.get("spooled")))
+        log.debug("lab.hook", node=node, hook_event=event.value, guest=guest,
+                  verdict=verdict.get("verdict"), outcome=verdict.get("outcome"),
+                  spooled=bool(verdict.get("spooled")))
         return verdict
 
 

@@ -47,6 +47,9 @@ def test_every_flow_survives_three_migrations(tmp_path: Path) -> None:
     assert steps[0].startswith("flows: 16 open")
     assert [s.split(":")[0] for s in steps[1:]] == [f"migration {i}/3" for i in (1, 2, 3)]
     assert proc.stderr.count("entries handed over") == 3
+    for dst in ("n2", "n3", "n1"):  # the hypervisor's own steps of each move
+        assert f"  resumed: on {dst} after a " in proc.stderr
+    assert not [ln for ln in proc.stderr.splitlines() if ln.startswith("{")]  # no log noise
     assert (tmp_path / "demo.png").stat().st_size > 50_000
 
 
