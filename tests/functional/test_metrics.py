@@ -90,5 +90,9 @@ def test_metrics_move_during_a_migration(lab: Lab) -> None:
                  event="precopy_followed") == 1
     assert value(after, "convergent_replicator_peer_lag", peer="n1") == 0
     assert value(after, "convergent_hook_spool_depth") == 0
+    # the lab's hypervisor ran its hooks into n2's intake (incoming, resumed)
+    taken = sum(v for (n, _), v in after.items() if n == "convergent_intake_events_total")
+    before_taken = sum(v for (n, _), v in before.items() if n == "convergent_intake_events_total")
+    assert taken >= before_taken + 2
     cli.close()
     conn.close()
