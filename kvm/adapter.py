@@ -48,7 +48,7 @@ from .events import EVENT_ORIGIN, from_lifecycle, lifecycle_kind, parse_hook
 
 log = structlog.get_logger("convergent.kvm")
 T = TypeVar("T")
-POLL_S = 0.25
+POLL_S = 0.1
 WANTS_XML = frozenset({EventKind.INCOMING, EventKind.RESUMED, EventKind.STARTED})
 STATE_RUNNING = 1  # virDomainState
 STATE_PAUSED = 3
@@ -115,9 +115,7 @@ class LibvirtHypervisor(Hypervisor):
     async def connection(self) -> libvirt.virConnect:
         """The live connection to this node's libvirtd, opened on first use and after
         libvirtd closed the last one."""
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
+        async with self._guard():
             if self._conn is not None and self._closed is not None \
                     and not self._closed.is_set():
                 return self._conn
@@ -140,11 +138,23 @@ class LibvirtHypervisor(Hypervisor):
             return conn
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.unregisterCloseCallback()
-                await asyncio.to_thread(conn.close)
+        """Close the connection: after the event stream let go of its callbacks (libvirt
+        deadlocks deregistering a callback whose connection another thread closes)."""
+        async with self._guard():
+            conn, self._conn = self._conn, None
+            if self._closed is not None:
+                self._closed.set()  # a stream still running skips its deregistration
+            if conn is not None:
+                with contextlib.suppress(libvirt.libvirtError):
+                    await asyncio.to_thread(conn.unregisterCloseCallback)
+                with contextlib.suppress(libvirt.libvirtError):
+                    await asyncio.to_thread(conn.close)
+
+    def _guard(self) -> asyncio.Lock:
+        """Serialises opening, closing and (de)registering callbacks on the connection."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
 
     # what runs here ------------------------------------------------------------------
     async def describe(self, guest: str) -> GuestInfo:
@@ -198,9 +208,18 @@ class LibvirtHypervisor(Hypervisor):
                 async for ev in self._drain(conn, queue):
                     yield ev
             finally:
-                with contextlib.suppress(libvirt.libvirtError, RuntimeError):
-                    await asyncio.to_thread(conn.domainEventDeregisterAny, cb)
+                await self._deregister(conn, cb)
             log.warning("libvirt.disconnected", node=self.node)
+
+    async def _deregister(self, conn: libvirt.virConnect, cb: int) -> None:
+        """Only on a live connection: a closed one took its callbacks along."""
+        closed = self._closed
+        with contextlib.suppress(libvirt.libvirtError, RuntimeError):
+            async with self._guard():
+                live = self._conn
+                if live is not None and live is conn and closed is not None \
+                        and not closed.is_set():
+                    await asyncio.to_thread(live.domainEventDeregisterAny, cb)
 
     async def _connect_with_backoff(self) -> libvirt.virConnect:
         retrying = AsyncRetrying(
@@ -324,12 +343,12 @@ class LibvirtHypervisor(Hypervisor):
                     lambda: (dom.jobStats(), dom.state()))
             except libvirt.libvirtError:
                 continue  # the domain left: the job is ending
+            fraction = job_fraction(stats)
+            if fraction is not None and not paused:  # what was copied, also up to the pause
+                progress(Progress("memory", job_detail(stats), fraction))
             if state == STATE_PAUSED and not paused:
                 paused = True
                 progress(Progress("paused", "switching over"))
-            fraction = job_fraction(stats)
-            if fraction is not None and not paused:
-                progress(Progress("memory", job_detail(stats), fraction))
 
 
 def _quiet(_ctx: Any, _err: Any) -> None:

@@ -1,36 +1,39 @@
-"""The lab on libvirt: one real libvirtd per node namespace, the guest a real TCG VM on its
-node's guest bridge, moved by a real ``virsh migrate --live``.
+"""The lab on libvirt (``convergent lab up --hypervisor libvirt``): one real libvirtd per
+node namespace, each guest a real TCG VM on its node's guest bridge, moved by a real live
+migration.
 
-What this adds to the namespace lab (``orchestrator.lab``): a migration segment (one more
-bridge in the switch namespace, ``mig0`` in every node, libvirt's TCP and the migration
-stream), a libvirtd per node (:mod:`kvm.libvirtd`), the guest image (:mod:`kvm.image`) and
-the guest's domain (:mod:`kvm.domxml`). The VM keeps its own ARP cache, carrier and
-sockets across a move, and QEMU announces it on the destination, as in production.
+The lab driver (entry point ``libvirt`` of ``convergent.lab_hypervisors``) adds to the
+namespace lab a migration segment (one more bridge in the switch namespace, ``mig0`` in
+every node: libvirt's TCP and the migration stream), a libvirtd per node
+(:mod:`.libvirtd`) with convergent's hook installed before it starts, the guest image
+(:mod:`.image`) and each guest's domain (:mod:`.domxml`). Guests have no namespace: the
+VM keeps its own ARP cache, carrier and sockets across a move, and QEMU announces it on
+the destination, as in production. The flows' guest end runs inside the VM
+(:class:`VmGuest`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
-import tomllib
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Any
 
 from orchestrator.config.schema import Guest, Topology
-from orchestrator.errors import ConvergentError, LabError
+from orchestrator.errors import LabError
+from orchestrator.hypervisor import Progress, ProgressFn
 from orchestrator.lab import netns as ns
-from orchestrator.lab.flows import Proc, client_spec, demo_config
-from orchestrator.lab.lab import WORKSTATION_TCP_PORT, Lab
-from orchestrator.netfilter.apply import apply
+from orchestrator.lab.flow_client import ssh_argv
+from orchestrator.lab.flows import Proc, client_spec
+from orchestrator.lab.plan import LabNames
 
 from .domxml import LabDomain, lab_domain_xml
 from .image import GuestImage, ensure_image
@@ -38,12 +41,14 @@ from .install import HookConf, install
 from .libvirtd import Daemon
 from .libvirtd import preflight as libvirt_preflight
 
+KIND = "libvirt"
 MIG_BRIDGE = "mig"
 MIG_IFACE = "mig0"
 MIG_NET = "172.30.0"
 READY_MARK = "CONVERGENT-GUEST-READY"
 BOOT_TIMEOUT_S = 120.0  # TCG on a loaded 2-core machine: 10-25 s is normal
 DEMO_PORTS = {("tcp", 22), ("tcp", 8765), ("tcp", 8000), ("udp", 9123)}  # the guest's own
+KEEP_ARP_ENV = ("CONVERGENT_KEEP_ARP", "CONVERGENT_XEN_KEEP_ARP")  # "0": a control run
 
 
 def mig_addr(index: int) -> str:
@@ -54,18 +59,87 @@ def switch_mig_port(index: int) -> str:
     return f"m{index}"
 
 
-@dataclass
-class VirtLab:
-    """The libvirt parts of one lab (its namespaces come from :class:`Lab`)."""
+class LibvirtLab:
+    """The lab driver (``orchestrator.lab.drivers.LabDriver``)."""
 
-    lab: Lab
+    guests_in_namespaces = False  # the lab makes no guest namespace: the guest is a VM
+
+    def __init__(self, lab_dir: Path, netns_of: Mapping[str, str], guest_netns: str) -> None:
+        self.lab_dir = lab_dir
+        self.dir = lab_dir / "libvirt"
+        self.netns_of = netns_of
+        self.names = LabNames(lab_dir.name)  # the lab's own namespaces (its switch)
 
     @property
-    def dir(self) -> Path:
-        return self.lab.dir / "libvirt"
+    def lab_name(self) -> str:
+        return self.lab_dir.name
 
+    # the driver's part ----------------------------------------------------------------
+    def hypervisor_toml(self) -> str:
+        """Each agent reaches its node's libvirtd on its socket in the lab directory; the
+        libvirtd reach each other by node name over the migration segment (every daemon's
+        /etc/hosts names them all), as the adapter's defaults expect."""
+        sock = self.dir / "{node}" / "run" / "libvirt" / "libvirt-sock"
+        return f'[hypervisor]\nkind = "{KIND}"\nuri = "qemu+unix:///system?socket={sock}"\n'
+
+    def build(self, t: Topology) -> None:
+        """Migration segment, then per node: its libvirtd's directories, convergent's hook
+        (libvirt looks for hooks when it starts), the daemon itself."""
+        libvirt_preflight()
+        ensure_image()  # the first build takes a minute: before any daemon waits on it
+        ns.bridge(self.names.switch, MIG_BRIDGE)
+        for i, node in enumerate(t.nodes, start=1):
+            node_ns = self.netns_of[node.name]
+            ns.veth(self.names.switch, switch_mig_port(i), node_ns, MIG_IFACE)
+            ns.enslave(self.names.switch, switch_mig_port(i), MIG_BRIDGE)
+            ns.ip(node_ns, "addr", "add", f"{mig_addr(i)}/24", "dev", MIG_IFACE)
+            ns.ip(node_ns, "link", "set", MIG_IFACE, "up")
+        peers = {d.node: d.listen_addr for d in self.daemons(t).values()}
+        for name, d in self.daemons(t).items():
+            d.prepare(peers)
+            self.install_hooks(t, name)
+        for d in self.daemons(t).values():
+            d.start()
+
+    def create(self, guest: Guest, node: str) -> None:
+        t = self.topology()
+        self.boot(t, guest.name, node)
+
+    def agent_env(self, node: str) -> dict[str, str]:
+        return {}
+
+    async def migrate(self, guest: str, src: str, dst: str, progress: ProgressFn,
+                      env: Mapping[str, str] | None = None) -> None:
+        """The operator's move: ``virsh migrate --live`` (the agents learn of it only from
+        their hooks and events). ``env`` with a keep-ARP variable at "0": the guest's
+        neighbour entries lapse right after (a control run's compressed ARP expiry)."""
+        import asyncio
+
+        t = self.topology()
+        progress(Progress("starting", f"virsh migrate --live {guest} {src} -> {dst}"))
+        await asyncio.to_thread(self.virsh_migrate, t, guest, src, dst)
+        progress(Progress("resumed", f"{guest} runs on {dst}"))
+        if env and any(env.get(k) == "0" for k in KEEP_ARP_ENV):
+            await asyncio.to_thread(self.ssh, t, guest, "ip neigh flush dev eth0")
+        progress(Progress("done", f"{guest} runs on {dst}", 1.0))
+
+    def flow_side(self, lab: Any, t: Topology, guest: str) -> VmGuest:
+        """Where the flows' guest end runs (``orchestrator.lab.flows.GuestSide``)."""
+        return VmGuest(self, t, guest)
+
+    def topology(self) -> Topology:
+        from orchestrator.config.loader import load
+
+        return load(self.lab_dir / "cluster.toml")
+
+    def install_hooks(self, t: Topology, node: str) -> list[str]:
+        """``install-hooks --libvirt`` into the node's libvirt."""
+        conf = HookConf(str(t.agent.socket(node)), str(t.agent.spool(node)), node)
+        return install(self.daemon(t, node).root, conf, None)
+
+    # libvirt --------------------------------------------------------------------------
     def daemons(self, t: Topology) -> dict[str, Daemon]:
-        return {n.name: Daemon(self.lab.name, n.name, self.lab.names.node(n.name),
+        return {n.name: Daemon(self.lab_name, n.name, self.netns_of[n.name],
                                self.dir / n.name, mig_addr(i))
                 for i, n in enumerate(t.nodes, start=1)}
 
@@ -74,25 +148,6 @@ class VirtLab:
             return self.daemons(t)[node]
         except KeyError:
             raise LabError(f"unknown node {node!r}") from None
-
-    # building -----------------------------------------------------------------------
-    def build(self, t: Topology) -> None:
-        """Migration segment and one libvirtd per node (call after the lab's namespaces
-        exist; hooks go into each daemon's hooks dir before it starts)."""
-        libvirt_preflight()
-        ns.bridge(self.lab.names.switch, MIG_BRIDGE)
-        for i, node in enumerate(t.nodes, start=1):
-            node_ns = self.lab.names.node(node.name)
-            ns.veth(self.lab.names.switch, switch_mig_port(i), node_ns, MIG_IFACE)
-            ns.enslave(self.lab.names.switch, switch_mig_port(i), MIG_BRIDGE)
-            ns.ip(node_ns, "addr", "add", f"{mig_addr(i)}/24", "dev", MIG_IFACE)
-            ns.ip(node_ns, "link", "set", MIG_IFACE, "up")
-        for d in self.daemons(t).values():
-            d.prepare()
-
-    def start_daemons(self, t: Topology) -> None:
-        for d in self.daemons(t).values():
-            d.start()
 
     def ssh_key(self) -> Path:
         """The lab's client key: its public half goes on every guest's command line."""
@@ -121,7 +176,7 @@ class VirtLab:
         plen = t.cluster.guest_subnet.prefixlen
         pub = (self.ssh_key().with_suffix(".pub")).read_text().split()[1]
         return LabDomain(
-            name=name, uuid=guest_uuid(self.lab.name, name), mac=mac,
+            name=name, uuid=guest_uuid(self.lab_name, name), mac=mac,
             bridge=t.cluster.guest_bridge, address=IPv4Interface(f"{address}/{plen}"),
             gateway=t.cluster.gateway, kernel=str(image.kernel), initrd=str(image.initrd),
             rootfs=str(image.rootfs), console_log=str(self.console_log(name)), ssh_key=pub,
@@ -187,6 +242,21 @@ class VirtLab:
             raise LabError(f"{shlex.join(argv)}: {proc.stderr.strip()}")
         return proc
 
+    def ssh(self, t: Topology, guest: str, command: str, timeout: float = 60,
+            address: IPv4Address | None = None) -> str:
+        """Run ``command`` in the VM over SSH, from the node it runs on (the node reaches
+        it on its guest bridge, or over the pipes after a move, with no NAT between)."""
+        node = self.guest_node(t, guest)
+        if node is None:
+            raise LabError(f"guest {guest} runs on no node")
+        host = address or next(g.addresses[0] for g in t.guests if g.name == guest)
+        argv = [*ssh_argv(str(self.ssh_key()), str(host), 22)[:-1], command]
+        proc = subprocess.run(ns.exec_argv(self.netns_of[node], argv), capture_output=True,
+                              text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise LabError(f"ssh to {guest}: {command!r}: {proc.stderr.strip()[-300:]}")
+        return proc.stdout
+
     def destroy_all(self, t: Topology) -> None:
         """Stop every domain of every node (before the namespaces go)."""
         for d in self.daemons(t).values():
@@ -201,106 +271,19 @@ def guest_uuid(lab: str, guest: str) -> str:
     return str(uuid.UUID(hashlib.sha256(f"{lab}:{guest}".encode()).hexdigest()[:32]))
 
 
-def hypervisor_section(lab_dir: Path, t_nodes: list[str]) -> str:
-    """``[hypervisor]`` of a libvirt lab: each agent reaches its node's libvirtd on its
-    socket in the lab directory, and the others' over the migration segment."""
-    sock = lab_dir / "libvirt" / "{node}" / "run" / "libvirt" / "libvirt-sock"
-    addrs = ", ".join(f'{n} = "{mig_addr(i)}"' for i, n in enumerate(t_nodes, start=1))
-    return (f'[hypervisor]\nkind = "libvirt"\nuri = "qemu+unix:///system?socket={sock}"\n'
-            f"addresses = {{ {addrs} }}\n")
-
-
-@dataclass
-class LibvirtLab(Lab):
-    """The lab with real VMs: like :class:`Lab`, but each guest is a TCG VM run by its
-    node's libvirtd (no guest namespaces), the hooks installed in every node's libvirt,
-    and ``[hypervisor] kind = "libvirt"`` in the cluster file."""
-
-    metadata_only: tuple[str, ...] = field(default=())  # guests booted with metadata
-
-    @property
-    def virt(self) -> VirtLab:
-        return VirtLab(self)
-
-    def up(self, nodes: int = 3, config: Path | None = None, agents: bool = True,
-           store: str = "sqlite", hypervisor: str = "libvirt") -> Topology:
-        """``hypervisor``: always libvirt here (the section is added below)."""
-        libvirt_preflight()
-        ensure_image()  # before any namespace exists: a failed build leaves nothing behind
-        text = config.read_text() if config else demo_config(nodes, self.name)
-        if "agent" not in _toml(text):
-            # each node's hooks spool apart: an agent replays only its own node's calls
-            text += f'\n[agent]\nspool_dir = "{self.dir}/spool/{{node}}"\n'
-        if "hypervisor" not in _toml(text):
-            names = [n["name"] for n in _toml(text).get("nodes", [])]
-            text += "\n" + hypervisor_section(self.dir, names)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "cluster.toml"
-            path.write_text(text)
-            return super().up(nodes, path, agents, store)
-
-    def is_up(self, topology: Topology) -> bool:
-        existing = set(ns.list_netns())
-        guests = {self.names.guest(g.name) for g in topology.guests}
-        return self.config_path.exists() and all(
-            n in existing for n in self.names.all_for(topology) if n not in guests)
-
-    def down(self) -> list[str]:
-        with contextlib.suppress(ConvergentError, OSError):
-            self.virt.destroy_all(self.topology())
-        return super().down()
-
-    def _build(self, t: Topology) -> None:
-        n = self.names
-        guests = {n.guest(g.name) for g in t.guests}
-        for name in n.all_for(t):
-            if name not in guests:
-                ns.add_netns(name)
-        for bridge in ("wan", "pipes", "sync"):
-            ns.bridge(n.switch, bridge)
-        self._build_workstation(t)
-        for i, node in enumerate(t.nodes, start=1):
-            self._build_node(t, i, node.name)
-        for node in t.nodes:
-            apply(t, node.name, n.node(node.name))
-        self._responder(n.workstation, "workstation", [WORKSTATION_TCP_PORT], [])
-        virt = self.virt
-        virt.build(t)
-        for name in virt.daemons(t):
-            self.install_hooks(t, name)
-        virt.start_daemons(t)
-        image = ensure_image()
-        for g in t.guests:
-            if g.home:
-                virt.boot(t, g.name, g.home, image, xml=lab_domain_xml(
-                    virt.domain(t, g.name, image, g.name in self.metadata_only)))
-
-    def install_hooks(self, t: Topology, node: str) -> list[str]:
-        """``install-hooks --libvirt`` into the node's libvirt (before its libvirtd starts:
-        libvirt looks for hooks at start)."""
-        conf = HookConf(str(t.agent.socket(node)), str(t.agent.spool(node)), node)
-        return install(self.virt.daemon(t, node).root, conf, None)
-
-    def plug_guest(self, t: Topology, guest: Guest, node: str) -> None:
-        raise LabError(f"{guest.name} is a VM: boot it with libvirt, not a veth")
-
-    def guest_node(self, t: Topology, guest: str) -> str | None:
-        return self.virt.guest_node(t, guest)
-
-
 @dataclass
 class VmGuest:
     """The flows' guest end inside a VM (flows.GuestSide): its servers run from its boot;
     the guest-initiated client runs there over SSH from its node (kvm.guestexec)."""
 
-    lab: LibvirtLab
+    lab: LibvirtLab  # the driver
     topology: Topology
     guest: str
     # a TCG guest on a shared 2-core machine logs in 15 SSH sessions and starts Python
     ready_timeout_s: float = 90.0
 
     def start_servers(self, run_dir: Path) -> tuple[list[Proc], Path]:
-        return [], self.lab.virt.ssh_key()
+        return [], self.lab.ssh_key()
 
     def start_client(self, run_dir: Path, spec: dict[str, Any]) -> Proc:
         home = self.lab.guest_node(self.topology, self.guest)
@@ -310,18 +293,11 @@ class VmGuest:
         spec_path.write_text(json.dumps(client_spec(spec)))
         result, log = run_dir / "guest-result.json", run_dir / "guest-client.log"
         address = self.topology.guest(self.guest).addresses[0]
-        pid = ns.spawn(self.lab.names.node(home), [
+        pid = ns.spawn(self.lab.netns_of[home], [
             sys.executable, "-m", "orchestrator.kvm.guestexec", "--host", str(address),
-            "--key", str(self.lab.virt.ssh_key()), "--spec", str(spec_path),
+            "--key", str(self.lab.ssh_key()), "--spec", str(spec_path),
             "--result", str(result)], log)
         return Proc(pid, log, result)
 
     def restore(self, run_dir: Path) -> None:
         return None
-
-
-def _toml(text: str) -> dict[str, Any]:
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError:
-        return {}  # the lab's loader reports it, with its line

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,8 +114,9 @@ class Daemon:
     def pidfile(self) -> Path:
         return self.root / "libvirtd.pid"
 
-    def prepare(self) -> None:
-        """The daemon's private directories and configuration (before the first start)."""
+    def prepare(self, peers: Mapping[str, str] | None = None) -> None:
+        """The daemon's private directories and configuration (before the first start);
+        ``peers``: node -> address, so this daemon (and its qemu) finds the others by name."""
         for d in BOUND_DIRS:
             (self.root / d).mkdir(parents=True, exist_ok=True)
         etc = self.root / "etc" / "libvirt"
@@ -122,8 +124,11 @@ class Daemon:
         (etc / "libvirtd.conf").write_text(
             libvirtd_conf(lab_host_uuid(self.lab, self.node), self.listen_addr, self.log))
         # a hostname of its own that resolves (libvirt looks it up; a miss only warns)
-        (self.root / "hosts").write_text(f"127.0.0.1 localhost\n{self.listen_addr} "
-                                         f"{self.hostname}\n")
+        names = {self.listen_addr: [self.hostname], **{}}
+        for node, addr in (peers or {}).items():
+            names.setdefault(addr, []).append(node)
+        (self.root / "hosts").write_text("127.0.0.1 localhost\n" + "".join(
+            f"{addr} {' '.join(n)}\n" for addr, n in names.items()))
         self.hooks_dir.mkdir(parents=True, exist_ok=True)
 
     def start(self, timeout: float = 20.0) -> int:

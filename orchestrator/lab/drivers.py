@@ -42,6 +42,11 @@ class LabDriver(Protocol):
     async def migrate(self, guest: str, src: str, dst: str, progress: ProgressFn,
                       env: Mapping[str, str] | None = None) -> None: ...
 
+    # optional, read with getattr: ``guests_in_namespaces = False`` (the guests are real VMs:
+    # the lab makes no guest namespace, guest responder or veth), and
+    # ``flow_side(lab, topology, guest)``: where the flows' guest end runs
+    # (``orchestrator.lab.flows.GuestSide``; default: the guest's namespace)
+
 
 def kinds() -> list[str]:
     return sorted({BUILTIN, *(ep.name for ep in entry_points(group=GROUP))})

@@ -173,7 +173,7 @@ def start_flows(lab: Lab, topology: Topology, guest: str, entry_nodes: Sequence[
         raise LabError(f"guest {guest!r} is on no node")
     inbound = _inbound_specs(topology, entry_nodes)
     run_dir = _new_run_dir(lab)
-    side = side or NamespaceGuest(lab, guest)
+    side = side or _driver_side(lab, topology, guest) or NamespaceGuest(lab, guest)
     flows = FlowSet(lab, run_dir, [], [], side)
     try:
         servers, key = side.start_servers(run_dir)
@@ -195,6 +195,13 @@ def start_flows(lab: Lab, topology: Topology, guest: str, entry_nodes: Sequence[
         flows.abort()
         raise
     return flows
+
+
+def _driver_side(lab: Lab, t: Topology, guest: str) -> GuestSide | None:
+    """A lab hypervisor whose guests are VMs says where their end of the flows runs."""
+    make = getattr(lab.driver(t), "flow_side", None)
+    side: GuestSide | None = make(lab, t, guest) if make is not None else None
+    return side
 
 
 def client_spec(spec: dict[str, Any]) -> dict[str, Any]:

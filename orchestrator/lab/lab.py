@@ -144,8 +144,16 @@ class Lab:
     def is_up(self, topology: Topology) -> bool:
         existing = set(ns.list_netns())
         return self.config_path.exists() and all(
-            n in existing for n in self.names.all_for(topology)
+            n in existing for n in self._namespaces(topology)
         )
+
+    def _namespaces(self, t: Topology) -> list[str]:
+        """The lab's namespaces: no guest namespaces when its hypervisor runs real VMs."""
+        drv = self.driver(t)
+        if getattr(drv, "guests_in_namespaces", True):
+            return self.names.all_for(t)
+        guests = {self.names.guest(g.name) for g in t.guests}
+        return [n for n in self.names.all_for(t) if n not in guests]
 
     def down(self) -> list[str]:
         """Remove every namespace (and so every link and process) of this lab."""
@@ -166,7 +174,7 @@ class Lab:
     # building -------------------------------------------------------------
     def _build(self, t: Topology) -> None:
         n = self.names
-        for name in n.all_for(t):
+        for name in self._namespaces(t):
             ns.add_netns(name)
         ns.bridge(n.switch, WAN_BRIDGE)
         ns.bridge(n.switch, PIPE_BRIDGE)
@@ -177,15 +185,17 @@ class Lab:
         drv = self.driver(t)
         if drv is not None:
             drv.build(t)
+        in_namespaces = getattr(drv, "guests_in_namespaces", True)
         for guest in t.guests:
             if guest.home and drv is not None:
                 drv.create(guest, guest.home)
             elif guest.home:
                 self.plug_guest(t, guest, guest.home)
-            self._build_guest(t, guest)
+            if in_namespaces:
+                self._build_guest(t, guest)
         for node in t.nodes:
             apply(t, node.name, n.node(node.name))
-        self._start_responders(t)
+        self._start_responders(t, guests=in_namespaces)
 
     def _build_workstation(self, t: Topology) -> None:
         n = self.names
@@ -246,8 +256,10 @@ class Lab:
                 return node.name
         return None
 
-    def _start_responders(self, t: Topology) -> None:
-        for guest in t.guests:
+    def _start_responders(self, t: Topology, guests: bool = True) -> None:
+        """The responders of the guests' namespaces (``guests``; a VM runs its own) and the
+        workstation's."""
+        for guest in t.guests if guests else ():
             tcp = sorted({s.target_port for s in t.services
                           if s.guest == guest.name and s.proto == "tcp"})
             udp = sorted({s.target_port for s in t.services

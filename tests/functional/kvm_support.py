@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
+import tempfile
 from functools import cache
+from pathlib import Path
 from typing import Any
-
-from orchestrator.lab import netns as ns
-from orchestrator.lab.flow_client import ssh_argv
 
 
 @cache
@@ -30,12 +28,29 @@ def kvm_skip_reason() -> str | None:
     return None
 
 
+def libvirt_lab(name: str) -> Any:
+    """A lab on libvirt (``lab up --hypervisor libvirt``), not yet up."""
+    from orchestrator.lab.lab import Lab
+
+    return Lab(name)
+
+
+def up(lab: Any, agents: bool = True) -> Any:
+    """``lab up --hypervisor libvirt`` with the demo's services (the flows' ports)."""
+    from orchestrator.lab.flows import demo_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "demo.toml"
+        cfg.write_text(demo_config(3, lab.name))
+        return lab.up(config=cfg, agents=agents, hypervisor="libvirt")
+
+
+def driver(lab: Any) -> Any:
+    """The lab's libvirt driver (orchestrator.kvm.lab.LibvirtLab)."""
+    return lab.driver(lab.topology())
+
+
 def ssh_guest(lab: Any, command: str, guest: str = "guest1", timeout: float = 30) -> str:
     """Run ``command`` in the VM, over SSH from the node it runs on."""
-    t = lab.topology()
-    node = lab.guest_node(t, guest)
-    assert node is not None, f"{guest} runs nowhere"
-    argv = [*ssh_argv(str(lab.virt.ssh_key()), str(t.guest(guest).addresses[0]), 22)[:-1],
-            command]
-    return subprocess.run(ns.exec_argv(lab.names.node(node), argv), capture_output=True,
-                          text=True, timeout=timeout, check=True).stdout
+    out: str = driver(lab).ssh(lab.topology(), guest, command, timeout)
+    return out

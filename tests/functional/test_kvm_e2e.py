@@ -28,7 +28,7 @@ from orchestrator.lab import netns as ns
 from orchestrator.lab.flows import FlowResult, start_flows
 from orchestrator.store import open_store
 from tests.conftest import unique
-from tests.functional.kvm_support import kvm_skip_reason, ssh_guest
+from tests.functional.kvm_support import driver, kvm_skip_reason, libvirt_lab, ssh_guest, up
 
 pytestmark = [pytest.mark.root, pytest.mark.slow,
               pytest.mark.skipif(kvm_skip_reason() is not None, reason=kvm_skip_reason() or "")]
@@ -40,11 +40,9 @@ PHASES = ["migration.prepare", "migration.precopy", "migration.cutover", "migrat
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Any]:
-    from orchestrator.kvm.lab import LibvirtLab
-
-    lab = LibvirtLab(unique("ke"))
+    lab = libvirt_lab(unique("ke"))
     try:
-        t = lab.up()
+        t = up(lab)
         for node in t.nodes:  # strict tracking: see the control run
             ns.in_ns(lab.names.node(node.name), "sysctl", "-q", "-w",
                      "net.netfilter.nf_conntrack_tcp_loose=0")
@@ -116,17 +114,15 @@ def died(results: list[FlowResult]) -> dict[str, str | None]:
 
 # the tour -------------------------------------------------------------------------------
 def test_virsh_migrate_tour_keeps_every_flow_and_ownership_follows(lab: Any) -> None:
-    from orchestrator.kvm.lab import VmGuest
-
     t = lab.topology()
     assert where(lab) == "n1" and wait_for(lambda: owner(lab) == "n1", what="n1 owns")
-    flows = start_flows(lab, t, GUEST, [n.name for n in t.nodes], side=VmGuest(lab, t, GUEST))
+    flows = start_flows(lab, t, GUEST, [n.name for n in t.nodes])
     moved: list[tuple[str, str, str]] = []
     try:
         time.sleep(3)
         for src, dst, p2p in (("n1", "n2", False), ("n2", "n3", True), ("n3", "n1", False)):
             since = time.time()
-            lab.virt.virsh_migrate(t, GUEST, src, dst, p2p=p2p)
+            driver(lab).virsh_migrate(t, GUEST, src, dst, p2p=p2p)
             done = wait_for(lambda s=since: finished_since(lab, s), what=f"{src}->{dst} ends")
             assert owner(lab) == dst and where(lab) == dst
             moved.append((src, dst, done[-1].id))
@@ -163,13 +159,13 @@ def test_domjobabort_leaves_the_vm_and_its_ownership_on_the_source(lab: Any) -> 
     assert src is not None
     dst = next(n.name for n in t.nodes if n.name != src)
     since = time.time()
-    argv = lab.virt.migrate_argv(t, GUEST, src, dst, extra=("--bandwidth", "2"))
+    argv = driver(lab).migrate_argv(t, GUEST, src, dst, extra=("--bandwidth", "2"))
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: lab.virt.state(t, GUEST, dst), what="the destination's copy")
+        wait_for(lambda: driver(lab).state(t, GUEST, dst), what="the destination's copy")
         wait_for(lambda: [m for m in migrations(lab) if m.active], what="prepared")
         time.sleep(1.0)
-        lab.virt.daemon(t, src).virsh("domjobabort", GUEST)
+        driver(lab).daemon(t, src).virsh("domjobabort", GUEST)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -179,7 +175,7 @@ def test_domjobabort_leaves_the_vm_and_its_ownership_on_the_source(lab: Any) -> 
                                 if m.phase.value == "aborted"], what="aborted")
     assert aborted[0].dst == dst
     assert where(lab) == src and owner(lab) == src
-    assert lab.virt.state(t, GUEST, dst) == ""
+    assert driver(lab).state(t, GUEST, dst) == ""
     mark = t.cluster.handover_bit
     left = ns.in_ns(lab.names.node(dst), "conntrack", "-L", "-m", f"{mark}/{mark}",
                     check=False)
@@ -192,12 +188,12 @@ def test_a_vm_unknown_to_the_cluster_is_vetoed_with_one_line(lab: Any) -> None:
 
     t = lab.topology()
     image = ensure_image()
-    xml = lab_domain_xml(lab.virt.any_domain(t, STRAY, STRAY_MAC, STRAY_ADDR, image))
-    lab.virt.boot(t, STRAY, "n1", image, xml=xml)
-    p = lab.virt.virsh_migrate(t, STRAY, "n1", "n2", check=False)
+    xml = lab_domain_xml(driver(lab).any_domain(t, STRAY, STRAY_MAC, STRAY_ADDR, image))
+    driver(lab).boot(t, STRAY, "n1", image, xml=xml)
+    p = driver(lab).virsh_migrate(t, STRAY, "n1", "n2", check=False)
     assert p.returncode != 0
     assert "convergent: unknown guest 'stray'" in p.stderr
-    assert where(lab, STRAY) == "n1" and lab.virt.state(t, STRAY, "n2") == ""
+    assert where(lab, STRAY) == "n1" and driver(lab).state(t, STRAY, "n2") == ""
 
 
 def test_a_vm_known_only_from_its_metadata_is_placed_and_moves(lab: Any) -> None:
@@ -205,16 +201,16 @@ def test_a_vm_known_only_from_its_metadata_is_placed_and_moves(lab: Any) -> None
 
     t = lab.topology()
     assert all(g.name != STRAY for g in t.guests)
-    lab.virt.daemon(t, "n1").virsh(
+    driver(lab).daemon(t, "n1").virsh(
         "metadata", STRAY, METADATA_NS, "--key", "cv", "--live", "--set",
         f"<guest><address>{STRAY_ADDR}</address></guest>")
     # the agent's next look at what runs on n1 finds the addresses in the live XML
     wait_for(lambda: owner(lab, STRAY_ADDR) == "n1", timeout=60, what="claimed from metadata")
     since = time.time()
-    lab.virt.virsh_migrate(t, STRAY, "n1", "n3")
+    driver(lab).virsh_migrate(t, STRAY, "n1", "n3")
     done = wait_for(lambda: finished_since(lab, since, STRAY), what="stray's migration")
     assert owner(lab, STRAY_ADDR) == "n3" and phases(lab, done[-1].id) == PHASES
-    lab.virt.daemon(t, "n3").virsh("destroy", STRAY)  # back to one VM: the CPU is shared
+    driver(lab).daemon(t, "n3").virsh("destroy", STRAY)  # back to one VM: the CPU is shared
 
 
 def test_destination_agent_down_spools_and_the_restarted_agent_reconciles(lab: Any) -> None:
@@ -226,7 +222,7 @@ def test_destination_agent_down_spools_and_the_restarted_agent_reconciles(lab: A
     spool = t.agent.spool(dst)
     before = set(spool.glob("*.call.json")) if spool.exists() else set()
     start = time.monotonic()
-    lab.virt.virsh_migrate(t, GUEST, src, dst)  # the hooks must not hold libvirt up
+    driver(lab).virsh_migrate(t, GUEST, src, dst)  # the hooks must not hold libvirt up
     took = time.monotonic() - start
     spooled = set(spool.glob("*.call.json")) - before
     assert where(lab) == dst and len(spooled) >= 3, spooled  # migrate, prepare, start, ...
@@ -241,13 +237,13 @@ def test_a_libvirtd_restart_under_a_running_agent(lab: Any) -> None:
     t = lab.topology()
     src = where(lab)
     assert src is not None
-    d = lab.virt.daemon(t, src)
+    d = driver(lab).daemon(t, src)
     d.stop()
     d.start()
     time.sleep(5)  # the agent's event stream reconnects (backoff <= 5 s)
     dst = next(n.name for n in t.nodes if n.name != src)
     since = time.time()
-    lab.virt.virsh_migrate(t, GUEST, src, dst)
+    driver(lab).virsh_migrate(t, GUEST, src, dst)
     done = wait_for(lambda: finished_since(lab, since), what="the migration after restart")
     assert owner(lab) == dst and phases(lab, done[-1].id) == PHASES
     leave = [r for r in audit(lab, since) if r["action"] == "migration.leave"]
@@ -255,8 +251,6 @@ def test_a_libvirtd_restart_under_a_running_agent(lab: Any) -> None:
 
 
 def test_control_run_without_convergent_the_guest_initiated_stream_dies(lab: Any) -> None:
-    from orchestrator.kvm.lab import VmGuest
-
     """What the hooks and agents do, shown by their absence. A VM keeps its neighbour
     entry for the gateway across the move, so it first keeps sending through S (hair-
     pinning over the pipes) and nothing breaks yet; convergent's gratuitous ARP ends that.
@@ -269,7 +263,7 @@ def test_control_run_without_convergent_the_guest_initiated_stream_dies(lab: Any
     its spoof rule sends them on as S: it survives even without convergent.)"""
     t = lab.topology()
     for node in t.nodes:
-        root = lab.virt.daemon(t, node.name).root
+        root = driver(lab).daemon(t, node.name).root
         out = subprocess.run([sys.executable, "-m", "orchestrator", "install-hooks", "--libvirt",
                               "--uninstall", "--root", str(root)], capture_output=True,
                              text=True, check=True).stdout
@@ -278,10 +272,10 @@ def test_control_run_without_convergent_the_guest_initiated_stream_dies(lab: Any
     src = where(lab)
     assert src is not None
     dst = next(n.name for n in t.nodes if n.name != src)
-    flows = start_flows(lab, t, GUEST, [src], side=VmGuest(lab, t, GUEST))
+    flows = start_flows(lab, t, GUEST, [src])
     try:
         time.sleep(3)
-        lab.virt.virsh_migrate(t, GUEST, src, dst)
+        driver(lab).virsh_migrate(t, GUEST, src, dst)
         ssh_guest(lab, "ip neigh flush dev eth0")
         time.sleep(4)
     finally:

@@ -17,7 +17,7 @@ import pytest
 from orchestrator.hypervisor import EventKind, GuestEvent, Progress, open_hypervisor
 from orchestrator.lab.check import parse_answer, probe
 from tests.conftest import unique
-from tests.functional.kvm_support import kvm_skip_reason, ssh_guest
+from tests.functional.kvm_support import driver, kvm_skip_reason, libvirt_lab, ssh_guest, up
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(kvm_skip_reason() is not None,
                                                    reason=kvm_skip_reason() or "")]
@@ -26,11 +26,9 @@ GUEST = "guest1"
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Any]:
-    from orchestrator.kvm.lab import LibvirtLab
-
-    lab = LibvirtLab(unique("kv"))
+    lab = libvirt_lab(unique("kv"))
     try:
-        lab.up(agents=False)
+        up(lab, agents=False)
         yield lab
     finally:
         lab.down()
@@ -57,7 +55,7 @@ def test_the_vm_answers_through_every_nodes_public_address(lab: Any) -> None:
 def test_hooks_are_installed_and_libvirtd_runs_them(lab: Any) -> None:
     t = lab.topology()
     for node in t.nodes:
-        link = lab.virt.daemon(t, node.name).hooks_dir / "qemu.d" / "convergent"
+        link = driver(lab).daemon(t, node.name).hooks_dir / "qemu.d" / "convergent"
         assert link.is_symlink() and link.resolve().name == "libvirt-qemu"
     # no agent runs: the boot on n1 went through the hook, which spooled its calls
     spooled = sorted(t.agent.spool("n1").glob("*.call.json"))
@@ -67,9 +65,9 @@ def test_hooks_are_installed_and_libvirtd_runs_them(lab: Any) -> None:
 def test_virsh_migrate_live_moves_the_running_vm(lab: Any) -> None:
     t = lab.topology()
     before = boot_id(lab)
-    lab.virt.virsh_migrate(t, GUEST, "n1", "n2")
-    assert where(lab) == "n2" and lab.virt.state(t, GUEST, "n1") == ""
-    lab.virt.virsh_migrate(t, GUEST, "n2", "n1", p2p=True)
+    driver(lab).virsh_migrate(t, GUEST, "n1", "n2")
+    assert where(lab) == "n2" and driver(lab).state(t, GUEST, "n1") == ""
+    driver(lab).virsh_migrate(t, GUEST, "n2", "n1", p2p=True)
     assert where(lab) == "n1"
     assert boot_id(lab) == before  # the same running kernel: migrated, not rebooted
 
@@ -141,11 +139,12 @@ def test_cancelling_a_slow_migration_aborts_libvirts_job(lab: Any) -> None:
             await _until(lambda: any(e.kind is EventKind.FAILED for e in seen))
         finally:
             follow.cancel()
+            await asyncio.gather(follow, return_exceptions=True)
             await hv.close()
             await watcher.close()
 
     asyncio.run(run())
-    assert where(lab) == src and lab.virt.state(t, GUEST, dst) == ""
+    assert where(lab) == src and driver(lab).state(t, GUEST, dst) == ""
     assert steps[-1].phase == "aborted"
 
 
@@ -160,14 +159,14 @@ def test_the_event_stream_survives_a_libvirtd_restart(lab: Any) -> None:
         follow = asyncio.create_task(_follow(hv, seen))
         try:
             await asyncio.sleep(1)
-            d = lab.virt.daemon(t, node)
+            d = driver(lab).daemon(t, node)
             await asyncio.to_thread(d.stop)
             await asyncio.sleep(1.5)  # the stream retries meanwhile
             await asyncio.to_thread(d.start)
             await _until(lambda: len([e for e in seen
                                       if e.detail == "running here (connected)"]) >= 2)
             other = "n1" if node != "n1" else "n2"
-            await asyncio.to_thread(lab.virt.virsh_migrate, t, GUEST, node, other)
+            await asyncio.to_thread(driver(lab).virsh_migrate, t, GUEST, node, other)
             await _until(lambda: any(e.kind is EventKind.GONE for e in seen))
         finally:
             follow.cancel()
