@@ -88,7 +88,10 @@ T = TypeVar("T")
 TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
-_TLS_WORDS = ("SSL", "TSI_", "certificate", "handshake", "Handshake")
+# on a TLS URL these mean the member refused our handshake; a member that is down says
+# "Connection refused" or "No such file" instead (a refused client certificate is seen as
+# either an alert or, racing it, the member closing the socket: a broken pipe)
+_TLS_WORDS = ("SSL", "TSI_", "certificate", "handshake", "Handshake", "Broken pipe")
 
 
 def _transient(exc: grpc.aio.AioRpcError) -> bool:
