@@ -39,6 +39,7 @@ from typing import Any
 TOUR = ("n2", "n3", "n1")
 GUEST = "guest1"
 HOOK_RUNS = 20
+STALL_MS = 2000.0
 
 
 class Events:
@@ -123,6 +124,9 @@ def tour(lab: Any, events: Events, handover: bool, settle: float) -> dict[str, A
         m["largest_gap_ms"] = max(m["flows"].values())
         m["died"] = sorted(r.name for r in results if not r.survived
                            and r.died_at is not None and window[0] <= r.died_at <= window[1])
+        # TCP keeps retransmitting: a flow stalled here may come back when the guest
+        # returns to where its state is, and end the tour "alive"
+        m["stalled"] = sorted(name for name, gap in m["flows"].items() if gap > STALL_MS)
         if handover:
             m["resume_to_cutover_ms"] = resume_to_cutover(lab, events, m["to"], m["start"])
         m["virsh_s"] = round(m["virsh_s"], 2)
@@ -221,7 +225,7 @@ def render(r: dict[str, Any]) -> str:
                      if "resume_to_cutover_ms" in x else "")
             lines.append(f"  {x['from']}->{x['to']}: downtime {x['downtime_ms']} ms, largest "
                          f"gap {x['largest_gap_ms']} ms, virsh {x['virsh_s']} s{extra}, "
-                         f"died {x['died'] or 'none'}")
+                         f"died {x['died'] or 'none'}, stalled > 2 s {x['stalled'] or 'none'}")
     h = r["hook"]
     lines.append(f"hook: agent up {h['agent_up_ms']['median']} ms, spooled "
                  f"{h['spooled_ms']['median']} ms (median of {h['runs']})")

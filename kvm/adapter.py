@@ -49,6 +49,7 @@ from .events import EVENT_ORIGIN, from_lifecycle, lifecycle_kind, parse_hook
 log = structlog.get_logger("convergent.kvm")
 T = TypeVar("T")
 POLL_S = 0.1
+COMPLETED_WAIT_S = 3.0  # the source's job-completed event after the API call returned
 WANTS_XML = frozenset({EventKind.INCOMING, EventKind.RESUMED, EventKind.STARTED})
 STATE_RUNNING = 1  # virDomainState
 STATE_PAUSED = 3
@@ -299,22 +300,58 @@ class LibvirtHypervisor(Hypervisor):
             flags |= libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
         peer = self.config.peer_uri.format(address=address)
         progress(Progress("starting", f"{guest}: {self.node} -> {dst} ({peer})"))
+        completed = await self._job_completed(conn, guest)
         job = asyncio.ensure_future(self._call(self._blocking_migrate, guest, peer, params,
                                                flags))
         try:
             await self._follow(dom, job, progress)
             await job
+            stats = await self._completed_stats(conn, completed)
+            progress(Progress("resumed", f"{guest} runs on {dst}; libvirt's downtime "
+                                         f"{stats.get('downtime', '?')} ms"))
         except asyncio.CancelledError:
             with contextlib.suppress(libvirt.libvirtError):
                 await asyncio.to_thread(dom.abortJob)
             with contextlib.suppress(HypervisorError):
                 await job
+            await self._deregister(conn, completed[0])
             progress(Progress("aborted", f"{guest} stays on {self.node}"))
             raise
         except HypervisorError as exc:
+            await self._deregister(conn, completed[0])
             progress(Progress("aborted", str(exc)))
             raise HypervisorError(f"migrating {guest} to {dst}: {exc}") from None
         progress(Progress("done", f"{guest} runs on {dst}", 1.0))
+
+    async def _job_completed(self, conn: libvirt.virConnect, guest: str
+                             ) -> tuple[int, asyncio.Future[dict[str, Any]]]:
+        """The statistics of the source's job-completed event for ``guest`` (downtime
+        included: libvirt's own figure), once it comes."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[dict[str, Any]] = loop.create_future()
+
+        def settle(params: dict[str, Any]) -> None:
+            if not done.done():
+                done.set_result(params)
+
+        def on_completed(_c: Any, dom: Any, params: dict[str, Any], _o: Any) -> None:
+            if dom.name() == guest:
+                loop.call_soon_threadsafe(settle, dict(params))
+
+        cb = await self._call(conn.domainEventRegisterAny, None,
+                              libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, on_completed, None)
+        return cb, done
+
+    async def _completed_stats(self, conn: libvirt.virConnect,
+                               completed: tuple[int, asyncio.Future[dict[str, Any]]]
+                               ) -> dict[str, Any]:
+        cb, done = completed
+        try:
+            return await asyncio.wait_for(asyncio.shield(done), COMPLETED_WAIT_S)
+        except TimeoutError:
+            return {}
+        finally:
+            await self._deregister(conn, cb)
 
     def _blocking_migrate(self, guest: str, peer: str, params: dict[str, Any],
                           flags: int) -> None:

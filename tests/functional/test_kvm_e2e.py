@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 
-from orchestrator.agent.client import acall
 from orchestrator.lab import netns as ns
 from orchestrator.lab.flows import FlowResult, start_flows
 from orchestrator.store import open_store
@@ -138,19 +137,22 @@ def test_virsh_migrate_tour_keeps_every_flow_and_ownership_follows(lab: Any) -> 
         assert leave and leave[0]["node"] == src
 
 
-def test_convergent_migrate_through_the_agent_api(lab: Any) -> None:
-    t = lab.topology()
+def test_convergent_migrate_moves_it_through_libvirts_api(lab: Any) -> None:
     src = where(lab)
     assert src is not None
     dst = "n2" if src != "n2" else "n3"
-    steps: list[Any] = []
-    result = asyncio.run(acall(t.agent.socket(src), "guest.migrate", timeout=120,
-                               on_progress=steps.append, guest=GUEST, to=dst))
+    p = subprocess.run([sys.executable, "-m", "orchestrator", "migrate", GUEST, "--to", dst,
+                        "--config", str(lab.config_path), "--json"],
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr
+    result = json.loads(p.stdout)
     assert result["outcome"] == "done" and result["to"] == dst
     assert where(lab) == dst and owner(lab) == dst
     assert phases(lab, result["migration"]["id"]) == PHASES
-    names = [s["phase"] for s in steps]
+    names = [s["phase"] for s in result["phases"]]
     assert names[0] == "starting" and names[-1] == "done" and "memory" in names
+    resumed = next(s for s in result["phases"] if s["phase"] == "resumed")
+    assert "libvirt's downtime" in resumed["detail"]
 
 
 def test_domjobabort_leaves_the_vm_and_its_ownership_on_the_source(lab: Any) -> None:
