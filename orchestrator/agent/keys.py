@@ -7,21 +7,12 @@ import secrets
 from pathlib import Path
 
 from orchestrator.errors import ConfigError
-
-MIN_KEY = 16
+from orchestrator.keyfile import read_key
 
 
 def load_key(path: Path) -> bytes:
     """The file's bytes (surrounding whitespace stripped) are the key."""
-    try:
-        if path.stat().st_mode & 0o077:
-            raise ConfigError(f"{path}: key file is readable by group or others (chmod 600)")
-        key = path.read_bytes().strip()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read cluster key: {exc.strerror or exc}") from None
-    if len(key) < MIN_KEY:
-        raise ConfigError(f"{path}: cluster key has {len(key)} bytes, needs at least {MIN_KEY}")
-    return key
+    return read_key(path, "cluster key", ConfigError)
 
 
 def write_new_key(path: Path) -> bytes:

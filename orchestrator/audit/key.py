@@ -12,20 +12,11 @@ import secrets
 from pathlib import Path
 
 from orchestrator.audit.errors import AuditError
-
-MIN_KEY = 16
+from orchestrator.keyfile import read_key
 
 
 def load_audit_key(path: Path) -> bytes:
-    try:
-        if path.stat().st_mode & 0o077:
-            raise AuditError(f"{path}: audit key is readable by group or others (chmod 600)")
-        key = path.read_bytes().strip()
-    except OSError as exc:
-        raise AuditError(f"{path}: cannot read the audit key: {exc.strerror or exc}") from None
-    if len(key) < MIN_KEY:
-        raise AuditError(f"{path}: audit key has {len(key)} bytes, needs at least {MIN_KEY}")
-    return key
+    return read_key(path, "audit key", AuditError)
 
 
 def audit_key(path: Path) -> bytes:
