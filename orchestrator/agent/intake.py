@@ -42,7 +42,7 @@ from orchestrator.agent.events import (
 from orchestrator.agent.guests import GuestBook, UnknownGuest
 from orchestrator.audit.log import AuditLog
 from orchestrator.config.schema import Guest
-from orchestrator.errors import ConvergentError
+from orchestrator.errors import ConvergentError, StoreError
 from orchestrator.hypervisor import EventKind, GuestEvent, HookCall, Hypervisor
 from orchestrator.store.base import Ownership, Store
 
@@ -118,7 +118,17 @@ class Intake:
         hook spools the call and a replay keeps its file for the next pass."""
         lock = self._locks.setdefault(event.guest, asyncio.Lock())
         async with lock:
-            facts, unknown = await self.facts(event, replay)
+            try:
+                facts, unknown = await self.facts(event, replay)
+            except StoreError as exc:
+                if not event.wants_verdict:
+                    raise  # the hook spools it; the replay judges it once the store answers
+                # a hypervisor waiting on us: a store that cannot answer is a refusal
+                # (the destination cannot take ownership), not an "allow" by silence
+                self.counts["refused"] += 1
+                await self.problem("refused", f"{event.kind}: {exc}", event.guest)
+                return self._answer(event, Decision(Outcome.REPORT, "store unavailable"),
+                                    "refused", str(exc))
             d = decide(event, facts)
             self.counts[d.outcome.value] += 1
             if d.outcome == Outcome.REPORT:

@@ -46,9 +46,10 @@ from orchestrator.hypervisor import (
 )
 from orchestrator.lab import netns as ns
 from orchestrator.lab.flows import announce_guest
-from orchestrator.lab.hookrun import hook_conf, run_hook
+from orchestrator.lab.hookrun import DEFAULT_TIMEOUT_S, hook_conf, run_hook
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.plan import GUEST_IFACE, vif_name
+from orchestrator.store import refusal_within_s
 
 log = structlog.get_logger("convergent.lab")
 Callback = Callable[[], Awaitable[None]]
@@ -111,7 +112,8 @@ class LabHypervisor(Hypervisor):
         root = Path(self.settings["dir"]).parent if "dir" in self.settings else None
         self.lab = Lab(str(self.settings["lab"]), root=root)
         self.keep_arp = bool(self.settings.get("keep_arp", True))
-        self.hook_timeout_s = float(self.settings.get("hook_timeout_s", 1.5))
+        self.hook_timeout_s = float(self.settings.get("hook_timeout_s",
+                                                      _hook_timeout_for(self.lab)))
         self.precopy_wait_s = float(self.settings.get("precopy_wait_s", 10.0))
         self.before_move = before_move  # a test's (or the demo's) moment before the pause
         # strict: a move convergent drives waits for the destination's precopy and aborts
@@ -276,3 +278,13 @@ def lab_hypervisor(lab: Lab, node: str, *, before_move: Callback | None = None,
         raise
     except Exception as exc:
         raise HypervisorError(f"lab hypervisor: {exc}") from exc
+
+
+def _hook_timeout_for(lab: Lab) -> float:
+    """The hooks' default, unless the lab's store may take longer to refuse (etcd without
+    quorum): then the destination's refusal must still reach the waiting hook."""
+    try:
+        store = lab.topology().agent.store
+    except LabError:  # no lab config (a bench's bare adapter): nothing to outlast
+        return DEFAULT_TIMEOUT_S
+    return max(DEFAULT_TIMEOUT_S, refusal_within_s(store) + 1.0)

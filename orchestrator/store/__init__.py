@@ -47,6 +47,7 @@ __all__ = [
     "Snapshot",
     "Store",
     "open_store",
+    "refusal_within_s",
     "sqlite_path",
 ]
 
@@ -63,6 +64,17 @@ def sqlite_path(url: str) -> str | None:
     if not path:
         raise StoreError(f"store URL {url!r} names no file: use sqlite:///path/to/store.db")
     return path
+
+
+def refusal_within_s(url: str) -> float:
+    """How long a store may take to say it cannot answer: a hook waiting for the agent's
+    verdict must wait longer, or the refusal never reaches it. etcd: the URL's
+    ``timeout`` (across all members); SQLite refuses at once (a held lock is a wait)."""
+    if sqlite_path(url) is not None:
+        return 0.0
+    from orchestrator.store.etcdurl import parse_etcd_url
+
+    return parse_etcd_url(url).timeout
 
 
 async def open_store(url: str = DEFAULT_URL, **options: Any) -> Store:
