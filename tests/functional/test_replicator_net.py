@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, ip_address
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -210,6 +211,18 @@ def flows(cache: object) -> set[Flow]:
     return out
 
 
+async def peer_status(c: Cluster, rx: str, tx: str, until: Callable[[dict[str, Any]], bool],
+                      timeout: float = 5.0) -> dict[str, Any]:
+    """``rx``'s view of ``tx`` once ``until`` holds, or as it stands after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        peer = {p["node"]: p for p in c.svc[rx].status()["peers"]}[tx]
+        if until(peer) or loop.time() >= end:
+            return peer
+        await asyncio.sleep(0.05)
+
+
 async def converge(want: Callable[[], set[Flow]], *caches: Callable[[], object],
                    timeout: float = 15.0) -> set[Flow]:  # fmt: skip
     """Wait until every cache equals ``want()`` (re-read: the kernel may still change)."""
@@ -327,7 +340,8 @@ def test_backlog_overflow_ends_in_an_automatic_resync(net: Net) -> None:
         await converge(c.table("n1"), c.cache("n2", "n1"), c.cache("n3", "n1"))
         sent = c.svc["n1"].status()["sender"]
         assert sent["nack_void"] >= 1 and sent["resync_done"] >= 1, sent
-        n3 = {p["node"]: p for p in c.svc["n3"].status()["peers"]}["n1"]
+        # the cache can equal the table before the resync's END arrives: wait for the END
+        n3 = await peer_status(c, "n3", "n1", until=lambda p: p["resyncs"] >= 1)
         assert n3["resyncs"] >= 1 and n3["skipped"] > 0, n3
 
     run(net, body, backlog=16)
