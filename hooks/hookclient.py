@@ -18,13 +18,17 @@ Request: ``{"op": "hook.deliver", "args": {"call": {...}}}``; answer:
 from __future__ import annotations
 
 import _socket
-import json
 import os
 import time
 
 TYPE_CHECKING = False  # typing itself costs a hook ~2 ms of start-up
 if TYPE_CHECKING:
     from typing import Any
+
+try:  # the C half of the json module, without json/__init__'s import of re (and enum)
+    import _json
+except ImportError:  # not CPython: the json module itself, slower to import
+    _json = None  # type: ignore[assignment]
 
 DEFAULT_CONF = {"socket": "/run/convergent/agent.sock", "spool_dir": "/var/spool/convergent",
                 "timeout_s": 1.5, "node": ""}
@@ -39,7 +43,9 @@ def load_conf(hook_path: str) -> dict[str, Any]:
         os.path.dirname(os.path.realpath(hook_path)), "hook.json")
     try:
         with open(path, encoding="utf-8") as f:
-            conf.update(json.load(f))
+            loaded = loads(f.read())
+        if isinstance(loaded, dict):
+            conf.update(loaded)
     except (OSError, ValueError):
         pass  # defaults: still spool where the agent looks by default
     return conf
@@ -74,8 +80,7 @@ def _ask(path: str, call: dict[str, Any], timeout: float) -> dict[str, Any]:
     try:
         s.settimeout(timeout)
         s.connect(path)
-        s.sendall(json.dumps({"op": "hook.deliver", "args": {"call": call}},
-                             separators=(",", ":")).encode() + b"\n")
+        s.sendall(dumps({"op": "hook.deliver", "args": {"call": call}}).encode() + b"\n")
         buf = b""
         while not buf.endswith(b"\n"):
             left = deadline - time.monotonic()
@@ -88,7 +93,7 @@ def _ask(path: str, call: dict[str, Any], timeout: float) -> dict[str, Any]:
             buf += chunk
     finally:
         s.close()
-    reply = json.loads(buf)
+    reply = loads(buf.decode("utf-8"))
     if not isinstance(reply, dict):
         raise ValueError("answer is not an object")
     return reply
@@ -103,9 +108,66 @@ def spool(call: dict[str, Any], spool_dir: str) -> str:
     final = os.path.join(spool_dir, name + SPOOL_SUFFIX)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, json.dumps(call, separators=(",", ":")).encode() + b"\n")
+        os.write(fd, dumps(call).encode() + b"\n")
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, final)
     return final
+
+
+# --- JSON at the cost of a C module ------------------------------------------------------
+# ``import json`` costs a hook ~9 ms of its ~20 (it imports re, re imports enum): most of
+# what a hook adds to the bare interpreter. json's own encoder and scanner are C code in
+# ``_json``; driven directly with json's defaults they give json.dumps / json.loads's
+# results (tests/unit/test_hookclient_json.py holds them to json on generated values).
+
+
+class _ScanContext:
+    """What json.decoder.JSONDecoder hands its C scanner, with json's defaults."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+
+    @staticmethod
+    def parse_constant(name: str) -> float:
+        raise ValueError(f"{name} is not allowed here")
+
+
+def _refuse(obj: object) -> object:
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+if _json is not None:
+    _scan = _json.make_scanner(_ScanContext())  # type: ignore[arg-type]  # any object with these
+
+
+def dumps(obj: Any) -> str:
+    """``json.dumps(obj, separators=(",", ":"))``."""
+    if _json is None:
+        import json
+
+        return json.dumps(obj, separators=(",", ":"))
+    # a new encoder per call, as json makes one: its circular-reference markers are per call
+    encode = _json.make_encoder(
+        {}, _refuse, _json.encode_basestring_ascii, None, ":", ",", False, False, True)
+    return "".join(encode(obj, 0))
+
+
+def loads(text: str) -> Any:
+    """``json.loads(text)``, every failure a ValueError (NaN and Infinity refused)."""
+    if _json is None:
+        import json
+
+        return json.loads(text)
+    body = text.strip(" \t\n\r")
+    try:
+        value, end = _scan(body, 0)
+    except StopIteration:
+        raise ValueError("not JSON") from None
+    if end != len(body):
+        raise ValueError(f"extra data at {end}")
+    return value

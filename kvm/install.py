@@ -21,7 +21,7 @@ import json
 import os
 import re
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -50,10 +50,12 @@ class HookConf:
     node: str
     timeout_s: float = 1.5
     chain: str | None = None
+    verdict_timeout_s: float = 1.5  # migrate begin: outwaits the store's refusal
 
     def text(self) -> str:
         d: dict[str, object] = {"socket": self.socket, "spool_dir": self.spool_dir,
-                                "timeout_s": self.timeout_s, "node": self.node}
+                                "timeout_s": self.timeout_s, "node": self.node,
+                                "verdict_timeout_s": max(self.timeout_s, self.verdict_timeout_s)}
         if self.chain:
             d["chain"] = self.chain
         return json.dumps(d, indent=2) + "\n"
@@ -96,9 +98,8 @@ def install(root: Path, conf: HookConf, version: tuple[int, int] | None) -> list
     else:
         link = hooks / "qemu"
         done += _chain_operator_hook(link, own, target)
-        conf = HookConf(conf.socket, conf.spool_dir, conf.node, conf.timeout_s,
-                        str(Path("/") / HOOKS_DIR / OWN_DIR / CHAINED)
-                        if (own / CHAINED).exists() else None)
+        conf = replace(conf, chain=str(Path("/") / HOOKS_DIR / OWN_DIR / CHAINED)
+                       if (own / CHAINED).exists() else None)
     done += [_put(own / HOOK, source(HOOK), 0o755), _put(own / CLIENT, source(CLIENT), 0o644),
              _put(own / CONF, conf.text(), 0o644), _link(link, target)]
     operator = hooks / "qemu"
@@ -200,5 +201,6 @@ def run(target: HookTarget) -> InstallReport:
     if target.uninstall:
         return InstallReport(uninstall(target.root), how_it_was_removed())
     version = target.options.get("libvirt_version") or libvirt_version()
-    conf = HookConf(target.socket, target.spool_dir, target.node, target.timeout_s)
+    conf = HookConf(target.socket, target.spool_dir, target.node, target.timeout_s,
+                    verdict_timeout_s=target.verdict_timeout_s)
     return InstallReport(install(target.root, conf, version), how_to_enable(target.root, version))

@@ -34,6 +34,7 @@ from orchestrator.lab import netns as ns
 from orchestrator.lab.flow_client import ssh_argv
 from orchestrator.lab.flows import Proc, client_spec
 from orchestrator.lab.plan import LabNames
+from orchestrator.store import outwaits_refusal
 
 from .domxml import LabDomain, lab_domain_xml
 from .image import GuestImage, ensure_image
@@ -134,7 +135,8 @@ class LibvirtLab:
 
     def install_hooks(self, t: Topology, node: str) -> list[str]:
         """``install-hooks --libvirt`` into the node's libvirt."""
-        conf = HookConf(str(t.agent.socket(node)), str(t.agent.spool(node)), node)
+        conf = HookConf(str(t.agent.socket(node)), str(t.agent.spool(node)), node,
+                        verdict_timeout_s=outwaits_refusal(t.agent.store, HookConf.timeout_s))
         return install(self.daemon(t, node).root, conf, None)
 
     # libvirt --------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import click
 
 from orchestrator.cli.rules import CONFIG, NODE, load_for_node
 from orchestrator.errors import ConvergentError
+from orchestrator.store import outwaits_refusal
 
 # flag -> what it installs (the installer: entry point KIND of group convergent.hook_installers)
 INSTALLERS = {
@@ -37,6 +38,9 @@ class HookTarget:
     socket: str = ""  # the node agent's API socket
     spool_dir: str = ""  # where the hooks spool while the agent is away
     timeout_s: float = 1.5
+    # a hook that waits for a verdict (libvirt's migrate begin) must outwait the store's
+    # refusal, or "no quorum" reaches it as a timeout: spooled, and the migration allowed
+    verdict_timeout_s: float = 1.5
     options: dict[str, Any] = field(default_factory=dict)  # kind-specific (--wrap)
 
 
@@ -87,8 +91,10 @@ def install_hooks(root: str, uninstall: bool, wrap: str | None, config_path: str
     target = HookTarget(Path(root), uninstall, options={"wrap": wrap} if wrap else {})
     if not uninstall:  # the hooks must know where the agent listens and where to spool
         topology, name = load_for_node(config_path, node)
+        verdict_s = outwaits_refusal(topology.agent.store, HookTarget.timeout_s)
         target = HookTarget(Path(root), False, name, str(topology.agent.socket(name)),
-                            str(topology.agent.spool(name)), options=target.options)
+                            str(topology.agent.spool(name)), verdict_timeout_s=verdict_s,
+                            options=target.options)
     reports = {kind: installer(kind)(target) for kind in chosen}
     if as_json:
         click.echo(json.dumps({k: r.as_dict() for k, r in reports.items()}, indent=2))

@@ -49,7 +49,7 @@ from orchestrator.lab.flows import announce_guest
 from orchestrator.lab.hookrun import DEFAULT_TIMEOUT_S, hook_conf, run_hook
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.plan import GUEST_IFACE, vif_name
-from orchestrator.store import refusal_within_s
+from orchestrator.store import outwaits_refusal
 
 log = structlog.get_logger("convergent.lab")
 Callback = Callable[[], Awaitable[None]]
@@ -287,4 +287,4 @@ def _hook_timeout_for(lab: Lab) -> float:
         store = lab.topology().agent.store
     except LabError:  # no lab config (a bench's bare adapter): nothing to outlast
         return DEFAULT_TIMEOUT_S
-    return max(DEFAULT_TIMEOUT_S, refusal_within_s(store) + 1.0)
+    return outwaits_refusal(store, DEFAULT_TIMEOUT_S)

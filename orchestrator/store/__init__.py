@@ -47,6 +47,7 @@ __all__ = [
     "Snapshot",
     "Store",
     "open_store",
+    "outwaits_refusal",
     "refusal_within_s",
     "sqlite_path",
 ]
@@ -75,6 +76,12 @@ def refusal_within_s(url: str) -> float:
     from orchestrator.store.etcdurl import parse_etcd_url
 
     return parse_etcd_url(url).timeout
+
+
+def outwaits_refusal(url: str, floor: float) -> float:
+    """How long a hook waiting for a verdict waits: ``floor``, or a second longer than the
+    store at ``url`` may take to refuse."""
+    return max(floor, refusal_within_s(url) + 1.0)
 
 
 async def open_store(url: str = DEFAULT_URL, **options: Any) -> Store:

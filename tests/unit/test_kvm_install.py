@@ -12,11 +12,14 @@ import os
 import socket
 import subprocess
 import threading
+import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from orchestrator.cli import main
 from orchestrator.cli.install_hooks import HookTarget, installer
 from orchestrator.kvm.install import (
     HOOKS_DIR,
@@ -54,10 +57,29 @@ def test_install_is_a_link_in_qemu_d_and_idempotent(tmp_path: Path) -> None:
     assert os.access(link, os.X_OK) and (hooks / "convergent" / "hookclient.py").exists()
     conf = json.loads((hooks / "convergent" / "hook.json").read_text())
     assert conf == {"socket": "/run/convergent/agent-n1.sock",
-                    "spool_dir": str(tmp_path / "spool"), "timeout_s": 1.5, "node": "n1"}
+                    "spool_dir": str(tmp_path / "spool"), "timeout_s": 1.5, "node": "n1",
+                    "verdict_timeout_s": 1.5}
     assert all(line.startswith("installed") for line in done)
     assert all(line.startswith("unchanged") for line in run(target(tmp_path)))
     assert not (hooks / "qemu").exists()
+
+
+@pytest.mark.parametrize(("store", "verdict_s"), [
+    ("sqlite:///tmp/x.db", 1.5),  # SQLite refuses at once
+    ("etcd://127.0.0.1:2379/convergent", 6.0),  # etcd's default 5 s, plus a second
+    ("etcd://127.0.0.1:2379/convergent?timeout=8", 9.0),
+])
+def test_migrate_begin_outwaits_the_stores_refusal(tmp_path: Path, store: str,
+                                                   verdict_s: float) -> None:
+    """A no-quorum "deny" must reach the waiting hook, not time out into spool-and-allow."""
+    seed = (Path(__file__).resolve().parents[2] / "examples" / "seed-2node.toml").read_text()
+    config = tmp_path / "cluster.toml"
+    config.write_text(seed + f'\n[agent]\nstore = "{store}"\n')
+    node = tomllib.loads(seed)["nodes"][0]["name"]
+    main(["install-hooks", "--libvirt", "--root", str(tmp_path / "r"), "--config", str(config),
+          "--node", node])
+    conf = json.loads((tmp_path / "r" / HOOKS_DIR / "convergent" / "hook.json").read_text())
+    assert (conf["timeout_s"], conf["verdict_timeout_s"]) == (1.5, verdict_s)
 
 
 def test_an_operators_hook_is_kept_and_reported(tmp_path: Path) -> None:
@@ -178,6 +200,21 @@ def test_agent_hung_spools_within_the_timeout(installed: Path) -> None:
     p = call_hook(installed, argv, xml)
     assert (p.returncode, p.stdout) == (0, b"") and len(spooled(installed)) == 1
     assert len(agent.calls) == 1
+
+
+def test_only_migrate_begin_waits_the_verdict_timeout(installed: Path) -> None:
+    conf = installed / HOOKS_DIR / "convergent" / "hook.json"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "verdict_timeout_s": 2.0}))
+    Agent(installed / "agent.sock", None, hang=True)
+    waited = {}
+    for name, op in (("migrate", "migrate"), ("start", "prepare")):
+        argv, xml = recorded(name, op)
+        t0 = time.monotonic()
+        p = call_hook(installed, argv, xml)
+        waited[op] = time.monotonic() - t0
+        assert (p.returncode, p.stdout) == (0, b""), p
+    assert waited["migrate"] >= 2.0 and waited["prepare"] < 1.9, waited  # timeout_s is 0.5
+    assert len(spooled(installed)) == 2
 
 
 def test_deny_at_migrate_begin_vetoes_with_one_line(installed: Path) -> None:
