@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 import structlog
 
 from orchestrator.agent.client import MAX_LINE, encode
+from orchestrator.agent.forward import caller_of
 from orchestrator.errors import ConvergentError
 
 log = structlog.get_logger("convergent.api")
@@ -27,14 +30,18 @@ Handler = Callable[..., Awaitable[Any]]
 class ApiServer:
     """``streaming``: operations that report progress before their answer; they get an
     ``emit`` argument, and each ``emit(obj)`` sends a ``{"progress": obj}`` line first.
+    ``identified``: operations told who called (``caller``: the uid and pid the kernel
+    gives for the socket's other end), for their audit records.
     ``on_bad``: told of each line that is not a request (counted, and audited)."""
 
     def __init__(self, path: Path, handlers: dict[str, Handler],
                  streaming: frozenset[str] = frozenset(),
-                 on_bad: Callable[[str], None] | None = None) -> None:
+                 on_bad: Callable[[str], None] | None = None,
+                 identified: frozenset[str] = frozenset()) -> None:
         self.path = path
         self.handlers = handlers
         self.streaming = streaming
+        self.identified = identified
         self.on_bad = on_bad
         self.server: asyncio.AbstractServer | None = None
         self.requests = 0
@@ -72,8 +79,9 @@ class ApiServer:
                 writer.write(encode({"progress": obj}))
                 await writer.drain()
 
+            caller = _caller(writer)
             while line := await reader.readline():
-                writer.write(encode(await self.dispatch(line, emit)))
+                writer.write(encode(await self.dispatch(line, emit, caller)))
                 await writer.drain()
         except (ConnectionError, asyncio.LimitOverrunError, ValueError):
             pass  # a client that went away or sent an endless line
@@ -81,7 +89,8 @@ class ApiServer:
             writer.close()
 
     async def dispatch(self, line: bytes,
-                       emit: Callable[[Any], Awaitable[None]] | None = None) -> dict[str, Any]:
+                       emit: Callable[[Any], Awaitable[None]] | None = None,
+                       caller: str | None = None) -> dict[str, Any]:
         self.requests += 1
         try:
             op, args = parse_request(line)
@@ -92,6 +101,8 @@ class ApiServer:
             return {"ok": False, "error": f"bad request: {exc}"}
         if op in self.streaming and emit is not None:
             args = {**args, "emit": emit}
+        if op in self.identified:
+            args = {**args, "caller": caller or "an unknown caller"}
         handler = self.handlers.get(op)
         if handler is None:
             self.errors += 1
@@ -109,6 +120,17 @@ class ApiServer:
             self.errors += 1
             log.exception("api.error", op=op)
             return {"ok": False, "error": f"{op} failed: {type(exc).__name__}: {exc}"}
+
+
+def _caller(writer: asyncio.StreamWriter) -> str:
+    """Who the client is, from the kernel (SO_PEERCRED), never from what it says."""
+    sock = writer.get_extra_info("socket")
+    try:
+        pid, uid, _ = struct.unpack("3i", sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except (AttributeError, OSError):
+        return caller_of(None, None)
+    return caller_of(uid, pid)
 
 
 def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:

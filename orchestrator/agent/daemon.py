@@ -37,6 +37,7 @@ from orchestrator.agent.intake import Intake
 from orchestrator.agent.jobs import MigrateJobs
 from orchestrator.agent.keys import load_key
 from orchestrator.agent.metrics import AgentMetrics, timed_store
+from orchestrator.agent.operator import OperatorRequests
 from orchestrator.agent.owners import Owners
 from orchestrator.agent.peer import PeerFeed, PeerServer
 from orchestrator.agent.reconcile import Reconciler
@@ -145,7 +146,8 @@ class Agent:
                                        failpoint=self.failpoint)
         self.peer = PeerServer(self.node, self.key, self._authorize, self.wake.set,
                                self.failpoint, open_precopy=self._open_precopy,
-                               addresses={n.name: str(n.peer_ip) for n in self.topology.nodes})
+                               addresses={n.name: str(n.peer_ip) for n in self.topology.nodes},
+                               on_forward=lambda *a: self.requests.serve(*a))
         self.migrations = Migrations(
             self.node, self.topology, self.store, self.coordinator, self.audit, self.guests,
             self.hypervisor, reconcile=lambda: self.reconciler.run(),
@@ -159,9 +161,17 @@ class Agent:
                              self._execute, self.settings.spool(self.node))
         self.jobs = MigrateJobs(self.node, self.topology, self.store, self.guests,
                                 self.hypervisor, self.migrations)
+        self.requests = OperatorRequests(self.node, self.topology, self.store, self.audit,
+                                         self.key, {
+                                             "guest.migrate": self.jobs.migrate,
+                                             "guest.migrate_abort": self.jobs.abort,
+                                             "migration.abort": self.migrations.abort,
+                                             "failover.run": self.failover})
         self.api = ApiServer(self.settings.socket(self.node), self._handlers(),
                              streaming=frozenset({"guest.migrate"}),
-                             on_bad=self.intake.bad_request)
+                             on_bad=self.intake.bad_request,
+                             identified=frozenset({"guest.migrate", "migrate.abort",
+                                                   "failover.run"}))
 
     # lifecycle ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -251,6 +261,7 @@ class Agent:
         self.me = topology.node(self.node)
         self.reconciler.topology = self.coordinator.topology = topology
         self.guests.topology = self.migrations.topology = self.jobs.topology = topology
+        self.requests.topology = topology
         if self.sync is not None:
             self.sync.topology = topology  # same peers (reload_problems checked)
         adoption = getattr(self, "adoption", None)  # made once the store is open
@@ -409,9 +420,12 @@ class Agent:
             "migration.prepare": m.prepare, "migration.resumed": m.resumed,
             "migration.abort": m.abort, "migration.finalize": m.finalize,
             "guest.started": self.owners.started, "guest.stopped": self.owners.stopped,
-            "guest.migrate": self.jobs.migrate, "guest.migrate_abort": self.jobs.abort,
+            # the operator's, run here or by the node they belong to (operator.py)
+            "guest.migrate": self.requests.migrate, "migrate.abort": self.requests.abort,
+            "failover.run": self.requests.failover,
+            "guest.migrate_abort": self.jobs.abort,  # this node's own move only
             "sync.status": self.sync_status, "sync.commit": self.sync_commit,
-            "failover.run": self.failover, "failover.back": self.failback,
+            "failover.back": self.failback,
             "cluster.status": self.cluster_status,
         }
 
@@ -434,6 +448,7 @@ class Agent:
                           "last_error": stats.last_error},
             "api": {"requests": self.api.requests, "errors": self.api.errors},
             "peer": {"streams": self.peer.streams, "refused": self.peer.refused,
+                     "forwarded": self.peer.forwarded,
                      "refusals": dict(self.peer.counters)},
             "audit": {"errors": self.coordinator.audit_errors + self.migrations.audit_errors},
             "sync": self.sync is not None,

@@ -53,6 +53,8 @@ def _records(batch: FeedBatch) -> list[Record]:
 
 Authorize = Callable[[str, dict[str, Any]], Awaitable[SourceSide]]
 OpenPrecopy = Callable[[str], PrecopySource | None]  # destination node -> stream, if replicating
+# (peer, the forward frame, the channel): runs an operator's request another node forwarded
+OnForward = Callable[[str, dict[str, Any], PeerChannel], Awaitable[None]]
 
 
 class _TcpCarrier:
@@ -113,8 +115,11 @@ class PeerServer:
                  on_released: Callable[[], None],
                  failpoint: Callable[[str], Awaitable[None]] | None = None,
                  open_precopy: OpenPrecopy | None = None,
-                 addresses: dict[str, str] | None = None) -> None:
+                 addresses: dict[str, str] | None = None,
+                 on_forward: OnForward | None = None) -> None:
         self.me, self.key = me, key
+        self.on_forward = on_forward  # requests other agents forward (forward.py)
+        self.forwarded = 0
         self.addresses = addresses  # node -> the address its agent connects from
         self.counters: Counter[str] = Counter()  # refusals by reason
         self._unauthenticated: Counter[str] = Counter()  # per source address
@@ -196,6 +201,10 @@ class PeerServer:
                     await ch.flush()
                 elif op == "released":
                     self.on_released()
+                elif op == "forward" and side is None and self.on_forward is not None:
+                    self.forwarded += 1
+                    await self.on_forward(peer, req, ch)
+                    break  # one request per connection
                 else:
                     raise PeerError(f"peer {peer}: unexpected {op!r}")
         except (FeedLost, OSError, ValueError, KeyError, TypeError) as exc:

@@ -49,6 +49,8 @@ ACTIONS = frozenset(
         "hook.spooled",
         "hook.report",
         "hook.rejected",
+        "forward.send",
+        "forward.serve",
         "error",
     }
 )

@@ -1,8 +1,10 @@
 """``convergent failover`` and ``convergent failback``: a survivor takes a dead node's public
 address and the flows anchored at it; later the node gets its address back.
 
-Both ask the survivor's agent (``--to``, default this node) over its Unix socket: it holds
-the replicator's cache of the dead node's entries and programs its own kernel.
+Both ask this node's agent over its Unix socket. A failover runs on the survivor (``--to``,
+default this node: it holds the replicator's cache of the dead node's entries and programs
+its own kernel); when that is another node, this node's agent forwards the request to the
+survivor's agent over the peer channel (``agent/operator.py``).
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ import click
 
 from orchestrator.cli.options import JSON, echo_json
 from orchestrator.cli.rules import CONFIG, NODE, load_for_node
-from orchestrator.errors import ConvergentError, Degraded
+from orchestrator.config.schema import Topology
+from orchestrator.errors import ConfigError, ConvergentError, Degraded
 
 
 @click.command("failover")
 @CONFIG
 @NODE
 @click.option("--from", "from_node", required=True, help="The dead node.")
-@click.option("--to", "to_node", default=None, help="The survivor.  [default: this node]")
+@click.option("--to", "to_node", default=None,
+              help="The survivor; another node's agent is asked through this node's.  "
+                   "[default: this node]")
 @click.option("--dry-run", is_flag=True, help="Print the plan, change nothing.")
 @click.option("--force", is_flag=True,
               help="Even while the node's lease is alive (audited as forced).")
@@ -35,15 +40,16 @@ def failover(config_path: str | None, node: str | None, from_node: str, to_node:
     the addresses of the guests that ran on it."""
     from orchestrator.agent.client import call
 
-    topology, here = load_for_node(config_path, node or to_node)
+    topology, here = _here(config_path, node, to_node)
     survivor = to_node or here
     if not as_json:
         verb = "planning" if dry_run else "failing over"
         click.echo(f"{verb} {from_node} -> {survivor} ...", err=True)
     start = time.monotonic()
     try:
-        report = call(topology.agent.socket(survivor), "failover.run", timeout=60,
-                      from_node=from_node, force=force, dry_run=dry_run, skip=list(skip))
+        report = call(topology.agent.socket(here), "failover.run", timeout=60,
+                      from_node=from_node, to_node=survivor, force=force, dry_run=dry_run,
+                      skip=list(skip))
     except ConvergentError as exc:
         raise ConvergentError(f"failover {from_node} -> {survivor}: {exc}") from None
     report["wall_ms"] = round((time.monotonic() - start) * 1000, 1)
@@ -54,6 +60,18 @@ def failover(config_path: str | None, node: str | None, from_node: str, to_node:
     if report.get("commit_errors"):
         raise Degraded(f"failover {from_node} -> {survivor}: "
                        f"{len(report['commit_errors'])}+ entries refused by the kernel")
+
+
+def _here(config_path: str | None, node: str | None,
+          to_node: str | None) -> tuple[Topology, str]:
+    """The node whose agent the command asks: ``--node``, else this host's node; on a host
+    that is no node (a lab, from the root namespace), the survivor itself."""
+    try:
+        return load_for_node(config_path, node)
+    except ConfigError:
+        if node is not None or to_node is None:
+            raise
+        return load_for_node(config_path, to_node)
 
 
 def render_report(r: dict[str, Any]) -> list[str]:

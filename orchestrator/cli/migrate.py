@@ -1,58 +1,61 @@
 """``convergent migrate GUEST --to NODE``: live-migrate a guest through the hypervisor of
 the node it runs on, the agents handing its flows over; ``--abort GUEST`` stops one.
 
-The command asks the agent of the guest's node (from the ownership store), which moves the
-guest with its hypervisor adapter: the agents learn each moment from hooks and events, as
-for any migration. The agent's socket must be on this machine (run it on that node).
+The command asks the agent of this node (``--node``); that agent finds the guest's owner in
+the store and, when it is another node, forwards the request to the owner's agent over the
+peer channel (``agent/operator.py``). The owner moves the guest with its hypervisor
+adapter; the agents learn each moment from hooks and events, as for any migration.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import click
 
 from orchestrator.cli.options import JSON, echo_json
-from orchestrator.cli.rules import CONFIG
+from orchestrator.cli.rules import CONFIG, NODE
 from orchestrator.config.schema import Topology
-from orchestrator.errors import ConvergentError, MigrationError
+from orchestrator.errors import ConfigError, ConvergentError
 
 MIGRATE_TIMEOUT_S = 900.0  # the agent sends progress as it goes; this bounds a silent phase
-ABORT_WAIT_S = 15.0
+ABORT_TIMEOUT_S = 90.0  # the agent's own wait for the store, and a forward, fit in this
 
 
 @click.command("migrate")
 @CONFIG
+@NODE
 @click.argument("guest")
 @click.option("--to", "dst", metavar="NODE", help="The destination node.")
 @click.option("--abort", is_flag=True, help="Abort GUEST's migration in flight instead.")
 @JSON
-def migrate(config_path: str | None, guest: str, dst: str | None, abort: bool,
-            as_json: bool) -> None:
+def migrate(config_path: str | None, node: str | None, guest: str, dst: str | None,
+            abort: bool, as_json: bool) -> None:
     """Live-migrate a guest to another node, its flows handed over.
 
-    The agent of the node the guest runs on moves it with its hypervisor. Each phase is
-    shown as it happens (one updating line on a terminal, a line per phase otherwise, on
-    stderr); --json prints one object with the phases and their timings. Exit 1 with one
-    line when the migration is refused or aborted."""
-    from orchestrator.config.defaults import config_path as resolve
-    from orchestrator.config.loader import load
+    Run it on any node: this node's agent forwards the request to the agent of the node
+    the guest runs on, which moves it with its hypervisor. Each phase is shown as it
+    happens (one updating line on a terminal, a line per phase otherwise, on stderr);
+    --json prints one object with the phases and their timings. Exit 1 with one line when
+    the migration is refused or aborted, or the guest's node cannot be reached."""
+    from orchestrator.agent.client import acall
 
-    topology = load(resolve(config_path))
+    if not abort and dst is None:
+        raise click.UsageError("give --to NODE (or --abort)")
+    topology, here = _here(config_path, node, guest)
+    sock = _socket(topology, here)
     if abort:
-        result = asyncio.run(_abort(topology, guest))
+        result = asyncio.run(acall(sock, "migrate.abort", ABORT_TIMEOUT_S, guest=guest))
         if as_json:
             echo_json(result)
         else:
             click.echo(result["line"])
         return
-    if dst is None:
-        raise click.UsageError("give --to NODE (or --abort)")
-    result = asyncio.run(_migrate(topology, guest, dst, Progress(as_json)))
+    result = asyncio.run(acall(sock, "guest.migrate", MIGRATE_TIMEOUT_S,
+                               on_progress=Progress(as_json), guest=guest, to=dst))
     if as_json:
         echo_json(result)
         return
@@ -84,75 +87,40 @@ class Progress:
             click.echo(text, err=True)
 
 
-async def _migrate(t: Topology, guest: str, dst: str, progress: Progress) -> dict[str, Any]:
-    from orchestrator.agent.client import acall
+def _here(config_path: str | None, node: str | None, guest: str) -> tuple[Topology, str]:
+    """The cluster and the node whose agent the command asks: ``--node``, else this host's
+    node; on a host that is no node (a lab, from the root namespace), the guest's owner,
+    whose socket must then be on this machine."""
+    from orchestrator.cli.rules import load_for_node
 
-    src = await _owner(t, guest)
-    names = [n.name for n in t.nodes]
-    if dst not in names:
-        raise MigrationError(f"unknown node {dst!r} (nodes: {', '.join(names)})")
-    if dst == src:
-        raise MigrationError(f"{guest} already runs on {dst}")
-    result: dict[str, Any] = await acall(_socket(t, src), "guest.migrate", MIGRATE_TIMEOUT_S,
-                                         on_progress=progress, guest=guest, to=dst)
-    return result
-
-
-async def _abort(t: Topology, guest: str) -> dict[str, Any]:
-    """Cancel the source's move if its agent runs one; else the destination aborts its
-    part. Then wait for the store to show the migration ended."""
-    from orchestrator.agent.client import AgentError, acall
-    from orchestrator.store import open_store
-
-    store = await open_store(t.agent.store)
     try:
-        active = await store.list_migrations(active=True, guest=guest)
-        if not active:
-            raise MigrationError(f"{guest} is not migrating")
-        m = active[0]
-        try:
-            await acall(_socket(t, m.src), "guest.migrate_abort", 60, guest=guest)
-        except AgentError:  # not moved by its agent (virsh migrate, xl migrate)
-            await acall(_socket(t, m.dst), "migration.abort", 60, guest=guest,
-                        reason="aborted by the operator (convergent migrate --abort)")
-        deadline = time.monotonic() + ABORT_WAIT_S
-        while (cur := await store.get_migration(m.id)) is not None and cur.active:
-            if time.monotonic() > deadline:
-                raise MigrationError(f"{guest}: migration {m.id} {m.src} -> {m.dst} is still "
-                                     f"in phase {cur.phase} after {ABORT_WAIT_S:g} s")
-            await asyncio.sleep(0.05)
-        owners = sorted({str(o.node) for o in await store.list_ownership(guest=guest)})
-    finally:
-        await store.close()
-    final = cur.phase.value if cur is not None else "gone"
-    where = ", ".join(owners) or "no node"
-    return {"guest": guest, "migration": m.id, "from": m.src, "to": m.dst, "phase": final,
-            "owner": owners, "line": f"{guest}: migration {m.id} {m.src} -> {m.dst} "
-                                     f"{final}; {guest} stays on {where}"}
+        return load_for_node(config_path, node)
+    except ConfigError:
+        if node is not None:
+            raise
+        from orchestrator.config.defaults import config_path as resolve
+        from orchestrator.config.loader import load
+
+        topology = load(resolve(config_path))
+        return topology, asyncio.run(_owner(topology, guest))
 
 
 async def _owner(t: Topology, guest: str) -> str:
     """The node the store says runs ``guest`` (one line when none, or an unknown guest)."""
+    from orchestrator.agent.forward import guest_owner
     from orchestrator.store import open_store
 
     store = await open_store(t.agent.store)
     try:
-        owners = {o.node for o in await store.list_ownership(guest=guest) if o.node}
+        owned = await store.list_ownership(guest=guest)
     finally:
         await store.close()
-    if not owners:
-        if guest not in {g.name for g in t.guests}:
-            known = ", ".join(g.name for g in t.guests) or "none"
-            raise ConvergentError(f"unknown guest {guest!r} (known: {known})")
-        raise MigrationError(f"{guest} runs nowhere the store knows (no node owns it)")
-    if len(owners) > 1:
-        raise MigrationError(f"{guest}'s addresses are owned by {', '.join(sorted(owners))}")
-    return owners.pop()
+    return guest_owner(guest, (o.node for o in owned), (g.name for g in t.guests))
 
 
 def _socket(t: Topology, node: str) -> Path:
     sock = t.agent.socket(node)
     if not sock.exists():
-        raise ConvergentError(f"no agent of {node} on this machine ({sock}): run convergent "
-                              f"migrate on {node}")
+        raise ConvergentError(f"no agent of {node} on this machine ({sock}): start "
+                              f"`convergent agent`, or pass --node")
     return sock

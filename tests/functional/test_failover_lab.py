@@ -2,11 +2,13 @@
 an SSH session from the workstation through n1's address to G, a stream G opened while on
 n1 (SNATed to n1's address), an SSH session through n3's address; H runs on n1. n1 dies
 (agent SIGKILL, every link cut, its etcd member partitioned with it). Its lease expires;
-``convergent failover --from n1 --to n3``; the three flows keep going, H is reported lost;
-n1 brought back stays fenced off its address until ``convergent failback``.
+``convergent failover --from n1 --to n3``, asked on n2 (n2's agent forwards it to n3's);
+the three flows keep going, H is reported lost; n1 brought back stays fenced off its
+address until ``convergent failback``.
 
-Control runs, same steps: without the entry commit the SNAT stream dies; without the
-address adoption the sessions through n1 die (the one through n3 survives both).
+Control runs, same steps (asked on n3 itself): without the entry commit the SNAT stream
+dies; without the address adoption the sessions through n1 die (the one through n3 survives
+both).
 """
 
 from __future__ import annotations
@@ -78,7 +80,9 @@ def largest_gap_after(r: FlowResult, t: float) -> float:
     return max((gap for at, gap in r.gaps if at >= t), default=0.0)
 
 
-def node_death(without: tuple[str, ...] = ()) -> dict[str, Any]:
+def node_death(without: tuple[str, ...] = (), asked_on: str | None = None) -> dict[str, Any]:
+    """``asked_on``: the node whose agent the failover commands ask (None: n3's own)."""
+    here = ("--node", asked_on) if asked_on else ()
     lab = Lab(unique("fo"))
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "cluster.toml"
@@ -89,7 +93,8 @@ def node_death(without: tuple[str, ...] = ()) -> dict[str, Any]:
         try:
             time.sleep(1.5)
             asyncio.run(migrate(lab, G, "n2"))  # G runs on n2, its n1 SNAT flow stays n1's
-            early = cli(lab, "failover", "--from", "n1", "--to", "n3", check=False)  # alive
+            early = cli(lab, "failover", "--from", "n1", "--to", "n3", *here,
+                        check=False)  # n1 alive: refused
             time.sleep(1.0)  # the replicator has told n3 everything n1 holds
             killed = time.time()
             lab.kill_agent("n1")
@@ -98,12 +103,13 @@ def node_death(without: tuple[str, ...] = ()) -> dict[str, Any]:
             dead_after = asyncio.run(seconds_until_dead(lab, "n1", killed))
             assert view(lab)["nodes"]["n1"]["alive"] is False
             report = json.loads(cli(lab, "failover", "--from", "n1", "--to", "n3", "--json",
-                                    *[a for w in without for a in ("--without", w)]).stdout)
+                                    *here, *[a for w in without for a in ("--without", w)]
+                                    ).stdout)
             failed_over = time.time() - killed
             time.sleep(8.0)  # long enough for TCP's backed-off retransmission to get through
         finally:
             results = {r.name: r for r in flows.stop(alive_within=2.0)}
-        out: dict[str, Any] = {"early": early, "dead_after": dead_after, "report": report,
+        out: dict[str, Any] = {"early": early, "forwards": forwards(lab), "dead_after": dead_after, "report": report,
                                "failed_over": failed_over, "flows": results,
                                "gaps": {n: largest_gap_after(r, killed)
                                         for n, r in results.items()}}
@@ -112,6 +118,15 @@ def node_death(without: tuple[str, ...] = ()) -> dict[str, Any]:
         return out
     finally:
         lab.down()
+
+
+def forwards(lab: Lab) -> list[tuple[str, str, str, str]]:
+    """The forward records of the audit log: (action, node, asked on, outcome)."""
+    path = Path(str(lab.topology().agent.audit_log).replace("{node}", "*"))
+    return [(r["action"], r["node"], r["from_node"], r["outcome"])
+            for log in sorted(path.parent.glob(path.name))
+            for r in map(json.loads, log.read_text().splitlines())
+            if r["action"] in ("forward.send", "forward.serve")]
 
 
 def comeback(lab: Lab) -> dict[str, Any]:
@@ -133,8 +148,14 @@ def comeback(lab: Lab) -> dict[str, Any]:
 
 
 def test_node_death_failover_keeps_the_flows_through_it() -> None:
-    r = node_death()
-    assert r["early"].returncode != 0 and "n1 is alive: its lease has" in r["early"].stderr
+    r = node_death(asked_on="n2")
+    # n3's refusal, its line unchanged through n2's agent
+    assert r["early"].returncode == 1 and len(r["early"].stderr.splitlines()) == 1
+    assert r["early"].stderr.startswith("convergent: failover n1 -> n3: n1 is alive: its "
+                                        "lease has"), r["early"].stderr
+    assert sorted(r["forwards"]) == sorted([
+        ("forward.send", "n2", "n2", "refused"), ("forward.serve", "n3", "n2", "refused"),
+        ("forward.send", "n2", "n2", "ok"), ("forward.serve", "n3", "n2", "ok")])
     assert r["dead_after"] <= TTL + 1.5, f"n1 shown dead {r['dead_after']:.1f} s after the kill"
     rep = r["report"]
     assert rep["lost_guests"] == {H: ["10.5.5.202"]}
@@ -162,6 +183,7 @@ def test_node_death_failover_keeps_the_flows_through_it() -> None:
 def test_control_each_part_of_failover_matters(without: str, dies: set[str],
                                                lives: set[str]) -> None:
     r = node_death((without,))
+    assert r["forwards"] == []  # asked on n3 itself
     flows = r["flows"]
     assert {n for n in dies | lives if not flows[n].survived} == dies, {
         n: (f.survived, f.error) for n, f in flows.items()}
