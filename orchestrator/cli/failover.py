@@ -44,7 +44,8 @@ def failover(config_path: str | None, node: str | None, from_node: str, to_node:
     survivor = to_node or here
     if not as_json:
         verb = "planning" if dry_run else "failing over"
-        click.echo(f"{verb} {from_node} -> {survivor} ...", err=True)
+        through = f" through {here}" if here != survivor else ""
+        click.echo(f"{verb} {from_node} -> {survivor}{through} ...", err=True)
     start = time.monotonic()
     try:
         report = call(topology.agent.socket(here), "failover.run", timeout=60,
