@@ -49,7 +49,7 @@ MIG_NET = "172.30.0"
 READY_MARK = "CONVERGENT-GUEST-READY"
 BOOT_TIMEOUT_S = 120.0  # TCG on a loaded 2-core machine: 10-25 s is normal
 DEMO_PORTS = {("tcp", 22), ("tcp", 8765), ("tcp", 8000), ("udp", 9123)}  # the guest's own
-KEEP_ARP_ENV = ("CONVERGENT_KEEP_ARP", "CONVERGENT_XEN_KEEP_ARP")  # "0": a control run
+KEEP_ARP_ENV = "CONVERGENT_LAB_KEEP_ARP"  # "0": a control run (the lab driver sets it)
 
 
 def mig_addr(index: int) -> str:
@@ -120,7 +120,7 @@ class LibvirtLab:
         progress(Progress("starting", f"virsh migrate --live {guest} {src} -> {dst}"))
         await asyncio.to_thread(self.virsh_migrate, t, guest, src, dst)
         progress(Progress("resumed", f"{guest} runs on {dst}"))
-        if env and any(env.get(k) == "0" for k in KEEP_ARP_ENV):
+        if env and env.get(KEEP_ARP_ENV) == "0":
             await asyncio.to_thread(self.ssh, t, guest, "ip neigh flush dev eth0")
         progress(Progress("done", f"{guest} runs on {dst}", 1.0))
 

@@ -201,7 +201,7 @@ async def _plain_move(lab: Lab, guest: str, src: str, dst: str,
             at["paused"] = now  # the last of the stream: the guest is suspended from here
 
     # as the built-in control: the guest's ARP cache lapses and it finds D's gateway
-    await drv.migrate(guest, src, dst, progress, env={"CONVERGENT_XEN_KEEP_ARP": "0"})
+    await drv.migrate(guest, src, dst, progress, env={"CONVERGENT_LAB_KEEP_ARP": "0"})
     return MigrationReport(guest, src, dst, 0.0, 0.0,
                            at.get("resumed", 0.0) - at.get("paused", 0.0), 0,
                            (time.monotonic() - start) * 1000)

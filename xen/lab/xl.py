@@ -24,7 +24,7 @@ Environment: ``CONVERGENT_XEN_ROOT`` (the node's dom0 directory), ``CONVERGENT_X
 (the guests' namespaces, ``{name}`` replaced), ``CONVERGENT_XEN_STREAM_S`` (how long the
 memory stream takes, default 0.3), ``CONVERGENT_XL_FAULT`` (on a receiver: ``rename`` or
 ``unpause`` fails after GO; ``stream`` breaks the stream before the devices are attached),
-``CONVERGENT_XEN_KEEP_ARP`` (0: the guest's ARP cache lapses across the move).
+``CONVERGENT_LAB_KEEP_ARP`` (0: the guest's ARP cache lapses across the move).
 """
 
 from __future__ import annotations
@@ -252,10 +252,10 @@ class Host:
 
 
 def _keep_arp() -> bool:
-    """A VM keeps its ARP cache across a migration; ``CONVERGENT_XEN_KEEP_ARP=0`` lets it
+    """A VM keeps its ARP cache across a migration; ``CONVERGENT_LAB_KEEP_ARP=0`` lets it
     lapse as a cache past its time would (a control run: the guest then re-resolves the
     gateway and finds the destination's)."""
-    return os.environ.get("CONVERGENT_XEN_KEEP_ARP", "1") != "0"
+    return os.environ.get("CONVERGENT_LAB_KEEP_ARP", "1") != "0"
 
 
 def _gratuitous_arp(guest_ns: str, dom: Domain) -> None:
