@@ -42,7 +42,7 @@ KEEPALIVE_S = 2.0  # the serving side says it is still at it this often
 SILENCE_S = 15.0  # the asking side waits this long for any frame before giving up
 RESULT_MAX = MAX_FRAME - 4096  # a result frame stays inside the channel's frame limit
 Emit = Callable[[Any], Awaitable[None]]
-Local = Callable[..., Awaitable[Any]]
+Done = Callable[[str, str | None], Awaitable[None]]  # (outcome, error)
 
 
 class Refused(ConvergentError):
@@ -178,10 +178,12 @@ async def ask(me: str, key: bytes, node: str, host: str, port: int, request: str
 # --- the serving side ------------------------------------------------------------------
 
 async def serve(ch: PeerChannel, run: Callable[[Emit], Awaitable[Any]],
-                keepalive_s: float = KEEPALIVE_S) -> tuple[str, str | None]:
+                keepalive_s: float = KEEPALIVE_S, done: Done | None = None
+                ) -> tuple[str, str | None]:  # fmt: skip
     """Run one forwarded request, its progress and keep-alives going out as frames, then
-    its answer. Returns ``(outcome, error)`` for the audit log. The request runs to its
-    end even if the asking side goes away (as it does for a client of the API socket)."""
+    its answer. ``done(outcome, error)`` is awaited before the answer goes out (the audit
+    record: written before the asker hears the end). The request runs to its end even if
+    the asking side goes away (as it does for a client of the API socket)."""
     lock = asyncio.Lock()  # a progress frame and a keep-alive never interleave
 
     async def send(frame: dict[str, Any]) -> None:
@@ -197,17 +199,26 @@ async def serve(ch: PeerChannel, run: Callable[[Emit], Awaitable[Any]],
         await asyncio.wait({job}, timeout=keepalive_s)
         if not job.done():
             await send({"op": "alive"})
+    outcome, error, frame = _answer(job)
+    if done is not None:
+        await done(outcome, error)
+    await send(frame)
+    return outcome, error
+
+
+def _answer(job: asyncio.Future[Any]) -> tuple[str, str | None, dict[str, Any]]:
+    """(outcome, error, the final frame) of a finished request."""
+    if job.cancelled():  # the agent is stopping
+        line = "cancelled: the agent stopped before it finished"
+        return "failed", line, {"op": "error", "error": line}
     exc = job.exception()
     if exc is None:
-        await send(result_frame(job.result()))
-        return "ok", None
+        return "ok", None, result_frame(job.result())
     if isinstance(exc, ConvergentError):
-        await send({"op": "error", "error": str(exc)})
-        return "refused", str(exc)
+        return "refused", str(exc), {"op": "error", "error": str(exc)}
     log.error("forward.failed", error=repr(exc))
     line = f"failed: {type(exc).__name__}: {exc}"
-    await send({"op": "error", "error": line})
-    return "failed", line
+    return "failed", line, {"op": "error", "error": line}
 
 
 def check_request(frame: dict[str, Any], allowed: Iterable[str]) -> tuple[str, dict[str, Any],

@@ -117,10 +117,12 @@ class OperatorRequests:
         async def run(emit: Emit) -> Any:
             return await self._run_here(request, args, emit)
 
-        outcome, error = await forward.serve(ch, run)
-        await self._record("forward.serve", outcome, args, peer, self.node, start,
-                           f"{forward.describe(request, args)}, asked by {by}"
-                           + (f": {error}" if error else ""))
+        async def done(outcome: str, error: str | None) -> None:
+            await self._record("forward.serve", outcome, args, peer, self.node, start,
+                               f"{forward.describe(request, args)}, asked by {by}"
+                               + (f": {error}" if error else ""))
+
+        await forward.serve(ch, run, done=done)
 
     async def _run_here(self, request: str, args: dict[str, Any], emit: Emit | None) -> Any:
         handler = self.local[request]
