@@ -244,6 +244,10 @@ class LibvirtLab:
             raise LabError(f"{shlex.join(argv)}: {proc.stderr.strip()}")
         return proc
 
+    def answers_probes(self, proto: str, port: int) -> bool:
+        """The VM's responder serves every service port but the real servers' (DEMO_PORTS)."""
+        return (proto, port) not in DEMO_PORTS
+
     def ssh(self, t: Topology, guest: str, command: str, timeout: float = 60,
             address: IPv4Address | None = None) -> str:
         """Run ``command`` in the VM over SSH, from the node it runs on (the node reaches

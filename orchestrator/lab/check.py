@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from orchestrator.config.schema import Mode, Node, Topology
+from orchestrator.errors import LabError
 from orchestrator.lab import netns as ns
+from orchestrator.lab import probe as probe_module
 from orchestrator.lab.lab import WORKSTATION_TCP_PORT, Lab
 
 
@@ -30,6 +34,25 @@ def probe(netns: str, kind: str, host: str, port: int) -> dict[str, Any]:
     return result
 
 
+def probe_from_guest(lab: Lab, t: Topology, guest: str, kind: str, host: str,
+                     port: int) -> dict[str, Any]:
+    """``probe`` run where the guest's own stack is: its namespace, or inside its VM (the
+    same probe, its source sent over the driver's ssh: the guest image has python3)."""
+    drv = lab.driver(t)
+    if getattr(drv, "guests_in_namespaces", True):
+        return probe(lab.names.guest(guest), kind, host, port)
+    ssh = getattr(drv, "ssh", None)
+    if ssh is None:
+        return {"ok": False, "error": "this lab's guests are VMs the lab cannot log in to"}
+    source = base64.b64encode(Path(probe_module.__file__).read_bytes()).decode()
+    try:
+        out = ssh(t, guest, f"echo {source} | base64 -d | python3 - {kind} {host} {port}")
+        result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    except (LabError, ValueError, IndexError) as exc:
+        result = {"ok": False, "error": f"probe in the VM: {exc}"}
+    return result
+
+
 def parse_answer(answer: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S+)", answer))
 
@@ -44,6 +67,7 @@ def ct_mark(netns: str, proto: str, src: str, sport: str) -> int | None:
 
 def run_checks(lab: Lab) -> list[Check]:
     t = lab.topology()
+    answers = getattr(lab.driver(t), "answers_probes", lambda proto, port: True)
     checks: list[Check] = []
     for guest in t.guests:
         host = lab.guest_node(t, guest.name)
@@ -51,7 +75,8 @@ def run_checks(lab: Lab) -> list[Check]:
             checks.append(Check(f"{guest.name} placed", False, "its vif is on no node"))
             continue
         hosting = t.node(host)
-        for svc in (s for s in t.services if s.guest == guest.name):
+        for svc in (s for s in t.services
+                    if s.guest == guest.name and answers(s.proto, s.target_port)):
             for entry in t.nodes:
                 checks.append(_service_check(lab, t, svc.name, entry, hosting))
         checks.append(_snat_check(lab, t, guest.name, hosting))
@@ -86,7 +111,7 @@ def _service_check(lab: Lab, t: Topology, svc_name: str, entry: Node, hosting: N
 
 def _snat_check(lab: Lab, t: Topology, guest: str, hosting: Node) -> Check:
     name = f"{guest} outbound SNAT via {hosting.name}"
-    r = probe(lab.names.guest(guest), "tcp", str(t.lab.workstation), WORKSTATION_TCP_PORT)
+    r = probe_from_guest(lab, t, guest, "tcp", str(t.lab.workstation), WORKSTATION_TCP_PORT)
     if not r.get("ok"):
         return Check(name, False, f"no answer: {r.get('error')}")
     seen = parse_answer(str(r["answer"])).get("peer", "").partition(":")[0]

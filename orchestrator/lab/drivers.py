@@ -45,7 +45,10 @@ class LabDriver(Protocol):
     # optional, read with getattr: ``guests_in_namespaces = False`` (the guests are real VMs:
     # the lab makes no guest namespace, guest responder or veth), and
     # ``flow_side(lab, topology, guest)``: where the flows' guest end runs
-    # (``orchestrator.lab.flows.GuestSide``; default: the guest's namespace)
+    # (``orchestrator.lab.flows.GuestSide``; default: the guest's namespace); with VM
+    # guests, ``ssh(topology, guest, command) -> stdout``: a shell command in the guest, and
+    # ``answers_probes(proto, port) -> bool``: whether the guest's responder serves that port
+    # (a VM's real sshd and the demo's servers don't answer `lab check`'s probe)
 
 
 def kinds() -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from orchestrator.hypervisor import EventKind, GuestEvent, Progress, open_hypervisor
-from orchestrator.lab.check import parse_answer, probe
+from orchestrator.lab.check import parse_answer, probe, run_checks
 from tests.conftest import unique
 from tests.functional.kvm_support import driver, kvm_skip_reason, libvirt_lab, ssh_guest, up
 
@@ -50,6 +50,12 @@ def test_the_vm_answers_through_every_nodes_public_address(lab: Any) -> None:
         a = parse_answer(probe(lab.names.workstation, "tcp", str(node.pub_ip), 80)["answer"])
         assert a["name"] == GUEST and a["local"] == "10.5.5.201:80", node.name
         assert a["peer"].startswith(str(t.lab.workstation)), node.name  # stateless DNAT
+    # `lab check` on a VM: every service through every node, and the VM's own outbound
+    # connection SNATed to its node's address (the probe runs inside the VM, over ssh)
+    checks = run_checks(lab)
+    assert [c.name for c in checks if not c.passed] == [], [f"{c.name}: {c.detail}" for c in checks if not c.passed]
+    assert any(c.name == f"{GUEST} outbound SNAT via n1" for c in checks)
+    assert any(c.name.startswith("ntp udp/123 via n3") for c in checks)  # the responder's
 
 
 def test_hooks_are_installed_and_libvirtd_runs_them(lab: Any) -> None:
