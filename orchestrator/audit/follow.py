@@ -24,15 +24,22 @@ class Follower:
         self._open()
 
     def _open(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        fd = self._open_live()
+        if fd < 0:
             return False
-        self.close()
-        self._fd = fd
-        self._ino = os.fstat(fd).st_ino
-        self._pos, self._rest, self._lineno = 0, b"", 0
+        self._use(fd)
         return True
+
+    def _open_live(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return -1
+
+    def _use(self, fd: int) -> None:
+        self.close()
+        self._fd, self._ino = fd, os.fstat(fd).st_ino
+        self._pos, self._rest, self._lineno = 0, b"", 0
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -46,23 +53,34 @@ class Follower:
             st = os.stat(self.path)
         except FileNotFoundError:
             return lines
-        if st.st_ino != self._ino or st.st_size < self._pos:
-            if st.st_ino != self._ino:
-                lines += self._drain()  # lines appended just before the rename
-                lines += self._skipped_files()
-            if self._open():
+        if st.st_ino == self._ino:
+            if st.st_size < self._pos and self._open():  # truncated: read it again
                 lines += self._drain()
-        return lines
+            return lines
+        lines += self._drain()  # lines appended just before the rename
+        # open the new live file BEFORE listing the rotated ones: a rotation between the
+        # two then shows as a rotated file we stop at (its lines come from our fd), never
+        # as one we skip (the writer may rotate again at any moment of this poll)
+        fd = self._open_live()
+        if fd < 0:
+            return lines  # mid-rotation: the next poll finds the new file
+        lines += self._skipped_files(until=os.fstat(fd).st_ino)
+        self._use(fd)
+        return lines + self._drain()
 
-    def _skipped_files(self) -> list[tuple[int, bytes]]:
-        """Files rotated in and out again since the last poll (a burst of writes)."""
+    def _skipped_files(self, until: int) -> list[tuple[int, bytes]]:
+        """Files rotated in and out again since the last poll (a burst of writes): those
+        after ours, up to the one now open (``until``), when it was rotated too."""
         lines: list[tuple[int, bytes]] = []
         newer = False
         for _, path in rotated(self.path):
             try:
+                ino = os.stat(path).st_ino
+                if ino == until:
+                    break
                 if newer:
                     lines += [(n, raw) for n, raw, _ in iter_lines(path)]
-                elif os.stat(path).st_ino == self._ino:
+                elif ino == self._ino:
                     newer = True
             except FileNotFoundError:
                 continue

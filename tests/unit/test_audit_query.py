@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestrator.audit import AuditError, AuditLog
+from orchestrator.audit import AuditError, AuditLog, follow
 from orchestrator.audit.files import Chain, chain_files, discover
 from orchestrator.audit.follow import Follower
 from orchestrator.audit.query import Filter, Scanner, parse_ip, parse_when
@@ -221,6 +221,33 @@ def test_follower_reads_new_lines_across_rotation(tmp_path: Path) -> None:
     seen += [json.loads(line)["seq"] for _, line in follower.poll()]
     assert len(chain_files(path)) > 8
     assert seen == list(range(2, 62))
+
+
+def test_follower_loses_nothing_to_a_rotation_during_its_poll(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """The writer rotates again while the follower handles a rotation (after it listed
+    the rotated files): the file renamed meanwhile is still read, once."""
+    path = tmp_path / "audit.log"
+    log = AuditLog(path, node="n1", fsync=False, max_bytes=1000)
+    log.record("guest.start")
+    follower = Follower(path)
+    seen = [json.loads(line)["seq"] for _, line in follower.poll()]
+    listed = follow.rotated
+
+    def listed_then_rotated(live: Path) -> list[tuple[int, Path]]:
+        found = listed(live)
+        for i in range(12):  # more than a file holds: the writer rotates meanwhile
+            log.record("sync.resync", entries=i)
+        return found
+
+    for i in range(12):
+        log.record("sync.resync", entries=i)
+    monkeypatch.setattr(follow, "rotated", listed_then_rotated)
+    seen += [json.loads(line)["seq"] for _, line in follower.poll()]
+    monkeypatch.setattr(follow, "rotated", listed)
+    seen += [json.loads(line)["seq"] for _, line in follower.poll()]
+    assert seen == list(range(1, 26))
 
 
 def test_follower_waits_for_a_whole_line(tmp_path: Path) -> None:
