@@ -110,7 +110,9 @@ class Running:
 
     async def hook(self, *argv: str) -> dict[str, Any]:
         call = hookclient.make_call("fake", list(argv))
-        return await asyncio.to_thread(hookclient.deliver, call, self.conf)
+        verdict: dict[str, Any] = await asyncio.to_thread(hookclient.deliver, call, self.conf)
+        assert "spooled" not in verdict, f"the agent did not answer {argv}: {verdict}"
+        return verdict
 
     def gate(self) -> set[str]:
         return self.ops.elements["race_gate"]
@@ -132,7 +134,8 @@ async def start_agent(tmp: Path, settle_s: float = 30.0
         f'\n[agent]\nrun_dir = "{tmp}/run"\nstore = "sqlite://{tmp}/store.db"\n'
         f'audit_log = "{tmp}/audit.log"\nspool_dir = "{tmp}/spool/{{node}}"\n'
         f'key_file = "{tmp}/cluster.key"\nreconcile_interval_s = 0.2\n'
-        f'recovery_settle_s = {settle_s}\n')
+        f'recovery_settle_s = {settle_s}\n'
+        'metrics = ""\n')  # off: a fixed port of the root namespace is shared by every run
     topology = parse(cfg)
     store = await open_store(topology.agent.store)
     if not topology.agent.key_file.exists():  # a first start: n1 runs the guest
@@ -154,13 +157,19 @@ async def start_agent(tmp: Path, settle_s: float = 30.0
     agent = Agent(topology, "n2", parts)
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
-    await asyncio.wait_for(agent.ready.wait(), 10)
-    conf = {"socket": str(topology.agent.socket("n2")), "timeout_s": 2.0, "node": "n2",
+    ready = asyncio.create_task(agent.ready.wait())
+    await asyncio.wait([ready, task], timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():  # it failed to start: its own error, not a timeout
+        ready.cancel()
+        task.result()
+    assert ready.done(), "the agent was not ready within 60 s"
+    # the hook waits long (a loaded CI machine): an answer after it would be spooled
+    conf = {"socket": str(topology.agent.socket("n2")), "timeout_s": 20.0, "node": "n2",
             "spool_dir": str(topology.agent.spool("n2"))}
     return Running(agent, store, ops, table, source, hv, conf, tmp), stop, task
 
 
-async def until(check: Any, timeout: float = 5.0) -> None:
+async def until(check: Any, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not await check():
         assert time.monotonic() < deadline, "timed out"
@@ -174,7 +183,7 @@ def run(scenario: Any, tmp: Path) -> None:
             await scenario(r)
         finally:
             stop.set()
-            await asyncio.wait_for(task, 10)
+            await asyncio.wait_for(task, 30)
     asyncio.run(main())
 
 
@@ -314,7 +323,7 @@ def test_a_restarted_destination_settles_what_it_was_preparing(tmp_path):
             try:
                 async def settled(store: Store = r.store) -> bool:
                     return not await store.list_migrations()
-                await until(settled, 5)
+                await until(settled)
                 assert await r.owner() == want
                 assert ADDR not in r.gate()
             finally:
