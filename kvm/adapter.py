@@ -100,6 +100,9 @@ class LibvirtHypervisor(Hypervisor):
         self._conn: libvirt.virConnect | None = None
         self._closed: asyncio.Event | None = None
         self._lock: asyncio.Lock | None = None
+        # times the event stream subscribed to libvirt's lifecycle events (what happened
+        # before that is only seen as "it runs here"): a caller's moment to act
+        self.subscriptions = 0
 
     # hooks ---------------------------------------------------------------------------
     def parse_hook(self, call: HookCall) -> GuestEvent | None:
@@ -200,6 +203,7 @@ class LibvirtHypervisor(Hypervisor):
             cb = await self._call(conn.domainEventRegisterAny, None,
                                   libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
                                   _lifecycle_to(queue, asyncio.get_running_loop()), None)
+            self.subscriptions += 1
             log.info("libvirt.events", node=self.node, uri=self.config.uri,
                      reconnected=not first)
             try:
@@ -304,9 +308,12 @@ class LibvirtHypervisor(Hypervisor):
         job = asyncio.ensure_future(self._call(self._blocking_migrate, guest, peer, params,
                                                flags))
         try:
-            await self._follow(dom, job, progress)
+            copied = await self._follow(dom, job, progress)
             await job
             stats = await self._completed_stats(conn, completed)
+            fraction = job_fraction(stats)
+            if not copied and fraction is not None:  # over before a poll saw the copy
+                progress(Progress("memory", job_detail(stats), fraction))
             progress(Progress("resumed", f"{guest} runs on {dst}; libvirt's downtime "
                                          f"{stats.get('downtime', '?')} ms"))
         except asyncio.CancelledError:
@@ -371,8 +378,9 @@ class LibvirtHypervisor(Hypervisor):
             conn.close()
 
     async def _follow(self, dom: libvirt.virDomain, job: asyncio.Future[None],
-                      progress: ProgressFn) -> None:
-        paused = False
+                      progress: ProgressFn) -> bool:
+        """Report the job's steps until it ends; whether the memory copy was seen."""
+        paused = copied = False
         while not job.done():
             await asyncio.wait({job}, timeout=POLL_S)
             try:
@@ -382,10 +390,12 @@ class LibvirtHypervisor(Hypervisor):
                 continue  # the domain left: the job is ending
             fraction = job_fraction(stats)
             if fraction is not None and not paused:  # what was copied, also up to the pause
+                copied = True
                 progress(Progress("memory", job_detail(stats), fraction))
             if state == STATE_PAUSED and not paused:
                 paused = True
                 progress(Progress("paused", "switching over"))
+        return copied
 
 
 def _quiet(_ctx: Any, _err: Any) -> None:

@@ -83,7 +83,7 @@ async def _follow(hv: Any, seen: list[GuestEvent]) -> None:
         seen.append(ev)
 
 
-async def _until(pred: Any, timeout: float = 20.0) -> None:
+async def _until(pred: Any, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         assert time.monotonic() < deadline, "timed out"
@@ -100,7 +100,7 @@ def test_adapter_reports_a_migration_it_runs_itself(lab: Any) -> None:
     async def run() -> None:
         tasks = [asyncio.create_task(_follow(hv, seen)) for hv in hvs.values()]
         try:
-            await asyncio.sleep(1)
+            await _until(lambda: all(hv.subscriptions for hv in hvs.values()))
             info = await hvs["n1"].describe(GUEST)
             assert info.node == "n1" and info.running and info.macs == ("52:54:00:00:02:01",)
             assert [i.name for i in await hvs["n1"].running()] == [GUEST]
@@ -135,6 +135,7 @@ def test_cancelling_a_slow_migration_aborts_libvirts_job(lab: Any) -> None:
 
     async def run() -> None:
         follow = asyncio.create_task(_follow(watcher, seen))
+        await _until(lambda: watcher.subscriptions == 1)  # else its INCOMING goes unseen
         job = asyncio.create_task(hv.migrate(GUEST, dst, steps.append))
         try:
             await _until(lambda: any(e.kind is EventKind.INCOMING for e in seen))
@@ -164,7 +165,7 @@ def test_the_event_stream_survives_a_libvirtd_restart(lab: Any) -> None:
     async def run() -> None:
         follow = asyncio.create_task(_follow(hv, seen))
         try:
-            await asyncio.sleep(1)
+            await _until(lambda: hv.subscriptions == 1)
             d = driver(lab).daemon(t, node)
             await asyncio.to_thread(d.stop)
             await asyncio.sleep(1.5)  # the stream retries meanwhile

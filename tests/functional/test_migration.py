@@ -97,8 +97,9 @@ def test_guest_packet_racing_the_handover_is_dropped_not_snatted(bare_lab, hando
     if handover:
         assert early == b"", "the racing segment got through before the handover"
         assert gate_drops(lab, "n2") >= 1
-        # once the entries are there, TCP's retransmission carries the data on
-        assert received_within(conn, 5) == b"raced"
+        # once the entries are there, TCP's retransmission carries the data on (its
+        # backoff doubles: under load the next try can be several seconds away)
+        assert received_within(conn, 20) == b"raced"
         conn.sendall(b"back")
         assert cli.recv(10) == b"back"
     else:
@@ -107,7 +108,7 @@ def test_guest_packet_racing_the_handover_is_dropped_not_snatted(bare_lab, hando
         assert early == b""
         assert gate_drops(lab, "n2") == 0
         assert received_within(conn, 2) == b""
-        cli.settimeout(2)
+        cli.settimeout(20)  # the reset answers a retransmission, whenever that comes
         with pytest.raises(ConnectionResetError):
             cli.recv(10)
     cli.close()
@@ -120,7 +121,7 @@ def test_gratuitous_arp_moves_a_guest_that_kept_the_old_gateway_mac(lab):
     ns.in_ns(g_ns, "ping", "-c1", "-W1", str(t.cluster.gateway))  # learn n1's MAC
     report = asyncio.run(migrate(lab, "guest1", "n2"))
     assert report.dst == "n2"
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         neigh = ns.ip(g_ns, "neigh", "show", str(t.cluster.gateway))
         if t.node("n2").bridge_mac in neigh:
