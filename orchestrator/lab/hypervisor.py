@@ -93,6 +93,10 @@ class VifMover:
         ns.enslave(names.node(dst), vif, t.cluster.guest_bridge)
         # as QEMU/Xen do after a move: RARP from the guest's MAC so the switches relearn it
         announce_guest(self.lab, t, guest)
+        # the kernel flushes a veth's neighbours on carrier loss only when its linkwatch
+        # runs while the carrier is down (it may not, or may after the restore): flush
+        # here, so the guest's table after the move is always exactly ``kept``
+        ns.ip(g_ns, "neigh", "flush", "dev", GUEST_IFACE)
         ns.restore_neighbours(g_ns, GUEST_IFACE, kept)  # the whole table, as a VM keeps it
         return (time.monotonic() - start) * 1000
 
