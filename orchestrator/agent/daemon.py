@@ -147,7 +147,8 @@ class Agent:
         self.peer = PeerServer(self.node, self.key, self._authorize, self.wake.set,
                                self.failpoint, open_precopy=self._open_precopy,
                                addresses={n.name: str(n.peer_ip) for n in self.topology.nodes},
-                               on_forward=lambda *a: self.requests.serve(*a))
+                               on_forward=lambda *a: self.requests.serve(*a),
+                               handback=self._serve_handback)
         self.migrations = Migrations(
             self.node, self.topology, self.store, self.coordinator, self.audit, self.guests,
             self.hypervisor, reconcile=lambda: self.reconciler.run(),
@@ -267,17 +268,22 @@ class Agent:
         adoption = getattr(self, "adoption", None)  # made once the store is open
         if adoption is not None:
             adoption.topology, adoption.me = topology, topology.node(self.node)
+            self.failovers.topology = self.failbacks.topology = topology
 
     async def _register_public(self) -> None:
         """This node's public address as an owned record (created on first start). Held by
         another node: a survivor adopted it while we were gone; we stay fenced (the
         adoption pass keeps the address off our uplink) until a failback."""
         from orchestrator.failover.adopt import AdoptionOps
+        from orchestrator.failover.handback import Failback
         from orchestrator.failover.run import Failover
 
         self.adoption = AdoptionOps(self.topology, self.node)
         self.failovers = Failover(self.topology, self.node, self.store, self.table,
                                   self.adoption, self.audit, self._cached, self.wake.set)
+        self.failbacks = Failback(self.topology, self.node, self.store, self.table,
+                                  self.adoption, self.audit, self._holder,
+                                  lambda: self.reconciler.run(ruleset=True))
         pub = await self.store.get_public(self.node)
         if pub is None:
             pub = await self.store.claim_public(self.node, self.me.pub_ip, self.node, 0)
@@ -293,7 +299,20 @@ class Agent:
             log.warning("failover.adoption_failed", error=str(exc))
 
     async def _adopt(self) -> None:
-        await self.adoption.reconcile(await self.store.list_public())
+        await self.adoption.follow(self.store.list_public)
+
+    async def _holder(self, node: str) -> Any:
+        """The agent holding our address, over the peer channel (a failback)."""
+        from orchestrator.failover.handback import PeerHolder
+        peer = self.topology.node(node)
+        return PeerHolder(self.node, self.key, str(peer.peer_ip), self.settings.peer_port,
+                          self.settings.peer_retry_s)
+
+    async def _serve_handback(self, home: str, ch: Any) -> None:
+        failbacks = getattr(self, "failbacks", None)  # made once the store is open
+        if failbacks is None:
+            raise ConvergentError(f"{self.node} is starting: ask again")
+        await failbacks.serve(home, ch)
 
     def _cached(self, node: str) -> list[Any]:
         return [] if self.sync is None else list(self.sync.cache(node).values())
@@ -463,8 +482,14 @@ class Agent:
         ``skip``: parts left out on purpose (control runs)."""
         return await self.failovers.run(from_node, force, dry_run, frozenset(skip or ()))
 
-    async def failback(self, node: str) -> dict[str, Any]:
-        return await self.failovers.back(node)
+    async def failback(self, node: str, dry_run: bool = False,
+                       skip: list[str] | None = None) -> dict[str, Any]:
+        """This node takes its address and flows back from the node that adopted them
+        (orchestrator/failover/handback); ``skip``: ``entries`` for a control run."""
+        if node != self.node:
+            raise ConvergentError(f"the failback of {node} runs on {node}'s agent (it takes "
+                                  f"the flows and the address back), not on {self.node}'s")
+        return await self.failbacks.run(dry_run, frozenset(skip or ()))
 
     async def cluster_status(self) -> dict[str, Any]:
         from orchestrator.store.view import cluster_view

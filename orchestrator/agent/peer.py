@@ -11,6 +11,10 @@ instead (``replicator.precopy``) and this channel keeps the control: D asks with
 ``via: sync``; S names the stream ({op: sync, stream, boot, seq}); D follows it and says
 ``go``; S's "dumped" and every barrier echo carry the last seq sent, which D waits to have
 applied. A source without replication answers as if ``via`` was not asked.
+
+A failback uses the same channel the other way round (``orchestrator/failover/handback``):
+the home asks the holder of its address with ``handback``; the holder's ``handback``
+callable owns the connection from there.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ Authorize = Callable[[str, dict[str, Any]], Awaitable[SourceSide]]
 OpenPrecopy = Callable[[str], PrecopySource | None]  # destination node -> stream, if replicating
 # (peer, the forward frame, the channel): runs an operator's request another node forwarded
 OnForward = Callable[[str, dict[str, Any], PeerChannel], Awaitable[None]]
+ServeHandback = Callable[[str, PeerChannel], Awaitable[None]]  # (home node, its connection)
 
 
 class _TcpCarrier:
@@ -116,7 +121,8 @@ class PeerServer:
                  failpoint: Callable[[str], Awaitable[None]] | None = None,
                  open_precopy: OpenPrecopy | None = None,
                  addresses: dict[str, str] | None = None,
-                 on_forward: OnForward | None = None) -> None:
+                 on_forward: OnForward | None = None,
+                 handback: ServeHandback | None = None) -> None:
         self.me, self.key = me, key
         self.on_forward = on_forward  # requests other agents forward (forward.py)
         self.forwarded = 0
@@ -127,6 +133,7 @@ class PeerServer:
         self.open_precopy = open_precopy
         self.authorize = authorize
         self.on_released = on_released
+        self.handback = handback
         self.server: asyncio.AbstractServer | None = None
         self.streams = 0
         self.refused = 0
@@ -205,6 +212,9 @@ class PeerServer:
                     self.forwarded += 1
                     await self.on_forward(peer, req, ch)
                     break  # one request per connection
+                elif op == "handback" and side is None and self.handback is not None:
+                    await self.handback(peer, ch)
+                    break  # the failback owns the connection
                 else:
                     raise PeerError(f"peer {peer}: unexpected {op!r}")
         except (FeedLost, OSError, ValueError, KeyError, TypeError) as exc:

@@ -111,16 +111,64 @@ def render_report(r: dict[str, Any]) -> list[str]:
 @CONFIG
 @NODE
 @click.argument("home")
+@click.option("--dry-run", is_flag=True, help="Print the plan, change nothing.")
+@click.option("--without", "skip", multiple=True, type=click.Choice(["entries"]),
+              help="Leave a part out on purpose (control runs, audited): the entries handed "
+                   "back (the address alone moves, as before).")
 @JSON
-def failback(config_path: str | None, node: str | None, home: str, as_json: bool) -> None:
-    """Give HOME its public address back (HOME's agent must be up again)."""
+def failback(config_path: str | None, node: str | None, home: str, dry_run: bool,
+             skip: tuple[str, ...], as_json: bool) -> None:
+    """Give HOME its public address back, and the flows the holder carried for it: HOME
+    takes the holder's entries first, then the holder releases the address, then HOME
+    adopts it (HOME's agent must be up again; it runs the steps)."""
     from orchestrator.agent.client import call
 
-    topology, here = load_for_node(config_path, node)
-    result = call(topology.agent.socket(here), "failover.back", timeout=30, node=home)
+    topology, _ = load_for_node(config_path, node or home)
+    if not as_json:
+        verb = "planning the failback of" if dry_run else "failing back"
+        click.echo(f"{verb} {home} ...", err=True)
+    start = time.monotonic()
+    try:
+        report = call(topology.agent.socket(home), "failover.back", timeout=60, node=home,
+                      dry_run=dry_run, skip=list(skip))
+    except ConvergentError as exc:
+        raise ConvergentError(f"failback {home}: {exc}") from None
+    report["wall_ms"] = round((time.monotonic() - start) * 1000, 1)
     if as_json:
-        echo_json(result)
-        return
-    click.echo(f"{result['address']} back to {result['node']} from {result['from']} "
-               f"(epoch {result['epoch']})")
+        echo_json(report)
+    else:
+        click.echo("\n".join(render_failback(report)))
+    if report.get("commit_errors"):
+        raise Degraded(f"failback {home}: {len(report['commit_errors'])}+ entries refused "
+                       "by the kernel")
 
+
+def render_failback(r: dict[str, Any]) -> list[str]:
+    if r.get("nothing_to_do"):
+        return [f"nothing to do: {r['to']} holds its address {r['public_address']}"]
+    dry = r.get("dry_run")
+    lines = [f"{'plan' if dry else 'failed back'}: {r['from']} -> {r['to']}"]
+    flows = r.get("flows_by_guest", {})
+    verb = "would hand back" if dry else "handed back"
+    lines.append(f"  {verb} {r.get('committed', r['entries'])} entries "
+                 f"({r.get('bindings', 0)} SNAT bindings) from {r['from']}"
+                 + (": " + ", ".join(f"{g} {n}" for g, n in sorted(flows.items()))
+                    if flows else ""))
+    if r.get("unchanged"):
+        lines.append(f"    {r['unchanged']} already held by {r['to']}")
+    for why, n in sorted(r.get("skipped", {}).items()):
+        lines.append(f"    left out {n}: {why}")
+    for err in r.get("commit_errors", []):
+        lines.append(f"    refused: {err}")
+    if dry:
+        lines.append(f"  would move {r['public_address']} from {r['from']} to {r['to']}")
+    else:
+        if r.get("skipped_parts"):
+            lines.append(f"  control run: without {', '.join(r['skipped_parts'])}")
+        lines.append(f"  {r['from']} released {', '.join(r.get('released') or []) or 'nothing'}"
+                     f"; {r['to']} adopted {r['public_address']} (epoch {r['epoch']}); "
+                     f"{r['from']} deleted {r.get('retired', 0)} copies of its bindings")
+    if "steps_ms" in r:
+        steps = ", ".join(f"{k} {v} ms" for k, v in r["steps_ms"].items())
+        lines.append(f"  took {r['total_ms']} ms ({steps})")
+    return lines

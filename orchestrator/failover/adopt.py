@@ -7,6 +7,10 @@ ARP when it appears), D's tag in the ``adopted_entry`` map (stateless DNAT keeps
 D's tag in ``adopted_tags`` (replies of D's committed SNAT flows are marked as D's) and D's
 bridge MAC in ``adopted_macs`` (those frames leave X's pipes as D's). X's own record held
 by another node: X is fenced, its own address leaves its uplink until a failback.
+
+A failback hands D's address back in steps (``orchestrator/failover/back.py``): while X is
+*releasing* D, X keeps D's maps (packets the upstream router still sends X are answered as
+before) but no longer carries D's address, whatever the record says, so D can take it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
@@ -43,6 +48,7 @@ class Adoption:
     entry: frozenset[tuple[str, int]] = frozenset()  # (public address, its node's tag)
     macs: frozenset[tuple[int, str]] = frozenset()  # (tag, that node's bridge MAC)
     fenced: bool = False  # its own address is held by another node
+    quiet: frozenset[str] = frozenset()  # addresses in ``entry`` kept off the uplink
 
     @property
     def tags(self) -> frozenset[int]:
@@ -50,21 +56,26 @@ class Adoption:
 
     def addresses(self, own: str) -> frozenset[str]:
         """The public addresses its uplink must carry."""
-        extra = {ip for ip, _ in self.entry}
+        extra = {ip for ip, _ in self.entry} - self.quiet
         return frozenset(extra if self.fenced else extra | {own})
 
 
 def desired_adoption(records: tuple[PublicAddress, ...] | list[PublicAddress],
-                     topology: Topology, node: str) -> Adoption:
-    entry, macs, fenced = set(), set(), False
+                     topology: Topology, node: str,
+                     releasing: frozenset[str] | set[str] = frozenset()) -> Adoption:
+    """``releasing``: nodes whose address ``node`` is handing back (a failback under way):
+    their maps stay whoever the record names, their address leaves the uplink."""
+    entry, macs, quiet, fenced = set(), set(), set(), False
     for p in records:
         if p.node == node:
             fenced = p.holder != node
-        elif p.holder == node:
+        elif p.holder == node or p.node in releasing:
             home = topology.node(p.node)
             entry.add((str(p.ip), home.tag))
             macs.add((home.tag, home.bridge_mac))
-    return Adoption(frozenset(entry), frozenset(macs), fenced)
+            if p.node in releasing:
+                quiet.add(str(p.ip))
+    return Adoption(frozenset(entry), frozenset(macs), fenced, frozenset(quiet))
 
 
 @dataclass
@@ -84,6 +95,10 @@ class AdoptionOps:
         self.topology, self.node, self.netns = topology, node, netns
         self.me = topology.node(node)
         self.uplink = topology.cluster.uplink
+        self.releasing: set[str] = set()  # nodes a failback is handing their address back
+        # one pass at a time: the reconcile loop and a failover/failback step both program
+        # the uplink, and two passes would each try to delete the same address
+        self._lock = asyncio.Lock()
 
     def _elements(self, family: str, table: str, name: str, kind: str) -> set[str]:
         out = set()
@@ -144,7 +159,17 @@ class AdoptionOps:
             in_netns(self.netns, send_gratuitous_arp, self.uplink, IPv4Address(a))
 
     async def reconcile(self, records: list[PublicAddress]) -> Changes:
-        want = desired_adoption(records, self.topology, self.node)
+        async with self._lock:
+            return await self._reconcile(records)
+
+    async def follow(self, records: Callable[[], Awaitable[list[PublicAddress]]]) -> Changes:
+        """Read the records *inside* the pass: a pass that waited for another one must not
+        apply what it read before that one changed the store."""
+        async with self._lock:
+            return await self._reconcile(await records())
+
+    async def _reconcile(self, records: list[PublicAddress]) -> Changes:
+        want = desired_adoption(records, self.topology, self.node, self.releasing)
         changed = await asyncio.to_thread(self.apply, want)
         if changed.added:
             await asyncio.to_thread(self.announce, changed.added)

@@ -1,4 +1,5 @@
-"""``failover`` and ``failback`` as the survivor's agent runs them (one audit record per step).
+"""``failover`` as the survivor's agent runs it (one audit record per step; the failback is
+``handback.py``).
 
 Order matters. The adoption is a compare-and-swap first: nothing changes on this node
 unless it fenced the dead one. Then D's SNAT entries go into the kernel *before* D's address
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -34,7 +35,8 @@ SKIPPABLE = frozenset({"entries", "address"})
 class Adoption(Protocol):
     """What a failover needs of :class:`~orchestrator.failover.adopt.AdoptionOps`."""
 
-    async def reconcile(self, records: list[PublicAddress]) -> Changes: ...
+    async def follow(self, records: Callable[[], Awaitable[list[PublicAddress]]]
+                     ) -> Changes: ...  # fmt: skip
 
 
 class Failover:
@@ -105,7 +107,7 @@ class Failover:
                                  if errors else None)
         if "address" not in skip:
             t = time.perf_counter()
-            changed = await self.adoption.reconcile(await self.store.list_public())
+            changed = await self.adoption.follow(self.store.list_public)
             lap("program", t)
             await self.audit.arecord("failover.program", **common, addresses=changed.added,
                                      duration_ms=steps["program"],
@@ -153,21 +155,3 @@ class Failover:
             else:
                 done[guest] = sorted(str(o.ip) for o in result)
         return done
-
-    async def back(self, home: str) -> dict[str, Any]:
-        """``failback``: give ``home`` its address again (run on the node that holds it, or
-        on ``home`` itself once it is back). The holder drops it at its next pass."""
-        async with self._lock:
-            rec = await self.store.get_public(home)
-            if rec is None or not rec.adopted:
-                raise ConvergentError(f"{home}'s public address is not adopted by anyone")
-            live = await self.store.liveness(home)
-            if not live.alive:
-                raise ConvergentError(f"{home} is not alive (no lease): start its agent first")
-            back = await self.store.claim_public(home, rec.ip, home, rec.epoch)
-            await self.audit.arecord("failover.back", from_node=rec.holder, to_node=home,
-                                     addresses=[str(rec.ip)], epoch=back.epoch)
-            await self.adoption.reconcile(await self.store.list_public())
-            self.wake()
-            return {"node": home, "address": str(rec.ip), "from": rec.holder,
-                    "epoch": back.epoch}

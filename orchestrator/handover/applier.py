@@ -3,8 +3,11 @@
 Used by the migration (precopy, its follower and the cutover's final delta), by ``sync
 commit`` (a failover taking a dead node's flows over) and by whatever else writes plans.
 First the entries every REPLACE names are deleted (ENOENT counts as done), then every write
-goes in one batch with policy ``update`` (the plan already says what exists). The entries
-carry what the plan says, handover bit included.
+goes in one batch with policy ``update`` (the plan already says what exists), except the
+adds of entries that carry their SNAT binding (a failback gives a node its own bindings
+back: ``Rule.SNAT_HOME_BINDING``), which are created with it (``push_snat``; a binding
+cannot be set on a live entry). The entries carry what the plan says, handover bit
+included.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from orchestrator.handover.planner import DestKind, Plan
-from orchestrator.netfilter.conntrack import Conntrack, EntryError
+from orchestrator.handover.planner import DestAction, DestKind, Plan
+from orchestrator.model.conntrack import Entry
+from orchestrator.netfilter.conntrack import Conntrack, EntryError, PushResult
 
 
 @dataclass(slots=True)
@@ -35,8 +39,19 @@ async def apply_plan(table: Conntrack, plan: Plan) -> Applied:
     if doomed:
         deleted = await asyncio.to_thread(table.delete, doomed)
         done.deleted, done.delete_errors = deleted.done, deleted.errors
-    writes = [a.entry for a in plan.writes if a.entry is not None]
-    if writes:
-        pushed = await asyncio.to_thread(table.push, writes, "update")
-        done.written, done.write_errors = len(writes) - len(pushed.errors), pushed.errors
+    plain = [a.entry for a in plan.writes if a.entry is not None and not _creates_binding(a)]
+    bound = [a.entry for a in plan.writes if a.entry is not None and _creates_binding(a)]
+    if plain:
+        _count(done, plain, await asyncio.to_thread(table.push, plain, "update"))
+    if bound:
+        _count(done, bound, await asyncio.to_thread(table.push_snat, bound))
     return done
+
+
+def _count(done: Applied, entries: list[Entry], pushed: PushResult) -> None:
+    done.written += len(entries) - len(pushed.errors)
+    done.write_errors += pushed.errors
+
+
+def _creates_binding(a: DestAction) -> bool:
+    return a.kind is not DestKind.UPDATE and a.entry is not None and a.entry.is_src_nat

@@ -10,12 +10,13 @@ A migration passes its ``handover_bit``: every entry the plan adds carries it (a
 an earlier plan added keep it) until finalize, the bit never travels from S, and D's
 entries are compared without it. A failover commit passes none: its writes are final.
 
-Applying a plan (``handover.applier``): PUSH = add; UPDATE = set (status, mark, timeout, TCP
-state and flags, written whole); REPLACE = delete every entry of ``delete`` by key (ENOENT
-counts as done), then add; SKIP = nothing. MAKE_LIBERAL on S = set the TCP flags with mask
-BE_LIBERAL only (never NAT attributes). Planning again with D's current entries yields only
-what is left, so a partial apply is finished by re-planning, and :func:`abort_actions` over
-every plan of the migration undoes it.
+Applying a plan (``handover.applier``): PUSH = add (with its NAT binding when the entry
+carries SRC_NAT: a binding D takes back, SNAT_HOME_BINDING); UPDATE = set (status, mark,
+timeout, TCP state and flags, written whole); REPLACE = delete every entry of ``delete`` by
+key (ENOENT counts as done), then add; SKIP = nothing. MAKE_LIBERAL on S = set the TCP flags
+with mask BE_LIBERAL only (never NAT attributes). Planning again with D's current entries
+yields only what is left, so a partial apply is finished by re-planning, and
+:func:`abort_actions` over every plan of the migration undoes it.
 """
 
 from __future__ import annotations
@@ -242,6 +243,8 @@ def _translate(e: Entry, kind: FlowKind, c: _Ctx) -> _Target:
 
 def _translate_snat(e: Entry, c: _Ctx) -> _Target:
     o, r = e.tuple_orig, e.tuple_reply
+    if r.dst == c.dst.pub_ip:
+        return _Target(Rule.SNAT_HOME_BINDING, _bound(e, c))
     if r.dst != c.src.pub_ip:
         return _Target(Rule.SNAT_ELSEWHERE, None)
     if r != replace(o.reversed(), dst=r.dst):
@@ -265,6 +268,12 @@ def _pushed(e: Entry, c: _Ctx, orig: Tuple, reply: Tuple, mark: int) -> Entry:
         zone=e.zone,
         tcp=tcp,
     )
+
+
+def _bound(e: Entry, c: _Ctx) -> Entry:
+    """The pushed form, but with S's binding kept (D's own SNAT, written back whole)."""
+    pushed = _pushed(e, c, e.tuple_orig, e.tuple_reply, c.tagged(e.mark, c.dst.tag))
+    return replace(pushed, status=REQUIRED | Status.SRC_NAT | Status.SRC_NAT_DONE)
 
 
 def liberal(tcp: TcpInfo, keep: TcpFlag = _ALL_TCP_FLAGS) -> TcpInfo:

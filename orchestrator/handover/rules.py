@@ -22,6 +22,7 @@ class Rule(enum.Enum):
     HALF_OPEN = "half-open"
     SNAT_REMAPPED = "snat-remapped"
     SNAT_ELSEWHERE = "snat-elsewhere"
+    SNAT_HOME_BINDING = "snat-home-binding"
     GATEWAY_LOCAL = "gateway-local"
     UNSUPPORTED_NAT = "unsupported-nat"
     DUPLICATE = "duplicate"
@@ -91,6 +92,12 @@ RULES: dict[Rule, str] = {
     Rule.SNAT_ELSEWHERE: (
         "SNAT to an address that is not S's public address: no spoof rule can reproduce it; "
         "S keeps the binding"
+    ),
+    Rule.SNAT_HOME_BINDING: (
+        "SNAT binding anchored at D's own public address, held by S while S answered for it "
+        "(a failover): D takes the binding back as it is (NATed reply, SRC_NAT, D's tag), "
+        "exactly what D's SNAT rule made; D un-SNATs the replies itself once its address is "
+        "back (a failback)"
     ),
     Rule.GATEWAY_LOCAL: (
         "peer is the shared gateway address, i.e. S's own stack; after cutover the gateway "

@@ -249,7 +249,11 @@ def check_written_form(p: Plan, s_tag: int, d_node) -> None:
             assert o.tcp is None or (e.tcp.state, e.tcp.wscale_orig, e.tcp.wscale_reply) == (
                 o.tcp.state, o.tcp.wscale_orig, o.tcp.wscale_reply)
         kind = a.flow
-        if kind is FlowKind.GUEST_SNAT:  # un-NATed, the source's tag, other mark bits kept
+        if kind is FlowKind.GUEST_SNAT and o.tuple_reply.dst == d_node.pub_ip:
+            # D's own binding, held by S while it answered for D's address: kept whole
+            assert e.tuple_orig == o.tuple_orig and e.tuple_reply == o.tuple_reply
+            assert e.is_src_nat and e.mark == (o.mark & ~0xFF) | d_node.tag
+        elif kind is FlowKind.GUEST_SNAT:  # un-NATed, the source's tag, other bits kept
             assert e.tuple_orig == o.tuple_orig and e.tuple_reply == o.tuple_orig.reversed()
             assert e.mark == (o.mark & ~0xFF) | s_tag
         if kind in (FlowKind.INBOUND_STATELESS, FlowKind.OUTBOUND_UNNATED, FlowKind.EAST_WEST):
