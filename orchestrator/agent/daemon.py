@@ -167,12 +167,13 @@ class Agent:
                                              "guest.migrate": self.jobs.migrate,
                                              "guest.migrate_abort": self.jobs.abort,
                                              "migration.abort": self.migrations.abort,
-                                             "failover.run": self.failover})
+                                             "failover.run": self.failover,
+                                             "failover.back": self.failback})
         self.api = ApiServer(self.settings.socket(self.node), self._handlers(),
                              streaming=frozenset({"guest.migrate"}),
                              on_bad=self.intake.bad_request,
                              identified=frozenset({"guest.migrate", "migrate.abort",
-                                                   "failover.run"}))
+                                                   "failover.run", "failover.back"}))
 
     # lifecycle ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -444,7 +445,7 @@ class Agent:
             "failover.run": self.requests.failover,
             "guest.migrate_abort": self.jobs.abort,  # this node's own move only
             "sync.status": self.sync_status, "sync.commit": self.sync_commit,
-            "failover.back": self.failback,
+            "failover.back": self.requests.failback,
             "cluster.status": self.cluster_status,
         }
 

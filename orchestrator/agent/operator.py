@@ -1,11 +1,13 @@
 """The operator's requests as the agent on the CLI's node takes them: ``convergent migrate``,
-``migrate --abort`` and ``failover``, asked on this node, run by the node they belong to.
+``migrate --abort``, ``failover`` and ``failback``, asked on this node, run by the node they
+belong to.
 
 A migration is run by the guest's owner (its hypervisor moves the guest), a failover by the
-survivor (it adopts the dead node's address). When that is this node the request runs
-here; else it is forwarded to that node's agent (``forward.py``), which runs it as if asked
-on its own socket. Each forward leaves one audit record on each side, naming the request,
-who asked (the uid and pid on this node's socket) and from which node.
+survivor (it adopts the dead node's address), a failback by the node coming back. When that
+is this node the request runs here; else it is forwarded to that node's agent
+(``forward.py``), which runs it as if asked on its own socket. Each forward leaves one audit
+record on each side, naming the request, who asked (the uid and pid on this node's socket)
+and from which node.
 """
 
 from __future__ import annotations
@@ -79,6 +81,13 @@ class OperatorRequests:
         return await self.on(survivor, "failover.run", {
             "from_node": from_node, "force": force, "dry_run": dry_run,
             "skip": list(skip or ())}, caller)
+
+    async def failback(self, node: str, dry_run: bool = False, skip: list[str] | None = None,
+                       caller: str = "an unknown caller") -> Any:
+        """Run by ``node`` itself: it takes its address and flows back."""
+        self._known(node)
+        return await self.on(node, "failover.back", {
+            "node": node, "dry_run": dry_run, "skip": list(skip or ())}, caller)
 
     # here, or there -------------------------------------------------------------------
     async def on(self, node: str, request: str, args: dict[str, Any], caller: str,

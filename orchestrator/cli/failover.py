@@ -3,8 +3,9 @@ address and the flows anchored at it; later the node gets its address back.
 
 Both ask this node's agent over its Unix socket. A failover runs on the survivor (``--to``,
 default this node: it holds the replicator's cache of the dead node's entries and programs
-its own kernel); when that is another node, this node's agent forwards the request to the
-survivor's agent over the peer channel (``agent/operator.py``).
+its own kernel), a failback on the node taking its address back; when that is another
+node, this node's agent forwards the request to that node's agent over the peer channel
+(``agent/operator.py``).
 """
 
 from __future__ import annotations
@@ -120,16 +121,18 @@ def failback(config_path: str | None, node: str | None, home: str, dry_run: bool
              skip: tuple[str, ...], as_json: bool) -> None:
     """Give HOME its public address back, and the flows the holder carried for it: HOME
     takes the holder's entries first, then the holder releases the address, then HOME
-    adopts it (HOME's agent must be up again; it runs the steps)."""
+    adopts it (HOME's agent must be up again; it runs the steps, asked through this node's
+    agent)."""
     from orchestrator.agent.client import call
 
-    topology, _ = load_for_node(config_path, node or home)
+    topology, here = _here(config_path, node, home)
     if not as_json:
         verb = "planning the failback of" if dry_run else "failing back"
-        click.echo(f"{verb} {home} ...", err=True)
+        through = f" through {here}" if here != home else ""
+        click.echo(f"{verb} {home}{through} ...", err=True)
     start = time.monotonic()
     try:
-        report = call(topology.agent.socket(home), "failover.back", timeout=60, node=home,
+        report = call(topology.agent.socket(here), "failover.back", timeout=60, node=home,
                       dry_run=dry_run, skip=list(skip))
     except ConvergentError as exc:
         raise ConvergentError(f"failback {home}: {exc}") from None

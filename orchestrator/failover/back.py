@@ -143,8 +143,12 @@ def select_handback(entries: Iterable[Entry], topology: Topology, home: str) -> 
 
     The entry node of a stateless flow never sees the replies (the hosting node sends them
     out itself), so its live TCP entries lack SEEN_REPLY; handed back, they get it, or the
-    planner would take them for half-open flows."""
+    planner would take them for half-open flows. A binding gets the replication bit back:
+    the home's SNAT rule sets it, but on the holder the adopted replies' tag overwrote the
+    ct mark (``bridge_state``), and without it the home would not replicate the flow, so a
+    second failover would find nothing to commit."""
     h = topology.node(home)
+    sync_bit = topology.sync.mark_bit
     guests = frozenset(a for g in topology.guests for a in g.addresses)
     subnet, mask = topology.cluster.guest_subnet, topology.cluster.tag_mask
     out: list[Entry] = []
@@ -154,7 +158,9 @@ def select_handback(entries: Iterable[Entry], topology: Topology, home: str) -> 
         if why:
             skipped[why] = skipped.get(why, 0) + 1
             continue
-        if not e.is_src_nat and _live_tcp(e) and not e.status & Status.SEEN_REPLY:
+        if e.is_src_nat:
+            e = replace(e, mark=e.mark | sync_bit)
+        elif _live_tcp(e) and not e.status & Status.SEEN_REPLY:
             e = replace(e, status=e.status | Status.SEEN_REPLY)
         out.append(e)
     return Handback(tuple(out), skipped)

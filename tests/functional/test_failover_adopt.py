@@ -1,10 +1,12 @@
 """Adoption on a real node namespace: the maps, sets and uplink addresses a survivor holds
 for a dead node, programmed from the records, idempotent, undone by a failback; the home
-node fenced off its own address. And a SNAT entry created with its binding really
-un-SNATs: the kernel builds the NATed reply tuple from it."""
+node fenced off its own address; a holder releasing it keeps the maps. And a SNAT entry
+created with its binding really un-SNATs: the kernel builds the NATed reply tuple from it,
+for a failover's commit and for a failback's plan through the applier."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from collections.abc import Callable
@@ -13,11 +15,14 @@ from ipaddress import IPv4Address
 import pytest
 
 from orchestrator.failover.adopt import AdoptionOps, desired_adoption
+from orchestrator.failover.back import plan_handback, select_handback
 from orchestrator.failover.plan import plan_failover
+from orchestrator.handover.applier import apply_plan
 from orchestrator.netfilter.apply import apply
 from orchestrator.netfilter.conntrack import ConntrackTable
+from tests.unit.test_failback import BOUND, HOLDER_TABLE, INBOUND, START
 from tests.unit.test_failover_plan import CACHE, N1_DEAD, SNAP, pub
-from tests.unit.test_planner import PUB, T
+from tests.unit.test_planner import PUB, G, T
 
 pytestmark = pytest.mark.root
 
@@ -75,3 +80,39 @@ def test_committed_snat_entry_keeps_its_binding(netns: Callable[[str], str]) -> 
         assert got.tuple_reply.dst == IPv4Address(PUB[1])
         assert got.is_src_nat and got.mark & 0xFF == 1
         assert table.push_snat([entry]).ok  # a second commit: already there, no error
+
+
+def test_releasing_keeps_the_maps_off_the_uplink(netns: Callable[[str], str]) -> None:
+    """A holder handing n1's address back: the address leaves, the maps stay until it
+    retires (then the record decides alone)."""
+    ns = node_ns(netns)
+    ops = AdoptionOps(T, "n3", ns)
+    held = [pub("n1", "n3", 2), pub("n3", "n3")]
+    ops.apply(desired_adoption(held, T, "n3"))
+    released = ops.apply(desired_adoption(held, T, "n3", {"n1"}))
+    assert released.removed == [PUB[1]] and not released.nft and addresses(ns) == {PUB[3]}
+    assert f"{PUB[1]} : 0x00000001" in sh("ip", "netns", "exec", ns, "nft", "list", "ruleset")
+    back = [pub("n1", "n1", 3), pub("n3", "n3")]
+    assert not ops.apply(desired_adoption(back, T, "n3", {"n1"}))  # claimed: still answered
+    retired = ops.apply(desired_adoption(back, T, "n3"))
+    assert retired.nft and not retired.removed
+    assert f"{PUB[1]} : 0x00000001" not in sh("ip", "netns", "exec", ns, "nft", "list",
+                                               "ruleset")
+
+
+def test_handed_back_binding_is_written_with_it_once(netns: Callable[[str], str]) -> None:
+    """The failback's plan through the one applier into a real kernel: the binding goes
+    in with its NATed reply and the replication bit, the inbound copy as a copy; a second
+    plan against what the kernel holds writes nothing."""
+    ns = node_ns(netns)  # n3's ruleset; the kernel does not care whose node it is
+    h = select_handback(HOLDER_TABLE, T, "n1")
+    with ConntrackTable(ns) as table:
+        (p,) = plan_handback(START, h, T, existing=[]).plans
+        done = asyncio.run(apply_plan(table, p))
+        assert done.written == 2 and not done.errors, done.errors
+        got = table.get(BOUND)
+        assert got is not None and got.is_src_nat and got.tuple_reply == BOUND.tuple_reply
+        assert got.mark == BOUND.mark | T.sync.mark_bit
+        assert table.get(INBOUND) is not None
+        (again,) = plan_handback(START, h, T, existing=table.dump([G])).plans
+        assert not again.writes, [(a.kind, a.rules) for a in again.dest]

@@ -3,12 +3,17 @@ an SSH session from the workstation through n1's address to G, a stream G opened
 n1 (SNATed to n1's address), an SSH session through n3's address; H runs on n1. n1 dies
 (agent SIGKILL, every link cut, its etcd member partitioned with it). Its lease expires;
 ``convergent failover --from n1 --to n3``, asked on n2 (n2's agent forwards it to n3's);
-the three flows keep going, H is reported lost; n1 brought back stays fenced off its
-address until ``convergent failback``.
+the three flows keep going, H is reported lost; n1 brought back (rebooted: an empty conntrack table, its address off its uplink) stays
+fenced off its address until ``convergent failback n1``, which hands n3's entries for n1's
+address back before the address moves: the three flows keep going through it too, and a
+second failback has nothing to do.
 
-Control runs, same steps (asked on n3 itself): without the entry commit the SNAT stream
-dies; without the address adoption the sessions through n1 die (the one through n3 survives
-both).
+Control runs, same steps (asked on n3 itself): without the entry commit the SNAT stream dies; without the
+address adoption the sessions through n1 die (the one through n3 survives both). The
+failback (asked on n2, forwarded to n1) has its control in the same lab (one setup for the module): n1 dies a second time,
+n3 fails it over again (from what n1 replicated of the flows it was handed), and
+``failback --without entries`` (the address alone, the old failback) kills the SNAT
+stream while the sessions through n1 and n3 live.
 """
 
 from __future__ import annotations
@@ -76,8 +81,23 @@ async def seconds_until_dead(lab: Lab, node: str, since: float) -> float:
     return time.time() - since
 
 
-def largest_gap_after(r: FlowResult, t: float) -> float:
-    return max((gap for at, gap in r.gaps if at >= t), default=0.0)
+def reboot(lab: Lab, node: str) -> None:
+    """What a node that died comes back with: no conntrack entries, its public address not
+    on its uplink until its agent says so; its links up again."""
+    ns.in_ns(lab.names.node(node), "conntrack", "-F", check=False)
+    pub = str(lab.topology().node(node).pub_ip)
+    if pub in uplink_addresses(lab, node):
+        ns.ip(lab.names.node(node), "addr", "del", f"{pub}/24", "dev", "xenbr0", check=False)
+        ns.ip(lab.names.node(node), "addr", "del", f"{pub}/32", "dev", "xenbr0", check=False)
+    cut_links(lab, int(node[1:]), up=True)
+
+
+def kill(lab: Lab, node: str) -> tuple[float, float]:
+    """SIGKILL the agent, cut every link; (when, seconds until the store said dead)."""
+    killed = time.time()
+    lab.kill_agent(node)
+    cut_links(lab, int(node[1:]))
+    return killed, asyncio.run(seconds_until_dead(lab, node, killed))
 
 
 def node_death(without: tuple[str, ...] = (), asked_on: str | None = None) -> dict[str, Any]:
@@ -90,31 +110,34 @@ def node_death(without: tuple[str, ...] = (), asked_on: str | None = None) -> di
         t = lab.up(config=cfg, store="etcd")
     try:
         flows = start_flows(lab, t, G, ["n1", "n3"])  # G on n1: its stream is SNATed there
+        out: dict[str, Any] = {}
         try:
             time.sleep(1.5)
             asyncio.run(migrate(lab, G, "n2"))  # G runs on n2, its n1 SNAT flow stays n1's
             early = cli(lab, "failover", "--from", "n1", "--to", "n3", *here,
                         check=False)  # n1 alive: refused
             time.sleep(1.0)  # the replicator has told n3 everything n1 holds
-            killed = time.time()
-            lab.kill_agent("n1")
-            cut_links(lab, 1)
             # the store says n1 is dead within the TTL of its last heartbeat, and status too
-            dead_after = asyncio.run(seconds_until_dead(lab, "n1", killed))
+            killed, dead_after = kill(lab, "n1")
             assert view(lab)["nodes"]["n1"]["alive"] is False
             report = json.loads(cli(lab, "failover", "--from", "n1", "--to", "n3", "--json",
                                     *here, *[a for w in without for a in ("--without", w)]
                                     ).stdout)
             failed_over = time.time() - killed
             time.sleep(8.0)  # long enough for TCP's backed-off retransmission to get through
+            out.update({"early": early, "dead_after": dead_after, "report": report,
+                        "failed_over": failed_over, "killed": killed,
+                        "forwards": forwards(lab)})
+            if not without:
+                out.update(comeback(lab))
+                out.update(second_death(lab))
         finally:
             results = {r.name: r for r in flows.stop(alive_within=2.0)}
-        out: dict[str, Any] = {"early": early, "forwards": forwards(lab), "dead_after": dead_after, "report": report,
-                               "failed_over": failed_over, "flows": results,
-                               "gaps": {n: largest_gap_after(r, killed)
-                                        for n, r in results.items()}}
+        out.update({"flows": results, "gaps": {n: largest_gap_between(
+            r, killed, out.get("back_at", time.time())) for n, r in results.items()}})
         if not without:
-            out.update(comeback(lab))
+            out["back_gaps"] = {n: largest_gap_between(r, out["back_at"], out["killed2"])
+                                for n, r in results.items()}
         return out
     finally:
         lab.down()
@@ -129,26 +152,57 @@ def forwards(lab: Lab) -> list[tuple[str, str, str, str]]:
             if r["action"] in ("forward.send", "forward.serve")]
 
 
+def largest_gap_between(r: FlowResult, t0: float, t1: float) -> float:
+    return max((gap for at, gap in r.gaps if t0 <= at <= t1), default=0.0)
+
+
 def comeback(lab: Lab) -> dict[str, Any]:
-    """n1 returns: it sees n3 holding its address and stays off it; then a failback."""
-    cut_links(lab, 1, up=True)
+    """n1 returns (rebooted): it sees n3 holding its address and stays off it; then the
+    failback, run twice."""
+    reboot(lab, "n1")
     lab.start_agent("n1")
-    time.sleep(1.0)  # one adoption pass
+    time.sleep(1.0)  # one adoption pass; n3's replicator resyncs with the returned n1
     back: dict[str, Any] = {"n1_after_return": uplink_addresses(lab, "n1"),
                             "n3_after_return": uplink_addresses(lab, "n3"),
-                            "public_after_return": view(lab)["public"]["n1"]}
-    cli(lab, "failback", "n1", "--node", "n3")
-    deadline = time.time() + 10
-    while "192.168.122.11" not in uplink_addresses(lab, "n1") and time.time() < deadline:
-        time.sleep(0.2)  # n1's next pass (the store change wakes it)
+                            "public_after_return": view(lab)["public"]["n1"],
+                            "dry": json.loads(cli(lab, "failback", "n1", "--dry-run",
+                                                  "--json").stdout)}
+    back["back_at"] = time.time()
+    # asked on n2: its agent forwards it to n1's, which runs the steps
+    back["failback"] = json.loads(cli(lab, "failback", "n1", "--json", "--node", "n2").stdout)
+    back["back_took"] = time.time() - back["back_at"]
     back.update({"n1_after_failback": uplink_addresses(lab, "n1"),
                  "n3_after_failback": uplink_addresses(lab, "n3"),
-                 "public_after_failback": view(lab)["public"]["n1"]})
+                 "public_after_failback": view(lab)["public"]["n1"],
+                 "again": cli(lab, "failback", "n1").stdout})
+    time.sleep(4.0)  # the flows through n1's address, answered by n1 again
     return back
 
 
-def test_node_death_failover_keeps_the_flows_through_it() -> None:
-    r = node_death(asked_on="n2")
+def second_death(lab: Lab) -> dict[str, Any]:
+    """The failback's control: n1 dies again, n3 fails it over again (the flows n1 was
+    handed back and replicated), n1 returns, ``failback --without entries``."""
+    killed, _ = kill(lab, "n1")
+    report = json.loads(cli(lab, "failover", "--from", "n1", "--to", "n3", "--json").stdout)
+    time.sleep(8.0)
+    reboot(lab, "n1")
+    lab.start_agent("n1")
+    time.sleep(1.0)
+    control_at = time.time()
+    control = json.loads(cli(lab, "failback", "n1", "--without", "entries", "--json").stdout)
+    time.sleep(5.0)  # the next reply to n1's address meets n1's stack: a reset
+    return {"killed2": killed, "report2": report, "control_at": control_at,
+            "control": control}
+
+
+@pytest.fixture(scope="module")
+def death() -> dict[str, Any]:
+    """One lab for the failover, the failback and the failback's control run."""
+    return node_death(asked_on="n2")
+
+
+def test_node_death_failover_keeps_the_flows_through_it(death: dict[str, Any]) -> None:
+    r = death
     # n3's refusal, its line unchanged through n2's agent
     said = r["early"].stderr.splitlines()
     assert r["early"].returncode == 1 and said[0] == "failing over n1 -> n3 through n2 ...", said
@@ -162,19 +216,55 @@ def test_node_death_failover_keeps_the_flows_through_it() -> None:
     assert rep["lost_guests"] == {H: ["10.5.5.202"]}
     assert rep["committed"] >= 1 and rep["flows_by_guest"].get(G, 0) >= 1
     flows = r["flows"]
-    for name in ("ssh@n1", "guest-snat", "ssh@n3"):
-        assert flows[name].survived, (name, flows[name].error, r["gaps"][name])
+    for name in ("ssh@n1", "guest-snat", "ssh@n3"):  # alive until the failback's control
+        died = flows[name].died_at
+        assert died is None or died > r["control_at"], (name, flows[name].error)
     # the worst gap of the three is the outage itself: the lease TTL, then the failover
     assert max(r["gaps"][n] for n in ("ssh@n1", "guest-snat")) < 15_000
-    # n1 back: fenced, n3 keeps its address; failback gives it back
+    # n1 back: fenced, n3 keeps its address
     assert "192.168.122.11" not in r["n1_after_return"]
     assert "192.168.122.11" in r["n3_after_return"]
     assert r["public_after_return"]["holder"] == "n3"
-    assert r["public_after_failback"]["holder"] == "n1"
-    assert "192.168.122.11" in r["n1_after_failback"]
     print(f"\nnode death: dead after {r['dead_after']:.2f} s, failed over "
           f"{r['failed_over']:.2f} s after the kill ({rep['total_ms']} ms in the agent); "
           f"largest gaps {', '.join(f'{n} {g:.0f} ms' for n, g in sorted(r['gaps'].items()))}")
+
+
+def test_failback_hands_the_flows_back(death: dict[str, Any]) -> None:
+    r = death
+    dry, back = r["dry"], r["failback"]
+    assert dry["dry_run"] and dry["from"] == "n3" and dry["bindings"] >= 1
+    assert back["from"] == "n3" and back["to"] == "n1" and back["skipped_parts"] == []
+    assert back["committed"] >= 1 and back["bindings"] >= 1, back
+    assert back["flows_by_guest"].get(G, 0) >= 1 and not back["commit_errors"]
+    assert back["released"] == ["192.168.122.11"] and back["adopted"] == ["192.168.122.11"]
+    assert back["retired"] >= 1
+    # ownership of the address back at n1, off n3
+    assert r["public_after_failback"]["holder"] == "n1"
+    assert "192.168.122.11" in r["n1_after_failback"]
+    assert "192.168.122.11" not in r["n3_after_failback"]
+    assert r["again"].startswith("nothing to do: n1 holds its address")
+    # the three flows went through the failback with no reset; its gap, measured
+    flows = r["flows"]
+    for name in ("ssh@n1", "guest-snat", "ssh@n3"):
+        died = flows[name].died_at
+        assert died is None or died > r["control_at"], (name, flows[name].error)
+        assert r["back_gaps"][name] < 2_000, (name, r["back_gaps"])
+    print(f"\nfailback: {back['total_ms']} ms in the agent ({back['steps_ms']}), "
+          f"{r['back_took']:.2f} s for the command; {back['committed']} entries handed "
+          f"back; largest gaps {', '.join(f'{n} {g:.0f} ms' for n, g in sorted(r['back_gaps'].items()))}")
+
+
+def test_control_failback_without_entries_kills_the_snat_stream(
+        death: dict[str, Any]) -> None:
+    r = death
+    assert r["report2"]["committed"] >= 1  # n1 had replicated the flows it was handed back
+    assert r["control"]["skipped_parts"] == ["entries"] and r["control"]["committed"] == 0
+    flows = r["flows"]
+    snat = flows["guest-snat"]
+    assert not snat.survived and snat.died_at is not None and snat.died_at > r["control_at"], (
+        snat.error, snat.died_at, r["control_at"])
+    assert flows["ssh@n1"].survived and flows["ssh@n3"].survived
 
 
 @pytest.mark.parametrize(("without", "dies", "lives"), [
@@ -189,3 +279,4 @@ def test_control_each_part_of_failover_matters(without: str, dies: set[str],
     assert {n for n in dies | lives if not flows[n].survived} == dies, {
         n: (f.survived, f.error) for n, f in flows.items()}
     assert r["report"]["skipped_parts"] == [without]
+

@@ -75,7 +75,8 @@ def test_refusals_and_nothing_to_do() -> None:
 def test_selection_keeps_what_the_address_owns() -> None:
     h = select_handback(HOLDER_TABLE, T, "n1")
     assert [e.tuple_orig for e in h.entries] == [BOUND.tuple_orig, INBOUND.tuple_orig]
-    assert h.entries[0] == BOUND  # the binding untouched
+    # the binding untouched but for the replication bit the holder's bridge_state dropped
+    assert h.entries[0] == replace(BOUND, mark=BOUND.mark | T.sync.mark_bit)
     # the entry node never saw a reply: handed back as the live flow it is
     assert h.entries[1].status & Status.SEEN_REPLY and not INBOUND.status & Status.SEEN_REPLY
     assert h.skipped == {"not tagged n1": 1, "FULL-NAT (its binding was the dead node's "
@@ -90,9 +91,9 @@ def test_plan_gives_the_binding_back_whole_and_copies_the_inbound_entry() -> Non
     kinds = {a.origin.tuple_orig: (a.kind, a.rules) for a in p.dest}
     assert kinds[BOUND.tuple_orig] == (DestKind.PUSH, (Rule.SNAT_HOME_BINDING, Rule.D_ABSENT))
     assert kinds[INBOUND.tuple_orig] == (DestKind.PUSH, (Rule.INBOUND_COPY, Rule.D_ABSENT))
-    bound = next(a.entry for a in p.dest if a.origin == BOUND)
+    bound = next(a.entry for a in p.dest if a.origin.tuple_orig == BOUND.tuple_orig)
     assert bound is not None and bound.tuple_reply == BOUND.tuple_reply  # reply to n1's address
-    assert bound.is_src_nat and bound.mark & 0xFF == 1 and bound.mark == BOUND.mark
+    assert bound.is_src_nat and bound.mark == BOUND.mark | T.sync.mark_bit
     assert bound.tcp is not None and bound.tcp.flags_orig & TcpFlag.BE_LIBERAL
     inbound = next(a.entry for a in p.dest if a.origin.tuple_orig == INBOUND.tuple_orig)
     assert inbound is not None and inbound.mark == 1 and not inbound.is_src_nat
