@@ -3,17 +3,18 @@ an SSH session from the workstation through n1's address to G, a stream G opened
 n1 (SNATed to n1's address), an SSH session through n3's address; H runs on n1. n1 dies
 (agent SIGKILL, every link cut, its etcd member partitioned with it). Its lease expires;
 ``convergent failover --from n1 --to n3``, asked on n2 (n2's agent forwards it to n3's);
-the three flows keep going, H is reported lost; n1 brought back (rebooted: an empty conntrack table, its address off its uplink) stays
-fenced off its address until ``convergent failback n1``, which hands n3's entries for n1's
-address back before the address moves: the three flows keep going through it too, and a
-second failback has nothing to do.
+the three flows keep going, H is reported lost; n1 brought back (rebooted: an empty
+conntrack table, its address off its uplink) stays fenced off its address until
+``convergent failback n1``, which hands n3's entries for n1's address back before the
+address moves: the three flows keep going through it too, and a second failback has
+nothing to do.
 
-Control runs, same steps (asked on n3 itself): without the entry commit the SNAT stream dies; without the
-address adoption the sessions through n1 die (the one through n3 survives both). The
-failback (asked on n2, forwarded to n1) has its control in the same lab (one setup for the module): n1 dies a second time,
-n3 fails it over again (from what n1 replicated of the flows it was handed), and
-``failback --without entries`` (the address alone, the old failback) kills the SNAT
-stream while the sessions through n1 and n3 live.
+Control runs, same steps (asked on n3 itself): without the entry commit the SNAT stream
+dies; without the address adoption the sessions through n1 die (the one through n3
+survives both). The failback (asked on n2, forwarded to n1) has its control in the same
+lab (one setup for the module): n1 dies a second time, n3 fails it over again (from what
+n1 replicated of the flows it was handed), and ``failback --without entries`` (the address
+alone, the old failback) kills the SNAT stream while the sessions through n1 and n3 live.
 """
 
 from __future__ import annotations
