@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from orchestrator.lab.lab import Lab
+from orchestrator.lab.plan import default_config, lab_section
 from tests.conftest import running_lab
 from tests.functional.test_agent_faults import restart_with
 from tests.functional.test_hook_intake import in_flight, until
@@ -32,9 +33,20 @@ pytestmark = pytest.mark.root
 PHASES = ["starting", "memory", "paused", "resumed", "done"]
 
 
+STALL_S = 60  # the abort test's precopy stall, and how long the lab's move waits for it
+
+
+def config(lab: Lab) -> str:
+    """The seed lab, its hypervisor waiting out a stalled precopy as long as it stalls (the
+    default 10 s: on a loaded machine the abort, two CLI start-ups and a forward later, may
+    come after the move went on without the precopy)."""
+    return (default_config(3, lab.name, lab.dir) + "\n" + lab_section(lab.name, lab.dir)
+            + f"precopy_wait_s = {STALL_S}\n")
+
+
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    yield from running_lab("fw")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    yield from running_lab("fw", config=config, config_dir=tmp_path_factory.mktemp("fw"))
 
 
 def via(lab: Lab, node: str, *argv: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -137,7 +149,7 @@ def test_the_owners_refusals_come_back_as_its_one_line(lab):
 def test_an_abort_asked_on_another_node_stops_the_owners_move(lab):
     src = where(lab)
     dst, asker = (n for n in ("n1", "n2", "n3") if n != src)
-    restart_with(lab, dst, "precopy.synced=sleep:20")  # the precopy stalls at dst
+    restart_with(lab, dst, f"precopy.synced=sleep:{STALL_S}")  # the precopy stalls at dst
     moving = subprocess.Popen(command(lab, asker, "guest1", "--to", dst),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
