@@ -25,6 +25,7 @@ from orchestrator.handover.planner import (
     plan_handover,
     plan_source,
 )
+from orchestrator.handover.rules import Rule
 from orchestrator.model.conntrack import Entry, Proto, Status, TcpFlag, TcpInfo, TcpState, Tuple
 from tests.unit.test_planner import GIP, PUB, T
 
@@ -252,7 +253,9 @@ def check_written_form(p: Plan, s_tag: int, d_node) -> None:
         if kind is FlowKind.GUEST_SNAT and o.tuple_reply.dst == d_node.pub_ip:
             # D's own binding, held by S while it answered for D's address: kept whole
             assert e.tuple_orig == o.tuple_orig and e.tuple_reply == o.tuple_reply
-            assert e.is_src_nat and e.mark == (o.mark & ~0xFF) | d_node.tag
+            assert e.is_src_nat and e.mark & 0xFF == d_node.tag
+            # S's other mark bits, unless D held the binding already (then D's own wins)
+            assert e.mark == (o.mark & ~0xFF) | d_node.tag or Rule.D_HOMECOMING in a.rules
         elif kind is FlowKind.GUEST_SNAT:  # un-NATed, the source's tag, other bits kept
             assert e.tuple_orig == o.tuple_orig and e.tuple_reply == o.tuple_orig.reversed()
             assert e.mark == (o.mark & ~0xFF) | s_tag
