@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,6 +33,7 @@ from orchestrator.hypervisor import Progress
 from orchestrator.lab.hypervisor import lab_hypervisor
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.migrate import migrate
+from orchestrator.lab.plan import default_config, lab_section
 from tests.conftest import running_lab
 from tests.functional.test_agent_faults import gate, pushed_left, restart_with
 from tests.functional.test_migration import agent, established_pair, owners, received_within
@@ -41,8 +43,19 @@ HOOK_TIMEOUT_S = 1.5  # the lab's hook.json (LabHypervisor's default)
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
-    yield from running_lab("hk")
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    yield from running_lab("hk", config=stall_config, config_dir=tmp_path)
+
+
+STALL_S = 60  # the abort test's precopy stall, and how long the lab's move waits for it
+
+
+def stall_config(lab: Lab) -> str:
+    """The seed lab, its hypervisor waiting out a stalled precopy as long as it stalls (with
+    the default 10 s, an abort that a loaded machine delays past it finds the move gone on
+    without the precopy, and the migration done)."""
+    return (default_config(3, lab.name, lab.dir) + "\n" + lab_section(lab.name, lab.dir)
+            + f"precopy_wait_s = {STALL_S}\n")
 
 
 def cli(lab: Lab, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -127,7 +140,7 @@ def test_convergent_migrate_success_refusals_and_an_abort_mid_way(lab):
         assert (refused.returncode, refused.stderr) == (1, f"convergent: {line}\n"), argv
 
     # abort mid-way: n3's precopy stalls, the operator aborts from another shell
-    restart_with(lab, "n3", "precopy.synced=sleep:20")
+    restart_with(lab, "n3", f"precopy.synced=sleep:{STALL_S}")
     moving = subprocess.Popen([sys.executable, "-m", "orchestrator", "migrate", "guest1",
                                "--to", "n3", "--config", str(lab.config_path)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

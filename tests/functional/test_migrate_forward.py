@@ -23,30 +23,19 @@ from typing import Any
 import pytest
 
 from orchestrator.lab.lab import Lab
-from orchestrator.lab.plan import default_config, lab_section
 from tests.conftest import running_lab
 from tests.functional.test_agent_faults import restart_with
-from tests.functional.test_hook_intake import in_flight, until
+from tests.functional.test_hook_intake import STALL_S, in_flight, stall_config, until
 from tests.functional.test_migration import established_pair, owners, received_within
 
 pytestmark = pytest.mark.root
 PHASES = ["starting", "memory", "paused", "resumed", "done"]
 
 
-STALL_S = 60  # the abort test's precopy stall, and how long the lab's move waits for it
-
-
-def config(lab: Lab) -> str:
-    """The seed lab, its hypervisor waiting out a stalled precopy as long as it stalls (the
-    default 10 s: on a loaded machine the abort, two CLI start-ups and a forward later, may
-    come after the move went on without the precopy)."""
-    return (default_config(3, lab.name, lab.dir) + "\n" + lab_section(lab.name, lab.dir)
-            + f"precopy_wait_s = {STALL_S}\n")
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    yield from running_lab("fw", config=config, config_dir=tmp_path_factory.mktemp("fw"))
+    yield from running_lab("fw", config=stall_config,
+                           config_dir=tmp_path_factory.mktemp("fw"))
 
 
 def via(lab: Lab, node: str, *argv: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
