@@ -37,6 +37,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+# where an installed convergent keeps its state (cluster.toml's defaults, a hook without a
+# hook.json): a test or bench that lands there uses the host's real agent's files
+SYSTEM_DIRS = tuple(map(Path, ("/var/spool/convergent", "/var/lib/convergent",
+                               "/var/log/convergent", "/etc/convergent")))
+
+
+def _system_entries() -> set[str]:
+    found = set()
+    for d in SYSTEM_DIRS:
+        if d.is_dir():
+            found.add(str(d))
+            found.update(str(d / name) for name in os.listdir(d))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _stays_out_of_the_systems_dirs() -> Iterator[None]:
+    """Fails the test that wrote into the system's convergent directories (tests keep to
+    their temporary directories and namespaces)."""
+    before = _system_entries()
+    yield
+    new = sorted(_system_entries() - before)
+    assert not new, f"the test wrote outside its temporary directories: {new[:5]}"
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
