@@ -141,12 +141,18 @@ class FlowSet:
         """End every stream and judge it: alive = no error and a line in ``alive_within``
         seconds before the stop (so stop a few seconds after the last migration)."""
         if self.results is None:
-            for proc in self.clients:
-                _signal(proc.pid, signal.SIGTERM)
+            # one client at a time, the guest's first: the workstation's client hosts the
+            # echo server of the guest-initiated stream, and stopping both at once could end
+            # that stream while its client still counted it ("closed by the peer")
+            judged: dict[int, list[FlowResult]] = {}
             try:
-                self.results = [r for proc in self.clients
-                                for r in _collect(proc, alive_within, timeout)]
+                for proc in reversed(self.clients):
+                    _signal(proc.pid, signal.SIGTERM)
+                    judged[proc.pid] = _collect(proc, alive_within, timeout)
+                self.results = [r for proc in self.clients for r in judged[proc.pid]]
             finally:
+                for proc in self.clients:  # a result that never came: stop them anyway
+                    _signal(proc.pid, signal.SIGTERM)
                 self._stop_servers()
         return self.results
 

@@ -7,6 +7,7 @@ whether any listener existed anywhere when it was made, which other tests change
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 
@@ -24,7 +25,8 @@ SEND = ("import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM
 
 def _events_seen_by_late_listener(ns: str) -> str:
     """Traffic makes an entry while nothing listens; then a listener starts, the reply
-    arrives (an UPDATE) and the entry is deleted (a DESTROY). Returns what it heard."""
+    arrives (an UPDATE) and the entry is deleted (a DESTROY). Returns what it heard of
+    that entry (waiting up to 20 s for its DESTROY: events arrive when they arrive)."""
     in_ns = ["ip", "netns", "exec", ns]
     # conntrack runs in a namespace only once a rule needs it (as the node ruleset does)
     subprocess.run([*in_ns, "nft", "add table ip t; add chain ip t out "
@@ -32,16 +34,42 @@ def _events_seen_by_late_listener(ns: str) -> str:
     subprocess.run([*in_ns, "python3", "-c", SEND, "1000", "2000"], check=True)
     listener = subprocess.Popen([*in_ns, "conntrack", "-E", "-p", "udp"],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    heard: list[str] = []
+
+    def read() -> None:
+        assert listener.stdout is not None
+        for line in listener.stdout:
+            heard.append(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    ours = "sport=1000 dport=2000"
     try:
-        time.sleep(0.3)  # the listener binds its groups
+        # the listener has bound its groups once it hears a new entry (not a fixed sleep:
+        # a loaded machine takes its time to start it); each try is a new flow
+        for port in range(3000, 3200):
+            subprocess.run([*in_ns, "python3", "-c", SEND, str(port), "4000"], check=True)
+            if _until(lambda p=port: any("[NEW]" in ln and f"sport={p} " in ln
+                                         for ln in list(heard)), 0.5):
+                break
+        else:
+            raise AssertionError(f"conntrack -E heard no new entry: {heard[-5:]}")
         subprocess.run([*in_ns, "python3", "-c", SEND, "2000", "1000"], check=True)
         subprocess.run([*in_ns, "conntrack", "-D", "-p", "udp"], check=True,
                        capture_output=True)
-        time.sleep(0.3)
+        _until(lambda: any("[DESTROY]" in ln and ours in ln for ln in list(heard)), 20)
     finally:
         listener.terminate()
-        out, _ = listener.communicate(timeout=5)
-    return out
+        listener.wait(5)
+    return "".join(ln for ln in heard if ours in ln)
+
+
+def _until(check: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def test_an_entry_made_before_any_listener_reports_its_reply_and_end(
