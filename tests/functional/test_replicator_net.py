@@ -223,6 +223,19 @@ async def peer_status(c: Cluster, rx: str, tx: str, until: Callable[[dict[str, A
         await asyncio.sleep(0.05)
 
 
+async def eventually(read: Callable[[], Any], until: Callable[[Any], bool],
+                     timeout: float = 10.0) -> Any:
+    """``read()`` once ``until`` holds of it, or as it stands after ``timeout`` (the caller
+    asserts on it): datagrams are counted when they arrive, not when they are sent."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        got = read()
+        if until(got) or loop.time() >= end:
+            return got
+        await asyncio.sleep(0.05)
+
+
 async def converge(want: Callable[[], set[Flow]], *caches: Callable[[], object],
                    timeout: float = 15.0) -> set[Flow]:  # fmt: skip
     """Wait until every cache equals ``want()`` (re-read: the kernel may still change)."""
@@ -515,8 +528,14 @@ def test_hostile_datagrams_are_counted_and_never_applied(net: Net) -> None:
         send_from(ns, as_node(2), list(attacks.values()), source=as_node(1))
         send_from(ns, as_node(2), [attacks["bad_hmac"], data])
         send_from(net.nodes["n3"], as_node(2), [attacks["bad_hmac"]])
-        await asyncio.sleep(0.5)
-        after = c.svc["n2"].status()
+
+        def counted(st: dict[str, Any]) -> bool:
+            peers = {q["node"]: q for q in st["peers"]}
+            return (all(st["receiver"].get(r, 0) > before.get(r, 0)
+                        for r in [*attacks, "wrong_source"])
+                    and st["unattributed_drops"].get("bad_hmac", 0) >= 1
+                    and peers["n3"]["drops"].get("bad_hmac", 0) >= 1)
+        after = await eventually(c.svc["n2"].status, counted)
         for reason in [*attacks, "wrong_source"]:
             assert after["receiver"].get(reason, 0) > before.get(reason, 0), reason
         assert after["unattributed_drops"]["bad_hmac"] >= 1
@@ -545,9 +564,10 @@ def test_replayed_hello_and_resync_request_cost_no_resync(net: Net) -> None:
             send_from(ns, as_node(1), [hello, request], source=as_node(2))
             send_from(ns, as_node(3), [hello], source=as_node(2))
             await asyncio.sleep(0.05)
+        sent = await eventually(lambda: c.svc["n1"].sender.counters,  # all of them heard
+                                lambda s: s["resync_covered"] >= 20 and s["resync_request"] >= 20)
         await asyncio.sleep(1.5)  # past resync_gap: a deferred resync would have started
         assert {n: c.svc[n].sender.counters["resync_started"] for n in c.svc} == started
-        sent = c.svc["n1"].sender.counters
         assert sent["resync_covered"] >= 20 and sent["resync_request"] >= 20, dict(sent)
         await churn(c.tables["n1"], 100, base=3000)
         await converge(c.table("n1"), c.cache("n2", "n1"), c.cache("n3", "n1"))
@@ -565,8 +585,7 @@ def test_an_implausible_seq_jump_does_not_move_the_expectation(net: Net) -> None
         jump = n1.codec.seal(MsgType.DATA, 1, n1.boot, (nxt + (1 << 30)) % (1 << 32),
                              encode_upsert(forged), count=1)  # authenticated, seq + 2**30
         send_from(stranger(net), as_node(2), [jump], source=as_node(1))
-        await asyncio.sleep(0.3)
-        p = peer_of(c, "n2", "n1")
+        p = await peer_status(c, "n2", "n1", until=lambda p: "implausible" in p["drops"])
         assert p["drops"].get("implausible") == 1 and p["expected_seq"] == nxt, p
         assert forged.key not in c.svc["n2"].cache("n1")
         # n1's genuine datagrams still apply: the receiver never lost its place
@@ -623,15 +642,16 @@ def test_an_older_boot_is_never_taken_back_also_after_the_receivers_restart(net:
         await asyncio.sleep(0.6)
         ns = stranger(net)
         send_from(ns, as_node(2), [replay], source=as_node(1))
-        await asyncio.sleep(0.3)
+        p = await peer_status(c, "n2", "n1", until=lambda p: "stale_boot" in p["drops"])
         assert gone.key not in c.svc["n2"].cache("n1")
-        assert peer_of(c, "n2", "n1")["drops"]["stale_boot"] >= 1
+        assert p["drops"]["stale_boot"] >= 1
         # n2 restarts: what it saw survives in its state file, so the replay is refused still
         await c.stop("n2")
         await c.start("n2")
         send_from(ns, as_node(2), [replay], source=as_node(1))
-        await asyncio.sleep(0.3)
-        assert c.svc["n2"].status()["receiver"]["stale_boot"] >= 1
+        rx = await eventually(lambda: c.svc["n2"].status()["receiver"],
+                              lambda r: r.get("stale_boot", 0) >= 1)
+        assert rx["stale_boot"] >= 1
         assert gone.key not in c.svc["n2"].cache("n1")
         result = await c.svc["n2"].commit("n1")
         assert result["pushed"] == 0, result  # nothing of the old life is written
