@@ -14,6 +14,10 @@ failover     (root) a dead node n1 holding 1,000 guest addresses (its guests, lo
              with n3's ruleset (with their binding), maps + address + gratuitous ARP, the
              1,000 addresses released; timed from the call to its return, every entry then
              checked in the kernel. On each store.
+failback     (root) then n1 back (its own namespace and ruleset, an empty table, fenced):
+             the agents' own failback takes the 10,000 entries (with their binding) and the
+             address back from n3; timed from the call to its return, every entry then
+             checked in n1's kernel and gone from n3's (n3's side called in process)
 """
 
 from __future__ import annotations
@@ -143,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
                 f = r["failover"]
                 print(f"        failover {f['total_ms']} ms ({f['steps_ms']}), "
                       f"{f['in_kernel']}/{f['entries']} entries in the kernel")
+                b = f["failback"]
+                print(f"        failback {b['total_ms']} ms ({b['steps_ms']}), "
+                      f"{b['in_kernel_with_binding']}/{f['entries']} entries back in n1's kernel")
     return 0
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
+from typing import Any
 
 from orchestrator.config.schema import Node, Topology
 from orchestrator.errors import ConvergentError
@@ -192,14 +193,22 @@ def plan_handback(start: FailbackStart, handback: Handback, topology: Topology,
                   existing: Iterable[Entry], offered: int = 0) -> FailbackPlan:
     """The handover planner per guest, the holder as S and the home as D, against the
     home's own entries (``existing``): a second plan of the same entries writes nothing."""
-    mine = list(existing)
-    plans = []
-    for g in topology.guests:
-        addrs = frozenset(g.addresses)
-        theirs = [e for e in handback.entries if e.addresses() & addrs]
-        if theirs:
-            plans.append(plan_handover(theirs, topology, g, start.holder, start.home, mine))
-    return FailbackPlan(start, tuple(plans), handback.skipped, offered)
+    by_address = {a: g.name for g in topology.guests for a in g.addresses}
+    theirs = _per_guest(handback.entries, by_address)
+    mine = _per_guest(existing, by_address)
+    plans = tuple(plan_handover(theirs[g.name], topology, g, start.holder, start.home,
+                                mine.get(g.name, []))
+                  for g in topology.guests if g.name in theirs)
+    return FailbackPlan(start, plans, handback.skipped, offered)
+
+
+def _per_guest(entries: Iterable[Entry], by_address: Mapping[Any, str]) -> dict[str, list[Entry]]:
+    """Entries by the name of each guest they name (one pass: thousands are handed back)."""
+    out: dict[str, list[Entry]] = {}
+    for e in entries:
+        for g in {by_address[a] for a in e.addresses() if a in by_address}:
+            out.setdefault(g, []).append(e)
+    return out
 
 
 def guest_addresses(topology: Topology, handback: Handback) -> list[IPv4Address]:

@@ -238,6 +238,26 @@ class Failback:
             await self.abandon(home)
 
 
+class LocalHolder:
+    """The holder's side called in this process (tests, the bench): the same calls the peer
+    channel carries, without the channel."""
+
+    def __init__(self, holder: Failback, home: str) -> None:
+        self.holder, self.home = holder, home
+
+    async def entries(self) -> list[Entry]:
+        return await self.holder.offer(self.home)
+
+    async def release(self) -> list[str]:
+        return await self.holder.release(self.home)
+
+    async def retire(self) -> int:
+        return await self.holder.retire(self.home)
+
+    async def close(self) -> None:
+        await self.holder.abandon(self.home)
+
+
 class PeerHolder:
     """The holder's agent over the peer channel (the home connects, as a migration's
     destination does)."""

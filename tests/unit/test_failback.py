@@ -2,7 +2,8 @@
 home takes back and in which form, refusals, the releasing state of the adoption, the
 applier writing bindings with their binding; then both nodes' steps over the fakes (a real
 SQLite store, the in-memory conntrack table held to the kernel by its contract suite, an
-adoption recording what each node's uplink and maps would carry): their order, one audit
+adoption recording what each node's uplink and maps would carry; the holder called in
+process, the same calls the peer channel carries in the lab test): their order, one audit
 record per step, a second run with nothing to do, the control switch, a dry run, and a home
 that goes away after the holder released."""
 
@@ -27,7 +28,7 @@ from orchestrator.failover.back import (
     retired,
     select_handback,
 )
-from orchestrator.failover.handback import Failback
+from orchestrator.failover.handback import Failback, LocalHolder
 from orchestrator.failover.plan import plan_failover
 from orchestrator.handover.applier import apply_plan
 from orchestrator.handover.planner import DestKind, plan_handover
@@ -172,25 +173,6 @@ class Uplink:
         return Changes(sorted(after - before), sorted(before - after), True)
 
 
-class LocalHolder:
-    """The holder's side called in process (the peer channel carries the same calls)."""
-
-    def __init__(self, holder: Failback, home: str, log: list[str]) -> None:
-        self.holder, self.home, self.log = holder, home, log
-
-    async def entries(self) -> list[Entry]:
-        return await self.holder.offer(self.home)
-
-    async def release(self) -> list[str]:
-        return await self.holder.release(self.home)
-
-    async def retire(self) -> int:
-        return await self.holder.retire(self.home)
-
-    async def close(self) -> None:
-        await self.holder.abandon(self.home)
-
-
 @dataclass
 class World:
     store: Store
@@ -216,7 +198,7 @@ async def world(tmp: Path) -> World:
     fbs: dict[str, Failback] = {}
 
     async def connect(node: str) -> LocalHolder:
-        return LocalHolder(fbs[node], "n1", log)
+        return LocalHolder(fbs[node], "n1")
 
     async def rules() -> None:
         log.append(f"n1 ruleset entries={tables['n1'].count()}")
