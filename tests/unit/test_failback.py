@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from orchestrator.audit.log import AuditLog
+from orchestrator.cli.failover import render_failback
 from orchestrator.errors import ConvergentError
 from orchestrator.failover.adopt import Changes, desired_adoption
 from orchestrator.failover.back import (
@@ -252,8 +253,14 @@ def test_failback_steps_in_order_each_audited(tmp_path: Path) -> None:
             "failback.begin", "failback.commit", "failback.release", "failback.adopt",
             "failback.retire", "failback.end")]
         assert actions(w.audits["n3"]) == [("failover.back", "ok")]
+        lines = render_failback(report)
+        assert lines[0] == "failed back: n3 -> n1"
+        assert lines[1] == "  handed back 2 entries (1 SNAT bindings) from n3: g1 2"
+        assert f"n3 released {PUB[1]}; n1 adopted {PUB[1]} (epoch 3); n3 deleted 1" in lines[-2]
+        assert lines[-1].startswith("  took ")
         again = await w.home.run()  # a second run: n1 holds it, nothing moves
         assert again["nothing_to_do"] and n1.count() == 2
+        assert render_failback(again) == [f"nothing to do: n1 holds its address {PUB[1]}"]
         assert len(actions(w.audits["n1"])) == 6
         await w.store.close()
 
