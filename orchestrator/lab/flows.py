@@ -275,7 +275,9 @@ def _ns_pids(netns: str) -> list[int]:
     return [int(p) for p in ns.sh(["ip", "netns", "pids", netns], check=False).split()]
 
 
-def _wait_gone(pids: list[int], timeout: float = 3.0) -> None:
+def _wait_gone(pids: list[int], timeout: float = 15.0) -> None:
+    """Until none of ``pids`` runs (their ports free), for at most ``timeout`` (a loaded
+    machine can take seconds to end an interpreter)."""
     deadline = time.monotonic() + timeout
     while any(_running(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.02)

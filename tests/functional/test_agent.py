@@ -68,7 +68,13 @@ def test_reconcile_restores_a_removed_set_element(lab):
 
 
 def test_sync_status_sees_every_peer(lab):
-    peers = {p["node"] for p in agent(lab, "n1", "sync.status")["peers"]}
+    # a peer shows once its first datagram arrived: right after the lab's start, maybe not
+    deadline = time.monotonic() + 20
+    while True:
+        peers = {p["node"] for p in agent(lab, "n1", "sync.status")["peers"]}
+        if peers == {"n2", "n3"} or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert peers == {"n2", "n3"}
 
 

@@ -72,8 +72,10 @@ def assert_completed(lab: Lab, cli, conn) -> None:  # type: ignore[no-untyped-de
     cli.sendall(b"alive")
     assert received_within(conn, 5) == b"alive"
     assert "10.5.5.201" not in gate(lab, "n2")
-    deadline = time.monotonic() + 5  # finalize clears the bit off the critical path
-    while "10.5.5.201" in pushed_left(lab, "n2") and time.monotonic() < deadline:
+    # finalize clears the bit off the critical path, then writes its record
+    deadline = time.monotonic() + 20
+    while ("10.5.5.201" in pushed_left(lab, "n2")
+           or "migration.finalize" not in audit_actions(lab)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "10.5.5.201" not in pushed_left(lab, "n2")
     assert audit_actions(lab).count("migration.finalize") == 1

@@ -104,7 +104,8 @@ def test_a_hung_agent_mid_tour_spools_and_its_restart_replays_to_the_truth(lab):
     assert [v["hook"]["event"] for v in to_n2] == ["incoming", "resumed"]
     for v in to_n2:  # each waited out its timeout, spooled, and let the hypervisor go on
         assert v["spooled"] and v["verdict"] == "allow" and v["hook"]["exit"] == 0
-        assert HOOK_TIMEOUT_S * 1000 <= v["hook"]["ms"] <= HOOK_TIMEOUT_S * 1000 + 1500, v
+        # (the slack: a hook's own start and spool on a loaded 2-core machine)
+        assert HOOK_TIMEOUT_S * 1000 <= v["hook"]["ms"] <= HOOK_TIMEOUT_S * 1000 + 4000, v
     gone = next(v for v in hv.verdicts if v["hook"]["node"] == "n1")
     assert gone["outcome"] == "report"  # n1 heard "gone" with no migration in the store
     assert len(spooled(lab, "n2")) == 2

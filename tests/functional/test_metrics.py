@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -41,6 +42,21 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def intake_events(samples: dict) -> float:
+    return sum(v for (n, _), v in samples.items() if n == "convergent_intake_events_total")
+
+
+def scrape_until(lab: Lab, node: str, done: Callable[[dict], bool],
+                 timeout: float = 20.0) -> dict:
+    """``node``'s samples once ``done`` holds of them, or as they are after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(lab, node)
+        if done(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.2)
+
+
 def test_metrics_move_during_a_migration(lab: Lab) -> None:
     before, src_before = scrape(lab, "n2"), scrape(lab, "n1")
     assert value(before, "convergent_agent_info", node="n2", version=next(
@@ -56,7 +72,18 @@ def test_metrics_move_during_a_migration(lab: Lab) -> None:
     asyncio.run(migrate(lab, "guest1", "n2", before_move=scrape_mid_flight))
     cli.sendall(b"after")
     assert received_within(conn, 5) == b"after"  # the flow lived
-    after, src_after = scrape(lab, "n2"), scrape(lab, "n1")
+    # what comes after the move's last step (a reconcile pass, the replicator catching
+    # up, the hooks' intake): scraped until it shows, then every assertion on that scrape
+    taken_before = intake_events(before)
+
+    def settled(s: dict) -> bool:
+        return (value(s, "convergent_reconcile_runs_total")
+                > value(before, "convergent_reconcile_runs_total")
+                and value(s, "convergent_replicator_peer_lag", peer="n1") == 0
+                and value(s, "convergent_hook_spool_depth") == 0
+                and intake_events(s) >= taken_before + 2)
+    after = scrape_until(lab, "n2", settled)
+    src_after = scrape(lab, "n1")
 
     assert value(during, "convergent_migrations_in_flight", phase="precopy") == 1
     assert value(during, "convergent_migrations_total", phase="precopy", outcome="ok") \
@@ -91,8 +118,6 @@ def test_metrics_move_during_a_migration(lab: Lab) -> None:
     assert value(after, "convergent_replicator_peer_lag", peer="n1") == 0
     assert value(after, "convergent_hook_spool_depth") == 0
     # the lab's hypervisor ran its hooks into n2's intake (incoming, resumed)
-    taken = sum(v for (n, _), v in after.items() if n == "convergent_intake_events_total")
-    before_taken = sum(v for (n, _), v in before.items() if n == "convergent_intake_events_total")
-    assert taken >= before_taken + 2
+    assert intake_events(after) >= taken_before + 2
     cli.close()
     conn.close()
