@@ -70,7 +70,11 @@ def describe(exc: BaseException) -> str:
     text = str(exc).strip()
     if isinstance(exc, FlowError):
         return text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    said = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    # a library's summary hides what happened ("did not receive a valid HTTP response"):
+    # the cause says whether the peer closed, reset or sent garbage
+    cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return f"{said} ({describe(cause)})" if cause is not None else said
 
 
 async def ticks(interval: float) -> AsyncIterator[int]:

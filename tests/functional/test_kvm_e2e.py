@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import time
@@ -96,6 +97,15 @@ def wait_for(pred: Callable[[], Any], timeout: float = 40.0, what: str = "") -> 
             return got
         assert time.monotonic() < deadline, f"timed out waiting for {what or pred}"
         time.sleep(0.2)
+
+
+def reconnected(log: Any, after: int) -> bool:
+    """The agent's log says its libvirt event stream subscribed again (after ``after``)."""
+    with open(log, "rb") as f:
+        f.seek(after)
+        lines = f.read().decode(errors="replace").splitlines()
+    return any("libvirt.events" in ln and re.search(r"reconnected\W+true", ln, re.I)
+               for ln in lines)
 
 
 def where(lab: Any, guest: str = GUEST) -> str | None:
@@ -243,9 +253,12 @@ def test_a_libvirtd_restart_under_a_running_agent(lab: Any) -> None:
     src = where(lab)
     assert src is not None
     d = driver(lab).daemon(t, src)
+    log = lab.dir / "logs" / f"agent-{src}.log"
+    mark = log.stat().st_size
     d.stop()
     d.start()
-    time.sleep(5)  # the agent's event stream reconnects (backoff <= 5 s)
+    # the agent's event stream reconnects (backoff <= 5 s; later on a loaded machine)
+    wait_for(lambda: reconnected(log, mark), what=f"{src}'s event stream to reconnect")
     dst = next(n.name for n in t.nodes if n.name != src)
     since = time.time()
     driver(lab).virsh_migrate(t, GUEST, src, dst)

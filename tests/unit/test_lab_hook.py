@@ -36,3 +36,4 @@ def test_with_settings_it_still_spools_where_they_say(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     spooled = json.loads(done.stdout)["spooled"]
     assert Path(spooled).parent == tmp_path / "spool" and Path(spooled).exists()
+

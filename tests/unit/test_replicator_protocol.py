@@ -967,7 +967,7 @@ def test_precopy_halves_carry_a_guest_through_loss() -> None:
     for o in to_d[1:]:  # the first datagram is lost; the gap's NACK is lost too
         assert [m.type for m in decode(rx.on_datagram(o.data, "S", 0.0))] in (
             [], [MsgType.NACK])  # fmt: skip
-    asyncio.run(follower.reach(last, timeout=1.0))
+    asyncio.run(follower.reach(last, timeout=10.0))  # a bound, for a loaded machine
     assert follower.holds(last) and sorted(follower.entries(), key=str) == sorted(
         sender.state().values(), key=str)  # fmt: skip
     to_d.clear()
@@ -977,7 +977,7 @@ def test_precopy_halves_carry_a_guest_through_loss() -> None:
     with pytest.raises(TimeoutError):  # the delta is lost and nobody answers NACKs
         asyncio.run(PrecopyFollower(rx, 1, 4, lambda out: None, lambda: 0.0,
                                     lambda t, s: None).reach(last, timeout=0.01))
-    asyncio.run(follower.reach(last, timeout=1.0))
+    asyncio.run(follower.reach(last, timeout=10.0))  # a bound, for a loaded machine
     assert {e.key: e.mark for e in follower.entries()} == {
         entry(i).key: 5 if i == 3 else 0 for i in range(6)}  # fmt: skip
     follower.close()
