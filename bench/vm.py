@@ -138,9 +138,6 @@ def tour(lab: Any, events: Events, handover: bool, settle: float,
     try:
         tracer.start()
         time.sleep(settle)
-        if handover and opts.local_pause:
-            moves.append(local_pause(drv, t, lab.guest_node(t, GUEST), opts.local_pause,
-                                     settle))
         for dst in TOUR:
             src = lab.guest_node(t, GUEST)
             if opts.max_downtime is not None:
@@ -148,6 +145,7 @@ def tour(lab: Any, events: Events, handover: bool, settle: float,
                                          str(opts.max_downtime))
             warm = jit_tbs(drv, t, src)
             poller = JitPoller(events.by_node[dst])
+            agents = {n.name: cpu_s(lab.agent_pid(n.name)) for n in t.nodes}
             start = time.time()
             try:
                 drv.virsh_migrate(t, GUEST, src, dst, p2p=opts.p2p)
@@ -155,11 +153,17 @@ def tour(lab: Any, events: Events, handover: bool, settle: float,
                 end = time.time()
                 time.sleep(JIT_WATCH_S)
                 cold = poller.stop()
+                agents_cpu = {n: round((cpu_s(lab.agent_pid(n)) - c) * 1000)
+                              for n, c in agents.items()} if handover else None
             if not handover:  # the guest's gateway entry lapses, compressed
                 drv.ssh(t, GUEST, "ip neigh flush dev eth0")
             time.sleep(max(0.0, end + settle - time.time()))
             moves.append({"from": src, "to": dst, "kind": "migrate", "start": start,
-                          "virsh_s": end - start, "tbs_src": warm, "tbs_dst": cold})
+                          "virsh_s": end - start, "tbs_src": warm, "tbs_dst": cold,
+                          "agents_cpu_ms": agents_cpu})
+        if handover and opts.local_pause:  # last: the guest's QEMU warm by now
+            moves.append(local_pause(drv, t, lab.guest_node(t, GUEST), opts.local_pause,
+                                     settle))
     finally:
         with contextlib.suppress(Exception):
             packets, pings = tracer.stop()
@@ -264,6 +268,17 @@ class JitPoller:
         self.done.set()
         self.thread.join(timeout=30)
         return self.samples
+
+
+def cpu_s(pid: int | None) -> float:
+    """A process's CPU time so far (all its threads), in seconds; 0 when it is gone."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def jit_tbs(drv: Any, t: Any, node: str) -> int | None:
@@ -458,7 +473,7 @@ def main() -> None:
     ap.add_argument("--modes", type=lambda v: v.split(","), default=["handover", "control"],
                     help="tours to run, of handover,control")
     ap.add_argument("--local-pause", type=float, default=0.3, metavar="S",
-                    help="before the handover tour: suspend and resume the guest in place "
+                    help="after the handover tour: suspend and resume the guest in place "
                          "for S seconds, the same pause without a move (0: skip)")
     ap.add_argument("--trace-dir", type=Path, default=None,
                     help="keep the captures and pings there (default: the lab's, removed)")

@@ -160,3 +160,18 @@ def test_timeline_falls_back_to_libvirt_events() -> None:
     assert tl["qemu_pause_ms"] is None
     assert tl["steps_ms"]["dst_resumed_event"] == 0.0
     assert tl["guest_first_ms"]["udp"] == 495.0
+
+
+def test_gap_bound_names_what_the_target_runs_into() -> None:
+    from bench.vm import gap_bound
+
+    m = {"downtime_ms": 300.0, "flows": {"udp@n1": 700.0, "ssh@n1": 900.0, "udp@n2": 650.0},
+         "timeline": {"qemu_pause_ms": 290.0, "guest_first_ms": {"udp": 380.0},
+                      "udp": {"udp@n1": {"dark_ms": 700.0}, "udp@n2": {"dark_ms": 650.0},
+                              "udp@n3": {"dark_ms": None}}}}
+    assert gap_bound(m, 60.0) == {
+        "target_ms": 550.0, "udp_dark_ms": 700.0, "qemu_pause_ms": 290.0,
+        "guest_first_udp_reply_ms": 380.0, "warm_guest_first_udp_reply_ms": 60.0,
+        "tcp_over_udp_dark_ms": 200.0}
+    empty = gap_bound({"downtime_ms": None, "flows": {}, "timeline": {"error": "x"}}, None)
+    assert empty["target_ms"] is None and empty["udp_dark_ms"] is None
