@@ -18,6 +18,18 @@ commit in the audit log. The nodes track strictly (``nf_conntrack_tcp_loose=0`` 
 ``--tcp-loose 1``): a node can then not pick a flow up in the middle, so only the handover
 carries it. Also the qemu hook's own cost, run as libvirt runs it: answered by a live agent
 and spooled with the agent away.
+
+Where the dark time goes (``timeline`` per move, :mod:`bench.vmtrace`): QEMU's own STOP on
+the source and RESUME on the destination (QMP timestamps, through libvirt) beside libvirt's
+``downtime`` (libvirt 9.0's: from the source's libvirtd seeing QEMU's STOP to the
+destination's returning from ``cont`` in the Finish phase), the RARP QEMU sends and when
+it reached each node, the guest's first frames on the destination's tap, each UDP flow's
+dark window and its first reply, a ping from every node; TCG's translated blocks on the
+destination as they pile up after the resume (HMP ``info jit``); and, after the handover
+tour, the same pause in place (``virsh suspend``/``resume`` on one node: same pause and
+queued traffic, TCG's translations kept) as the warm reference. ``bound`` names what the
+target runs into: the UDP flows' dark time (no retransmission in it, so every flow's
+floor) = QEMU's pause + the guest's first answer after the resume, and what TCP added.
 """
 
 from __future__ import annotations
@@ -181,8 +193,9 @@ def tour(lab: Any, events: Events, handover: bool, settle: float,
         # TCP keeps retransmitting: a flow stalled here may come back when the guest
         # returns to where its state is, and end the tour "alive"
         m["stalled"] = sorted(name for name, gap in m["flows"].items() if gap > STALL_MS)
-        cutover = cutover_after(lab, m["to"], m["start"]) if handover else None
-        if handover:
+        cutover = (cutover_after(lab, m["to"], m["start"])
+                   if handover and m["kind"] == "migrate" else None)
+        if handover and m["kind"] == "migrate":
             resumed = events.resume_after(m["to"], m["start"])
             m["resume_to_cutover_ms"] = (round((cutover - resumed) * 1000, 1)
                                          if cutover and resumed else None)
