@@ -27,15 +27,21 @@ def hook_path() -> Path:
 
 def hook_conf(lab_dir: Path, node: str, agent: AgentSettings,
               timeout_s: float = DEFAULT_TIMEOUT_S) -> Path:
-    """The node's hook settings (an installed hook's ``hook.json``), made once."""
+    """The node's hook settings (an installed hook's ``hook.json``), written again only
+    when they change (the hook reads its timeout there: a caller's own must not be lost to
+    whichever caller came first)."""
     path = lab_dir / "hooks" / f"{node}.json"
-    if not path.exists():
-        conf = {"socket": str(agent.socket(node)), "spool_dir": str(agent.spool(node)),
-                "timeout_s": timeout_s, "node": node}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(conf))
-        tmp.replace(path)
+    conf = {"socket": str(agent.socket(node)), "spool_dir": str(agent.spool(node)),
+            "timeout_s": timeout_s, "node": node}
+    try:
+        if json.loads(path.read_text()) == conf:
+            return path
+    except (OSError, ValueError):
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(conf))
+    tmp.replace(path)
     return path
 
 

@@ -47,6 +47,7 @@ from orchestrator.lab.plan import (
     with_lab_agent,
 )
 from orchestrator.netfilter.apply import apply
+from orchestrator.store import outwaits_refusal
 
 STATE_ROOT = Path(os.environ.get("CONVERGENT_LAB_DIR", "/run/convergent/lab"))
 REQUIRED_TOOLS = {"ip": "iproute2", "nft": "nftables", "conntrack": "conntrack",
@@ -339,8 +340,9 @@ class Lab:
             for g in t.guests:
                 node = self.guest_node(t, g.name)
                 if node is not None:
-                    v = await run_hook(hook_conf(self.dir, node, t.agent),
-                                       ["started", g.name], DEFAULT_TIMEOUT_S)
+                    wait = outwaits_refusal(t.agent.store, DEFAULT_TIMEOUT_S)
+                    v = await run_hook(hook_conf(self.dir, node, t.agent, wait),
+                                       ["started", g.name], wait)
                     if v.get("spooled"):
                         raise LabError(f"the agent of {node} did not take {g.name}'s "
                                        f"start: {v.get('reason')}")

@@ -37,3 +37,21 @@ def test_with_settings_it_still_spools_where_they_say(tmp_path: Path) -> None:
     spooled = json.loads(done.stdout)["spooled"]
     assert Path(spooled).parent == tmp_path / "spool" and Path(spooled).exists()
 
+
+
+def test_the_hook_settings_follow_the_callers_timeout(tmp_path: Path) -> None:
+    """lab up writes them first (its 1.5 s); a move on an etcd lab needs the hook to wait
+    longer than the store takes to refuse: the file must say so, not keep the first."""
+    from orchestrator.config.loader import parse
+    from orchestrator.lab.hookrun import hook_conf
+    from orchestrator.lab.plan import default_config
+
+    agent = parse(default_config(3)).agent
+    path = hook_conf(tmp_path, "n1", agent, 1.5)
+    assert json.loads(path.read_text())["timeout_s"] == 1.5
+    ino = path.stat().st_ino
+    assert hook_conf(tmp_path, "n1", agent, 1.5) == path and path.stat().st_ino == ino
+    hook_conf(tmp_path, "n1", agent, 7.0)
+    conf = json.loads(path.read_text())
+    assert conf["timeout_s"] == 7.0 and conf["spool_dir"] == str(agent.spool("n1"))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["n1.json"]  # no temporary left
