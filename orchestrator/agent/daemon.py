@@ -279,7 +279,9 @@ class Agent:
         from orchestrator.failover.handback import Failback
         from orchestrator.failover.run import Failover
 
-        self.adoption = AdoptionOps(self.topology, self.node)
+        self.adoption = AdoptionOps(  # its uplink's shape survives a restart while fenced
+            self.topology, self.node,
+            state_path=self.topology.agent.state_dir / f"uplink-{self.node}.json")
         self.failovers = Failover(self.topology, self.node, self.store, self.table,
                                   self.adoption, self.audit, self._cached, self.wake.set)
         self.failbacks = Failback(self.topology, self.node, self.store, self.table,

@@ -6,7 +6,9 @@ for. X holds a dead node D's address: D's address on X's uplink (announced by gr
 ARP when it appears), D's tag in the ``adopted_entry`` map (stateless DNAT keeps D's tag),
 D's tag in ``adopted_tags`` (replies of D's committed SNAT flows are marked as D's) and D's
 bridge MAC in ``adopted_macs`` (those frames leave X's pipes as D's). X's own record held
-by another node: X is fenced, its own address leaves its uplink until a failback.
+by another node: X is fenced, its own address leaves its uplink until a failback, which
+puts it back as it was: its prefix and the routes the kernel dropped with it
+(``orchestrator/failover/uplink.py``, kept in the agent's state dir).
 
 A failback hands D's address back in steps (``orchestrator/failover/back.py``): while X is
 *releasing* D, X keeps D's maps (packets the upstream router still sends X are answered as
@@ -21,11 +23,13 @@ import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from pathlib import Path
 
 import structlog
 
 from orchestrator.config.schema import Topology
 from orchestrator.errors import ConvergentError
+from orchestrator.failover import uplink
 from orchestrator.migration.nodeops import send_gratuitous_arp
 from orchestrator.netfilter import nft
 from orchestrator.netfilter.render import (
@@ -89,12 +93,17 @@ class Changes:
 
 
 class AdoptionOps:
-    """The node's nft maps and uplink addresses (in ``netns``, None: here)."""
+    """The node's nft maps and uplink addresses (in ``netns``, None: here). ``state_path``:
+    where the own address's shape survives an agent restart (None: in memory only)."""
 
-    def __init__(self, topology: Topology, node: str, netns: str | None = None) -> None:
+    def __init__(self, topology: Topology, node: str, netns: str | None = None,
+                 state_path: Path | None = None) -> None:
         self.topology, self.node, self.netns = topology, node, netns
         self.me = topology.node(node)
         self.uplink = topology.cluster.uplink
+        self.state_path = state_path
+        self.shape = uplink.load(state_path)  # the own address as last seen configured
+        self._seen = False  # this life has read the shape from the kernel
         self.releasing: set[str] = set()  # nodes a failback is handing their address back
         # one pass at a time: the reconcile loop and a failover/failback step both program
         # the uplink, and two passes would each try to delete the same address
@@ -115,11 +124,12 @@ class AdoptionOps:
         return {a["local"] for link in json.loads(proc.stdout or "[]")
                 for a in link.get("addr_info", []) if a.get("family") == "inet"}
 
-    def _ip(self, *args: str) -> None:
+    def _ip(self, *args: str) -> str:
         argv = [*nft.netns_prefix(self.netns), "ip", *args]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=10)
         if proc.returncode != 0:
             raise ConvergentError(f"{' '.join(args)}: {proc.stderr.strip()}")
+        return proc.stdout
 
     def apply(self, want: Adoption) -> Changes:
         """Bring the kernel to ``want``; returns what changed (nothing on a second run)."""
@@ -139,15 +149,48 @@ class AdoptionOps:
         if mac_changes[0] or mac_changes[1]:
             nft.update_sets("netdev", NETDEV_TABLE, {MAP_ADOPTED_MACS: mac_changes}, self.netns)
         on_link = self._uplink_addresses()
-        target = want.addresses(str(self.me.pub_ip))
+        own = str(self.me.pub_ip)
+        target = want.addresses(own)
         added = sorted(target - on_link)
         removed = sorted(a for a in on_link - target if a in self._public())
+        if own in on_link and (not self._seen or own in removed):
+            self._record(own)  # as configured; and afresh just before a fence drops it
         for a in removed:
-            self._ip("addr", "del", f"{a}/32" if a != str(self.me.pub_ip) else a,
-                     "dev", self.uplink)
+            plen = self.shape.prefixlen if a == own and self.shape else 32
+            self._ip("addr", "del", f"{a}/{plen}", "dev", self.uplink)
         for a in added:
-            self._ip("addr", "add", f"{a}/32", "dev", self.uplink)
+            if a == own:
+                self._restore(own)
+            else:
+                self._ip("addr", "add", f"{a}/32", "dev", self.uplink)
         return Changes(added, removed, bool(ip_changes or mac_changes[0] or mac_changes[1]))
+
+    def _record(self, own: str) -> None:
+        shape = uplink.read_shape(own, self.uplink, self._ip)
+        if shape is None:
+            return
+        self.shape, self._seen = shape, True
+        try:
+            uplink.save(self.state_path, shape)
+        except OSError as exc:  # the fence goes on: being off the address is what matters
+            log.warning("failover.uplink_shape_unsaved", path=str(self.state_path),
+                        error=str(exc))
+
+    def _restore(self, own: str) -> None:
+        """The own address back as it was, and the routes the kernel dropped with it."""
+        shape = self.shape if self.shape is not None and self.shape.ip == own else None
+        if shape is None:
+            log.warning("failover.uplink_shape_unknown", address=own,
+                        detail="never seen configured: restored as /32, without routes")
+            self._ip("addr", "add", f"{own}/32", "dev", self.uplink)
+            return
+        self._ip(*shape.address_argv(self.uplink))
+        for argv in shape.route_argvs(self.uplink):
+            try:
+                self._ip(*argv)
+            except ConvergentError as exc:  # "File exists": the kernel kept or re-made it
+                if "File exists" not in str(exc):
+                    log.warning("failover.route_not_restored", error=str(exc))
 
     def _public(self) -> set[str]:
         return {str(n.pub_ip) for n in self.topology.nodes}

@@ -9,9 +9,10 @@ A small JSON file, replaced atomically (write, fsync, rename, fsync the director
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from orchestrator.statefile import write_atomic
 
 
 @dataclass
@@ -33,17 +34,5 @@ def load_state(path: Path) -> SyncState:
 
 def save_state(path: Path, state: SyncState) -> None:
     """Raises OSError if it cannot be written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     data = json.dumps({"boot": state.boot, "peers": {str(k): v for k, v in state.peers.items()}})
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    dirfd = os.open(path.parent, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    write_atomic(path, data)

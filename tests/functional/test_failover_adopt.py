@@ -11,6 +11,7 @@ import json
 import subprocess
 from collections.abc import Callable
 from ipaddress import IPv4Address
+from pathlib import Path
 
 import pytest
 
@@ -66,6 +67,43 @@ def test_adoption_is_programmed_idempotent_and_undone(netns: Callable[[str], str
     # n3's own address adopted by someone else: n3 is fenced off it
     fenced = ops.apply(desired_adoption([pub("n3", "n2", 2)], T, "n3"))
     assert fenced.removed == [PUB[3]] and addresses(ns) == set()
+
+
+def uplink_config(ns: str) -> tuple[str, str]:
+    """What the operator sees of n3's uplink: ``ip -4 addr`` and every route."""
+    return (sh("ip", "-n", ns, "-4", "addr", "show", "dev", "xenbr0"),
+            sh("ip", "-n", ns, "-4", "route", "show", "table", "all"))
+
+
+def test_fenced_address_comes_back_as_it_was(netns: Callable[[str], str],
+                                             tmp_path: Path) -> None:
+    """Fenced, then failed back, with an agent restart in between each time: the own
+    address returns with its prefix, and the routes the kernel dropped with it return
+    too. Second round: the address was taken off by a reboot (never seen by the fence):
+    the shape the agent saw configured on its first pass puts it back."""
+    ns = node_ns(netns)
+    gw = "192.168.122.1"
+    sh("ip", "-n", ns, "route", "add", "default", "via", gw)
+    sh("ip", "-n", ns, "route", "add", "10.99.0.0/16", "via", gw, "metric", "50", "mtu", "1400")
+    sh("ip", "-n", ns, "route", "add", "198.51.100.0/24", "dev", "xenbr0", "scope", "link",
+       "src", PUB[3], "proto", "static")
+    before = uplink_config(ns)
+    state = tmp_path / "uplink-n3.json"
+    fenced, home = [pub("n3", "n2", 2)], [pub("n3", "n3", 3)]
+    assert AdoptionOps(T, "n3", ns, state).apply(desired_adoption(fenced, T, "n3")).removed \
+        == [PUB[3]]
+    gone = uplink_config(ns)
+    assert PUB[3] not in gone[0] and "default" not in gone[1]  # the kernel dropped them
+    back = AdoptionOps(T, "n3", ns, state).apply(desired_adoption(home, T, "n3"))  # restarted
+    assert back.added == [PUB[3]]
+    assert uplink_config(ns) == before
+    # round two: a reboot took it off; the agent's first pass saw it configured earlier
+    AdoptionOps(T, "n3", ns, state).apply(desired_adoption(home, T, "n3"))
+    sh("ip", "-n", ns, "addr", "del", f"{PUB[3]}/24", "dev", "xenbr0")
+    AdoptionOps(T, "n3", ns, state).apply(desired_adoption(fenced, T, "n3"))
+    assert AdoptionOps(T, "n3", ns, state).apply(desired_adoption(home, T, "n3")).added \
+        == [PUB[3]]
+    assert uplink_config(ns) == before
 
 
 def test_committed_snat_entry_keeps_its_binding(netns: Callable[[str], str]) -> None:
