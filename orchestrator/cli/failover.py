@@ -93,6 +93,9 @@ def render_report(r: dict[str, Any]) -> list[str]:
     lines.append(f"  {verb} {r.get('committed', r['entries'])} SNAT entries"
                  + (": " + ", ".join(f"{g} {n}" for g, n in sorted(flows.items()))
                     if flows else ""))
+    if r.get("replaced"):
+        lines.append(f"    {r['replaced']} of them replaced {r['to']}'s un-NATed copies "
+                     f"(guests that moved {r['from']} -> {r['to']} earlier)")
     for why, n in sorted(r.get("skipped", {}).items()):
         lines.append(f"    left out {n}: {why}")
     for err in r.get("commit_errors", []):

@@ -12,20 +12,25 @@ D was two things. As a **host**, its guests died with it: their addresses are re
   entries, *with their real binding* (V now receives the replies to D's address and must
   un-SNAT them), each marked with D's tag so the replies leave V as D's frames.
 
+What V itself holds for those flows decides how each goes in (``commit_writes``): a guest
+that moved D -> V earlier left V the flow *un-NATed* under the same original tuple (D did
+the SNAT); that entry is replaced by the bound one, else the replies to D's address would
+find no binding on V. One V holds with the binding already is left as it is.
+
 Refusals are one line each: D's lease still alive (without ``force``), D = V, an address
 already adopted by a third node.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 
 from orchestrator.config.schema import Mode, Node, Topology
 from orchestrator.errors import ConvergentError
 from orchestrator.handover.planner import REQUIRED, liberal
-from orchestrator.model.conntrack import Entry
+from orchestrator.model.conntrack import Entry, Key
 from orchestrator.store.base import Liveness, Ownership, PublicAddress, Snapshot
 
 
@@ -149,3 +154,34 @@ def _why_not(e: Entry, d: Node, living: set[IPv4Address]) -> str | None:
 
 
 _CLOSING = frozenset({"FIN_WAIT", "CLOSE_WAIT", "LAST_ACK", "TIME_WAIT", "CLOSE"})
+
+
+@dataclass(frozen=True)
+class CommitWrites:
+    """How the commit's entries go into V's kernel."""
+
+    push: tuple[Entry, ...]  # created with their binding
+    delete: tuple[Entry, ...]  # V's entries holding one of their tuples otherwise: first
+    unchanged: int  # V holds them with the binding already
+    replaced: int  # entries of ``push`` that take the place of ``delete``'s
+
+
+def commit_writes(commit: Sequence[Entry], existing: Iterable[Entry]) -> CommitWrites:
+    """``existing``: what V's table holds naming the commit's guests."""
+    held: dict[Key, Entry] = {}
+    for e in existing:
+        held[(e.tuple_orig, e.zone)] = held[(e.tuple_reply, e.zone)] = e
+    push: list[Entry] = []
+    doomed: dict[Key, Entry] = {}
+    unchanged = replaced = 0
+    for c in commit:
+        holders = {h.key: h for h in (held.get((c.tuple_orig, c.zone)),
+                                      held.get((c.tuple_reply, c.zone))) if h is not None}
+        if list(holders) == [c.key] and holders[c.key].tuple_reply == c.tuple_reply:
+            unchanged += 1
+            continue
+        if holders:
+            doomed.update(holders)
+            replaced += 1
+        push.append(c)
+    return CommitWrites(tuple(push), tuple(doomed.values()), unchanged, replaced)

@@ -4,7 +4,9 @@
 Order matters. The adoption is a compare-and-swap first: nothing changes on this node
 unless it fenced the dead one. Then D's SNAT entries go into the kernel *before* D's address
 appears on our uplink, so the first reply to D's address already finds its binding (without
-it the reply would reach our own stack and be answered with a reset). Then the address, its
+it the reply would reach our own stack and be answered with a reset); an un-NATed copy of
+such a flow that we hold ourselves (its guest moved here from D) is replaced, through the
+one applier. Then the address, its
 maps and the gratuitous ARP; then D's lost guests are released; every other node follows
 the store on its own.
 """
@@ -23,7 +25,14 @@ from orchestrator.audit.log import AuditLog
 from orchestrator.config.schema import Topology
 from orchestrator.errors import ConvergentError
 from orchestrator.failover.adopt import Changes
-from orchestrator.failover.plan import FailoverPlan, FailoverRefused, plan_failover
+from orchestrator.failover.plan import (
+    CommitWrites,
+    FailoverPlan,
+    FailoverRefused,
+    commit_writes,
+    plan_failover,
+)
+from orchestrator.handover.applier import apply_writes
 from orchestrator.model.conntrack import Entry
 from orchestrator.netfilter.conntrack import Conntrack
 from orchestrator.store.base import PublicAddress, PublicConflict, Store
@@ -97,14 +106,16 @@ class Failover:
         if "entries" in skip:
             plan = replace(plan, commit=())
         t = time.perf_counter()
-        pushed = await asyncio.to_thread(self.table.push_snat, list(plan.commit))
+        writes = await self._commit_writes(plan)
+        applied = await apply_writes(self.table, writes.delete, bound=writes.push)
         lap("commit", t)
-        errors = [str(e) for e in getattr(pushed, "errors", [])]
+        errors = [str(e) for e in applied.errors]
+        details = ([f"replaced {writes.replaced} un-NATed"] if writes.replaced else []) + (
+            [f"{len(errors)} failed, first: {errors[0]}"] if errors else [])
         await self.audit.arecord("failover.commit", **common, entries=len(plan.commit),
                                  duration_ms=steps["commit"],
                                  outcome="degraded" if errors else "ok",
-                                 detail=f"{len(errors)} failed, first: {errors[0]}"
-                                 if errors else None)
+                                 detail="; ".join(details) or None)
         if "address" not in skip:
             t = time.perf_counter()
             changed = await self.adoption.follow(self.store.list_public)
@@ -129,8 +140,15 @@ class Failover:
                                  entries=len(plan.commit))
         log.info("failover.done", dead=plan.dead, ms=total, entries=len(plan.commit))
         return {**plan.summary(), "epoch": epoch, "committed": len(plan.commit) - len(errors),
+                "replaced": writes.replaced, "unchanged": writes.unchanged,
                 "commit_errors": errors[:5], "steps_ms": steps, "total_ms": total,
                 "skipped_parts": sorted(skip)}
+
+    async def _commit_writes(self, plan: FailoverPlan) -> CommitWrites:
+        """What we hold of the commit's flows decides how each goes in."""
+        guests = sorted({e.tuple_orig.src for e in plan.commit}, key=str)
+        existing = await asyncio.to_thread(self.table.dump, guests) if guests else []
+        return commit_writes(plan.commit, existing)
 
     async def _adopt(self, plan: FailoverPlan) -> int:
         if plan.adopt_epoch is None:

@@ -7,12 +7,15 @@ goes in one batch with policy ``update`` (the plan already says what exists), ex
 adds of entries that carry their SNAT binding (a failback gives a node its own bindings
 back: ``Rule.SNAT_HOME_BINDING``), which are created with it (``push_snat``; a binding
 cannot be set on a live entry). The entries carry what the plan says, handover bit
-included.
+included. ``apply_writes`` is the same order for writes that do not come from a handover
+plan (a failover's commit: its bound entries, and the survivor's un-NATed copies they
+replace).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from orchestrator.handover.planner import DestAction, DestKind, Plan
@@ -34,21 +37,28 @@ class Applied:
 
 async def apply_plan(table: Conntrack, plan: Plan) -> Applied:
     """Delete what REPLACE actions name, then push every write (table calls off the loop)."""
-    done = Applied()
     doomed = [d for a in plan.dest if a.kind is DestKind.REPLACE for d in a.delete]
-    if doomed:
-        deleted = await asyncio.to_thread(table.delete, doomed)
-        done.deleted, done.delete_errors = deleted.done, deleted.errors
     plain = [a.entry for a in plan.writes if a.entry is not None and not _creates_binding(a)]
     bound = [a.entry for a in plan.writes if a.entry is not None and _creates_binding(a)]
+    return await apply_writes(table, doomed, plain, bound)
+
+
+async def apply_writes(table: Conntrack, doomed: Sequence[Entry], plain: Sequence[Entry] = (),
+                       bound: Sequence[Entry] = ()) -> Applied:
+    """Delete ``doomed`` (ENOENT counts as done), then push ``plain`` (policy ``update``)
+    and create ``bound`` with their binding."""
+    done = Applied()
+    if doomed:
+        deleted = await asyncio.to_thread(table.delete, list(doomed))
+        done.deleted, done.delete_errors = deleted.done, deleted.errors
     if plain:
-        _count(done, plain, await asyncio.to_thread(table.push, plain, "update"))
+        _count(done, plain, await asyncio.to_thread(table.push, list(plain), "update"))
     if bound:
-        _count(done, bound, await asyncio.to_thread(table.push_snat, bound))
+        _count(done, bound, await asyncio.to_thread(table.push_snat, list(bound)))
     return done
 
 
-def _count(done: Applied, entries: list[Entry], pushed: PushResult) -> None:
+def _count(done: Applied, entries: Sequence[Entry], pushed: PushResult) -> None:
     done.written += len(entries) - len(pushed.errors)
     done.write_errors += pushed.errors
 

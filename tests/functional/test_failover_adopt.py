@@ -22,7 +22,8 @@ from orchestrator.handover.applier import apply_plan
 from orchestrator.netfilter.apply import apply
 from orchestrator.netfilter.conntrack import ConntrackTable
 from tests.unit.test_failback import BOUND, HOLDER_TABLE, INBOUND, START
-from tests.unit.test_failover_plan import CACHE, N1_DEAD, SNAP, pub
+from tests.unit.test_failover_plan import CACHE, N1_DEAD, SNAP, pub, unnated
+from tests.unit.test_failover_run import world
 from tests.unit.test_planner import PUB, G, T
 
 pytestmark = pytest.mark.root
@@ -118,6 +119,34 @@ def test_committed_snat_entry_keeps_its_binding(netns: Callable[[str], str]) -> 
         assert got.tuple_reply.dst == IPv4Address(PUB[1])
         assert got.is_src_nat and got.mark & 0xFF == 1
         assert table.push_snat([entry]).ok  # a second commit: already there, no error
+
+
+def test_commit_replaces_the_survivors_unnated_copy(netns: Callable[[str], str],
+                                                    tmp_path: Path) -> None:
+    """G moved n1 -> n3 before n1 died: n3's kernel holds G's n1-SNATed flow un-NATed (as
+    the migration wrote it). Control: the old commit (``push_snat`` alone) leaves it so, and
+    a reply to n1's address finds no entry on n3 (its stack answers with a reset). The
+    failover's commit replaces it: the reply tuple is found, un-SNATed to G."""
+    ns = node_ns(netns)
+    (bound,) = plan_failover(T, SNAP, N1_DEAD, "n1", "n3", CACHE).commit
+    reply_key = (bound.tuple_reply, bound.zone)
+    with ConntrackTable(ns) as table:
+        assert table.push([unnated(bound)], "fail").ok
+        assert table.push_snat([bound]).ok  # the old commit: EEXIST, counted unchanged
+        assert table.get(reply_key) is None  # a reply to n1's address: no binding here
+
+        async def failover() -> dict[str, object]:
+            store, _t, fo, _log, _audit = await world(tmp_path, table)
+            try:
+                return await fo.run("n1")
+            finally:
+                await store.close()
+
+        report = asyncio.run(failover())
+        assert report["replaced"] == 1 and not report["commit_errors"], report
+        got = table.get(reply_key)
+        assert got is not None and got.key == bound.key and got.is_src_nat
+        assert got.tuple_reply == bound.tuple_reply and got.mark & 0xFF == 1
 
 
 def test_releasing_keeps_the_maps_off_the_uplink(netns: Callable[[str], str]) -> None:

@@ -11,15 +11,15 @@ from ipaddress import IPv4Address
 import pytest
 
 from orchestrator.failover.adopt import desired_adoption
-from orchestrator.failover.plan import FailoverRefused, plan_failover
-from orchestrator.model.conntrack import Status, TcpFlag, TcpState
+from orchestrator.failover.plan import CommitWrites, FailoverRefused, commit_writes, plan_failover
+from orchestrator.model.conntrack import Entry, Status, TcpFlag, TcpState
 from orchestrator.netfilter.ctnetlink import (
     CTA_NAT_SRC,
     CTA_TUPLE_REPLY,
     encode_create_snat,
 )
 from orchestrator.store.base import Liveness, Ownership, PublicAddress, Snapshot
-from tests.unit.test_planner import PEER, PUB, G, H, T, flow, snat
+from tests.unit.test_planner import PEER, PUB, SNAT_BITS, G, H, T, flow, snat
 
 NOW = time.time()
 ALIVE = {n: Liveness(n, True, 10, 8) for n in ("n1", "n2", "n3")}
@@ -126,3 +126,28 @@ def test_adoption_state_from_the_records() -> None:
     assert n2 == desired_adoption([], T, "n2") and n2.addresses(PUB[2]) == {PUB[2]}
     back = desired_adoption([pub("n1", "n1", 3), pub("n3", "n3")], T, "n3")
     assert back.entry == frozenset() and back.addresses(PUB[3]) == {PUB[3]}
+
+
+def unnated(e: Entry) -> Entry:
+    """What a migration left the survivor of a flow its guest opened while on n1: the same
+    original tuple, the reply to the guest itself (n1 did the SNAT)."""
+    return replace(e, tuple_reply=e.tuple_orig.reversed(), status=e.status & ~SNAT_BITS,
+                   mark=3)
+
+
+def test_commit_replaces_the_survivors_unnated_copy_and_keeps_a_bound_one() -> None:
+    (bound,) = plan_failover(T, SNAP, N1_DEAD, "n1", "n3", CACHE).commit
+    other = replace(bound, tuple_orig=replace(bound.tuple_orig, sport=40100),
+                    tuple_reply=replace(bound.tuple_reply, dport=40100))
+    assert commit_writes([bound, other], []) == CommitWrites((bound, other), (), 0, 0)
+    copy = unnated(bound)
+    w = commit_writes([bound, other], [copy, flow(G, 1, PEER, 2)])
+    assert (w.push, w.delete, w.unchanged, w.replaced) == ((bound, other), (copy,), 0, 1)
+    # held with the binding already (a second run): left as it is
+    w = commit_writes([bound, other], [replace(bound, id=7), other])
+    assert (w.push, w.delete, w.unchanged, w.replaced) == ((), (), 2, 0)
+    # the reply tuple held by another entry: that one goes too
+    thief = flow(str(bound.tuple_reply.src), bound.tuple_reply.sport,
+                 str(bound.tuple_reply.dst), bound.tuple_reply.dport)
+    w = commit_writes([bound], [copy, thief])
+    assert w.push == (bound,) and set(w.delete) == {copy, thief} and w.replaced == 1

@@ -18,17 +18,18 @@ from orchestrator.errors import ConvergentError
 from orchestrator.failover.adopt import Changes, desired_adoption
 from orchestrator.failover.plan import FailoverRefused
 from orchestrator.failover.run import Failover
+from orchestrator.netfilter.conntrack import Conntrack
 from orchestrator.netfilter.conntrack.fake import FakeConntrack
 from orchestrator.store import Store, open_store
 from orchestrator.store.base import PublicAddress
-from tests.unit.test_failover_plan import CACHE, G_VIA_N1
+from tests.unit.test_failover_plan import CACHE, G_VIA_N1, unnated
 from tests.unit.test_planner import PUB, G, H, T
 
 
 class Recorder:
     """Stands for AdoptionOps: records what it was asked to program, and when."""
 
-    def __init__(self, table: FakeConntrack, log: list[str]) -> None:
+    def __init__(self, table: Conntrack, log: list[str]) -> None:
         self.table, self.log = table, log
 
     async def follow(self, records: Callable[[], Awaitable[list[PublicAddress]]]) -> Changes:
@@ -37,7 +38,9 @@ class Recorder:
         return Changes(sorted(ip for ip, _ in want.entry), [], True)
 
 
-async def world(tmp: Path) -> tuple[Store, FakeConntrack, Failover, list[str], Path]:
+async def world(tmp: Path, table: Conntrack | None = None
+                ) -> tuple[Store, Conntrack, Failover, list[str], Path]:  # fmt: skip
+    """``table``: a real one (tests/functional), else the fake."""
     store = await open_store(f"sqlite://{tmp}/s.db")
     for n in T.nodes:
         await store.upsert_node(n.name, n.tag, n.mac_prefix, n.pub_ip)
@@ -46,7 +49,7 @@ async def world(tmp: Path) -> tuple[Store, FakeConntrack, Failover, list[str], P
         await store.grant_lease(n, 30)
     await store.claim(G, "n2", "g1", 0)
     await store.claim(H, "n1", "g2", 0)
-    table, log = FakeConntrack(), []
+    table, log = table or FakeConntrack(), []
     audit_path = tmp / "audit.log"
     fo = Failover(T, "n3", store, table, Recorder(table, log),
                   AuditLog(str(audit_path), node="n3", actor="agent"), lambda _n: CACHE,
@@ -113,6 +116,28 @@ def test_control_switches_leave_their_part_out(tmp_path: Path, skip: str, holder
         assert table.count() == entries and report["skipped_parts"] == [skip]
         assert (await store.get_public("n1")).holder == holder  # type: ignore[union-attr]
         assert "control run: without " + skip in audit.read_text()
+        await store.close()
+
+    run(main())
+
+
+def test_failover_replaces_the_survivors_unnated_copy(tmp_path: Path) -> None:
+    """G moved n1 -> n3 before n1 died: n3 holds its n1-SNATed flow un-NATed. The commit
+    replaces it with the bound entry, counted in the report and the audit record."""
+    async def main() -> None:
+        store, table, fo, _log, audit = await world(tmp_path)
+        (bound,) = (await fo.plan("n1")).commit
+        table.push([unnated(bound)], "fail")
+        report = await fo.run("n1")
+        got = table.get(bound)
+        assert got is not None and got.tuple_reply == bound.tuple_reply and got.is_src_nat
+        assert report["replaced"] == 1 and report["committed"] == 1
+        assert report["unchanged"] == 0 and not report["commit_errors"]
+        commit = [json.loads(line) for line in audit.read_text().splitlines()
+                  if '"failover.commit"' in line]
+        assert commit[0]["detail"] == "replaced 1 un-NATed"
+        again = await fo.run("n1")  # held with its binding now: left as it is
+        assert again["replaced"] == 0 and again["unchanged"] == 1
         await store.close()
 
     run(main())
