@@ -74,6 +74,16 @@ def uplink_addresses(lab: Lab, node: str) -> set[str]:
     return {a["local"] for link in out for a in link["addr_info"] if a["family"] == "inet"}
 
 
+def uplink_config(lab: Lab, node: str) -> tuple[list[dict[str, Any]], str]:
+    """What the operator configured on the node's uplink: its addresses (lifetimes aside)
+    and every route through it."""
+    out = json.loads(ns.ip(lab.names.node(node), "-4", "-j", "addr", "show", "dev", "xenbr0"))
+    addrs = [{k: v for k, v in a.items() if not k.endswith("life_time")}
+             for link in out for a in link["addr_info"]]
+    return addrs, ns.ip(lab.names.node(node), "-4", "route", "show", "table", "all", "dev",
+                        "xenbr0")
+
+
 async def seconds_until_dead(lab: Lab, node: str, since: float) -> float:
     async with await open_store(lab.topology().agent.store) as store:
         while (await store.liveness(node)).alive:
@@ -118,6 +128,7 @@ def node_death(without: tuple[str, ...] = (), asked_on: str | None = None) -> di
             early = cli(lab, "failover", "--from", "n1", "--to", "n3", *here,
                         check=False)  # n1 alive: refused
             time.sleep(1.0)  # the replicator has told n3 everything n1 holds
+            out["n1_uplink_before"] = uplink_config(lab, "n1")
             # the store says n1 is dead within the TTL of its last heartbeat, and status too
             killed, dead_after = kill(lab, "n1")
             assert view(lab)["nodes"]["n1"]["alive"] is False
@@ -173,6 +184,7 @@ def comeback(lab: Lab) -> dict[str, Any]:
     back["failback"] = json.loads(cli(lab, "failback", "n1", "--json", "--node", "n2").stdout)
     back["back_took"] = time.time() - back["back_at"]
     back.update({"n1_after_failback": uplink_addresses(lab, "n1"),
+                 "n1_uplink_after_failback": uplink_config(lab, "n1"),
                  "n3_after_failback": uplink_addresses(lab, "n3"),
                  "public_after_failback": view(lab)["public"]["n1"],
                  "again": cli(lab, "failback", "n1").stdout})
@@ -244,6 +256,10 @@ def test_failback_hands_the_flows_back(death: dict[str, Any]) -> None:
     assert r["public_after_failback"]["holder"] == "n1"
     assert "192.168.122.11" in r["n1_after_failback"]
     assert "192.168.122.11" not in r["n3_after_failback"]
+    # n1 back as it was: its /24 and its default route (the reboot took them off; its
+    # agent had kept their shape in its state dir)
+    assert r["n1_uplink_after_failback"] == r["n1_uplink_before"]
+    assert "default via" in r["n1_uplink_before"][1]
     assert r["again"].startswith("nothing to do: n1 holds its address")
     # the three flows went through the failback with no reset; its gap, measured
     flows = r["flows"]
