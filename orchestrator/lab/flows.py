@@ -203,6 +203,30 @@ def start_flows(lab: Lab, topology: Topology, guest: str, entry_nodes: Sequence[
     return flows
 
 
+def start_snat_stream(lab: Lab, topology: Topology, guest: str, port: int) -> FlowSet:
+    """A guest-initiated stream alone (``guest-snat@GUEST``, to the workstation's echo
+    server on ``port``): another guest's, beside a :func:`start_flows` set."""
+    home = lab.guest_node(topology, guest)
+    if home is None:
+        raise LabError(f"guest {guest!r} is on no node")
+    run_dir = _new_run_dir(lab)
+    side = NamespaceGuest(lab, guest)
+    flows = FlowSet(lab, run_dir, [], [], side)
+    try:
+        flows.clients.append(_start_client(lab.names.workstation, run_dir, "workstation",
+                                           {"flows": [], "echo_port": port}, "listening"))
+        snat = {"name": f"guest-snat@{guest}", "kind": "guest-snat", "entry_node": home,
+                "host": str(topology.lab.workstation), "port": port}
+        flows.clients.append(side.start_client(run_dir, {"flows": [snat]}))
+        failed = _wait_ready(flows.clients[-1], side.ready_timeout_s)
+        if failed:
+            raise LabError(f"flows failed to start: {failed}")
+    except BaseException:
+        flows.abort()
+        raise
+    return flows
+
+
 def _driver_side(lab: Lab, t: Topology, guest: str) -> GuestSide | None:
     """A lab hypervisor whose guests are VMs says where their end of the flows runs."""
     make = getattr(lab.driver(t), "flow_side", None)

@@ -9,8 +9,12 @@ conntrack table, its address off its uplink) stays fenced off its address until
 address moves: the three flows keep going through it too, and a second failback has
 nothing to do.
 
-Control runs, same steps (asked on n3 itself): without the entry commit the SNAT stream
-dies; without the address adoption the sessions through n1 die (the one through n3
+A third guest K opened a stream on n1 and moved to n3 before n1 died: n3 holds that flow
+un-NATed, the failover's commit replaces it with the bound entry, and K's stream goes
+through the failover too.
+
+Control runs, same steps (asked on n3 itself): without the entry commit the SNAT streams
+die (G's and K's); without the address adoption the sessions through n1 die (the one through n3
 survives both). The failback (asked on n2, forwarded to n1) has its control in the same
 lab (one setup for the module): n1 dies a second time, n3 fails it over again (from what
 n1 replicated of the flows it was handed), and ``failback --without entries`` (the address
@@ -31,7 +35,7 @@ import pytest
 
 from orchestrator.lab import netns as ns
 from orchestrator.lab.etcd import etcd_binary
-from orchestrator.lab.flows import FlowResult, demo_config, start_flows
+from orchestrator.lab.flows import FlowResult, demo_config, start_flows, start_snat_stream
 from orchestrator.lab.lab import Lab
 from orchestrator.lab.migrate import migrate
 from orchestrator.lab.plan import switch_pipe_port, switch_sync_port, switch_wan_port
@@ -41,14 +45,17 @@ from tests.conftest import unique
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(etcd_binary() is None, reason="needs etcd (etcd-server)")]
 CONVERGENT = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "convergent")
-G, H = "guest1", "guest2"
+G, H, K = "guest1", "guest2", "guest3"
+K_SNAT = f"guest-snat@{K}"  # K's stream: opened on n1 (SNATed there), K moved to n3 since
 TTL = 3.0  # the lab's lease_ttl_s
 
 
 def config(lab: str) -> str:
     return demo_config(3, lab, G) + (
         f'\n[[guests]]\nname = "{H}"\nmacs = ["52:54:00:00:02:02"]\n'
-        'addresses = ["10.5.5.202"]\nhome = "n1"\n')
+        'addresses = ["10.5.5.202"]\nhome = "n1"\n'
+        f'\n[[guests]]\nname = "{K}"\nmacs = ["52:54:00:00:02:03"]\n'
+        'addresses = ["10.5.5.203"]\nhome = "n1"\n')
 
 
 def cli(lab: Lab, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -121,10 +128,16 @@ def node_death(without: tuple[str, ...] = (), asked_on: str | None = None) -> di
         t = lab.up(config=cfg, store="etcd")
     try:
         flows = start_flows(lab, t, G, ["n1", "n3"])  # G on n1: its stream is SNATed there
+        try:
+            k_flows = start_snat_stream(lab, t, K, 7002)  # so is K's
+        except BaseException:
+            flows.abort()
+            raise
         out: dict[str, Any] = {}
         try:
             time.sleep(1.5)
             asyncio.run(migrate(lab, G, "n2"))  # G runs on n2, its n1 SNAT flow stays n1's
+            asyncio.run(migrate(lab, K, "n3"))  # K on the survivor: n3 holds it un-NATed
             early = cli(lab, "failover", "--from", "n1", "--to", "n3", *here,
                         check=False)  # n1 alive: refused
             time.sleep(1.0)  # the replicator has told n3 everything n1 holds
@@ -144,7 +157,7 @@ def node_death(without: tuple[str, ...] = (), asked_on: str | None = None) -> di
                 out.update(comeback(lab))
                 out.update(second_death(lab))
         finally:
-            results = {r.name: r for r in flows.stop(alive_within=2.0)}
+            results = {r.name: r for f in (flows, k_flows) for r in f.stop(alive_within=2.0)}
         out.update({"flows": results, "gaps": {n: largest_gap_between(
             r, killed, out.get("back_at", time.time())) for n, r in results.items()}})
         if not without:
@@ -227,7 +240,12 @@ def test_node_death_failover_keeps_the_flows_through_it(death: dict[str, Any]) -
     assert r["dead_after"] <= TTL + 1.5, f"n1 shown dead {r['dead_after']:.1f} s after the kill"
     rep = r["report"]
     assert rep["lost_guests"] == {H: ["10.5.5.202"]}
-    assert rep["committed"] >= 1 and rep["flows_by_guest"].get(G, 0) >= 1
+    assert rep["committed"] >= 2 and rep["flows_by_guest"].get(G, 0) >= 1
+    # K's flow: n3 held it un-NATed (K moved there from n1); the commit replaced it, and
+    # the stream went through the failover (its control: without entries it dies)
+    assert rep["flows_by_guest"].get(K, 0) >= 1 and rep["replaced"] >= 1, rep
+    k = r["flows"][K_SNAT]
+    assert k.died_at is None or k.died_at > r["back_at"], (k.error, k.died_at)
     flows = r["flows"]
     for name in ("ssh@n1", "guest-snat", "ssh@n3"):  # alive until the failback's control
         died = flows[name].died_at
@@ -285,8 +303,8 @@ def test_control_failback_without_entries_kills_the_snat_stream(
 
 
 @pytest.mark.parametrize(("without", "dies", "lives"), [
-    ("entries", {"guest-snat"}, {"ssh@n1", "ssh@n3"}),
-    ("address", {"ssh@n1", "guest-snat"}, {"ssh@n3"}),
+    ("entries", {"guest-snat", K_SNAT}, {"ssh@n1", "ssh@n3"}),
+    ("address", {"ssh@n1", "guest-snat", K_SNAT}, {"ssh@n3"}),
 ])
 def test_control_each_part_of_failover_matters(without: str, dies: set[str],
                                                lives: set[str]) -> None:
