@@ -146,7 +146,7 @@ def test_the_failure_path_aborts_cleanly(lab: Lab) -> None:
     assert lab.guest_node(t, GUEST) == src  # the source resumed it
     until(lambda: migrations(lab)[before:] == [(src, dst, "aborted")], "the abort")
     assert owner(lab) == {src}
-    until(lambda: pushed_entries(lab, dst) == 0, f"nothing pushed left on {dst}", 10)
+    until(lambda: pushed_entries(lab, dst) == 0, f"nothing pushed left on {dst}")
     assert xl_of(lab).xl(dst, "list").stdout.count(GUEST) == 0
     assert report(run_checks(lab))["passed"]
 
