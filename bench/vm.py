@@ -54,6 +54,7 @@ TOUR = ("n2", "n3", "n1")
 GUEST = "guest1"
 HOOK_RUNS = 20
 STALL_MS = 2000.0
+CPU_WINDOW_S = 0.5  # who had the CPU right after the resume
 JIT_EVERY_S = 0.1  # info jit on the destination while a move runs
 JIT_WATCH_S = 1.0  # and this long after virsh returns
 QEMU_EVENTS = ("STOP", "RESUME", "MIGRATION")
@@ -129,7 +130,7 @@ def tour(lab: Any, events: Events, handover: bool, settle: float,
          opts: argparse.Namespace) -> dict[str, Any]:
     from orchestrator.lab.flows import UDP_PORT, start_flows
 
-    from .vmtrace import Tracer
+    from .vmtrace import CpuWatch, Tracer
 
     t = lab.topology()
     drv = lab.driver(t)
@@ -145,6 +146,7 @@ def tour(lab: Any, events: Events, handover: bool, settle: float,
                     {n.name: lab.names.node(n.name) for n in t.nodes},
                     str(guest.addresses[0]), UDP_PORT)
     moves = []
+    t_start = time.time()  # the tour's clock for "failed"
     packets: list[Any] = []
     pings: dict[str, list[float]] = {}
     try:
@@ -158,6 +160,7 @@ def tour(lab: Any, events: Events, handover: bool, settle: float,
             warm = jit_tbs(drv, t, src)
             poller = JitPoller(events.by_node[dst])
             agents = {n.name: cpu_s(lab.agent_pid(n.name)) for n in t.nodes}
+            watch = CpuWatch(cpu_probes(lab, drv, t, src, dst))
             start = time.time()
             try:
                 drv.virsh_migrate(t, GUEST, src, dst, p2p=opts.p2p)
@@ -165,6 +168,7 @@ def tour(lab: Any, events: Events, handover: bool, settle: float,
                 end = time.time()
                 time.sleep(JIT_WATCH_S)
                 cold = poller.stop()
+                cpu = watch.stop()
                 agents_cpu = {n: round((cpu_s(lab.agent_pid(n)) - c) * 1000)
                               for n, c in agents.items()} if handover else None
             if not handover:  # the guest's gateway entry lapses, compressed
@@ -172,7 +176,7 @@ def tour(lab: Any, events: Events, handover: bool, settle: float,
             time.sleep(max(0.0, end + settle - time.time()))
             moves.append({"from": src, "to": dst, "kind": "migrate", "start": start,
                           "virsh_s": end - start, "tbs_src": warm, "tbs_dst": cold,
-                          "agents_cpu_ms": agents_cpu})
+                          "agents_cpu_ms": agents_cpu, "cpu_samples": cpu})
         if handover and opts.local_pause:  # last: the guest's QEMU warm by now
             moves.append(local_pause(drv, t, lab.guest_node(t, GUEST), opts.local_pause,
                                      settle))
@@ -203,14 +207,18 @@ def tour(lab: Any, events: Events, handover: bool, settle: float,
         if m["kind"] == "local-pause":  # no job: the pause QEMU saw stands for downtime
             m["downtime_ms"] = m["timeline"].get("qemu_pause_ms")
         m["tcg_tbs"] = tcg_growth(events, m)
+        m["cpu_after_resume_ms"] = cpu_after_resume(events, m)
         m["virsh_s"] = round(m["virsh_s"], 2)
-        del m["start"]
+        m["at_s"] = round(m.pop("start") - t_start, 1)
     warm = next((m["timeline"].get("guest_first_ms", {}).get("udp") for m in moves
                  if m["kind"] == "local-pause"), None)
     for m in moves:
         m["bound"] = gap_bound(m, warm)
     return {"migrations": moves, "capture_dropped": tracer.dropped,
             "survived": sum(r.survived for r in results), "flows": len(results),
+            "failed": {r.name: {"error": r.error, "at_s": round(r.died_at - t_start, 1)
+                                if r.died_at else None}
+                       for r in results if not r.survived},
             "resets": sorted(r.name for r in results
                              if r.error and ("reset" in r.error.lower()
                                              or "closed" in r.error.lower()))}
@@ -281,6 +289,46 @@ class JitPoller:
         self.done.set()
         self.thread.join(timeout=30)
         return self.samples
+
+
+def cpu_probes(lab: Any, drv: Any, t: Any, src: str, dst: str) -> dict[str, Any]:
+    """What to watch during a move: each QEMU, each agent, each libvirtd and what its reaped
+    children (the hooks) used."""
+    from .vmtrace import proc_cpu_s
+
+    def qemu(node: str) -> Any:
+        pidfile = drv.daemon(t, node).root / "run" / "libvirt" / "qemu" / f"{GUEST}.pid"
+
+        def probe() -> float | None:
+            try:
+                return proc_cpu_s(int(pidfile.read_text().strip()))
+            except (OSError, ValueError):
+                return None
+        return probe
+
+    probes: dict[str, Any] = {f"qemu@{src}": qemu(src), f"qemu@{dst}": qemu(dst)}
+    for n in t.nodes:
+        d = drv.daemon(t, n.name)
+        probes[f"agent@{n.name}"] = lambda n=n: proc_cpu_s(lab.agent_pid(n.name))
+        probes[f"libvirtd@{n.name}"] = lambda d=d: proc_cpu_s(d.pid())
+        probes[f"hooks@{n.name}"] = lambda d=d: proc_cpu_s(d.pid(), children=True)
+    return probes
+
+
+def cpu_after_resume(events: Events, m: dict[str, Any]) -> dict[str, Any] | None:
+    """Who had the 2 cores in the first CPU_WINDOW_S after the resume on the destination."""
+    from .vmtrace import cpu_after
+
+    samples = m.pop("cpu_samples", None)
+    if not samples:
+        return None
+    with events.lock:
+        resume = next((ts for ts, n, e, _ in events.qemu
+                       if n == m["to"] and e == "RESUME" and ts >= m["start"]), None)
+    if resume is None:
+        return None
+    used = cpu_after(samples, resume, CPU_WINDOW_S)
+    return {"window_ms": round(CPU_WINDOW_S * 1000), **used}
 
 
 def cpu_s(pid: int | None) -> float:
@@ -437,7 +485,7 @@ def render(r: dict[str, Any]) -> str:
             continue
         m = r[mode]
         lines.append(f"{mode}: {m['survived']}/{m['flows']} flows survived, resets "
-                     f"{m['resets'] or 'none'}")
+                     f"{m['resets'] or 'none'}, failed {m.get('failed') or 'none'}")
         for x in m["migrations"]:
             extra = (f", resume->cutover {x['resume_to_cutover_ms']} ms"
                      if "resume_to_cutover_ms" in x else "")
@@ -446,11 +494,23 @@ def render(r: dict[str, Any]) -> str:
                          f"gap {x['largest_gap_ms']} ms, virsh {x['virsh_s']} s{extra}, "
                          f"died {x['died'] or 'none'}, stalled > 2 s {x['stalled'] or 'none'}")
             lines += ["    " + ln for ln in render_timeline(x["timeline"], x["bound"])]
+            if x.get("cpu_after_resume_ms"):
+                lines.append(f"    CPU ms in the first {CPU_WINDOW_S * 1000:.0f} ms after the "
+                             f"resume (2 cores): {cpu_summary(x['cpu_after_resume_ms'])}")
     h = r["hook"]
     if h:
         lines.append(f"hook: agent up {h['agent_up_ms']['median']} ms, spooled "
                      f"{h['spooled_ms']['median']} ms (median of {h['runs']})")
     return "\n".join(lines)
+
+
+def cpu_summary(cpu: dict[str, Any]) -> str:
+    """The destination's QEMU, convergent (agents + hooks), libvirtd, the whole machine."""
+    def total(prefix: str) -> int:
+        return sum(v or 0 for k, v in cpu.items() if k.startswith(prefix))
+    qemu = {k: v for k, v in cpu.items() if k.startswith("qemu@")}
+    return (f"QEMU {qemu}, agents {total('agent@')}, hooks {total('hooks@')}, libvirtd "
+            f"{total('libvirtd@')}, machine {cpu.get('machine')}")
 
 
 def render_timeline(tl: dict[str, Any], bound: dict[str, Any]) -> list[str]:

@@ -18,6 +18,7 @@ each UDP flow's replies out (the guest's gateway: hair-pinning through the sourc
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import signal
@@ -296,3 +297,79 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
     except OSError:
         return False
+
+
+# who had the CPU right after the resume ------------------------------------------------
+def proc_cpu_s(pid: int | None, children: bool = False) -> float | None:
+    """A process's CPU so far (all its threads; ``children``: what its reaped children
+    used, e.g. libvirtd's hooks), in seconds; None when it is not there."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    ticks = int(fields[13]) + int(fields[14]) if children else int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """CPU time the whole machine spent busy so far (all cores, /proc/stat)."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_between(samples: Sequence[tuple[float, float | None]], t0: float,
+                t1: float) -> float | None:
+    """CPU used between ``t0`` and ``t1`` from (time, cumulative CPU) samples, linearly
+    interpolated; None when the samples do not cover the interval."""
+    pts = [(at, v) for at, v in samples if v is not None]
+
+    def at(t: float) -> float | None:
+        for (a, va), (b, vb) in itertools.pairwise(pts):
+            if a <= t <= b:
+                return va + (vb - va) * ((t - a) / (b - a) if b > a else 0.0)
+        return None
+
+    lo, hi = at(t0), at(t1)
+    return None if lo is None or hi is None else max(0.0, hi - lo)
+
+
+class CpuWatch:
+    """Samples the CPU of the given processes (label -> a function giving the cumulative
+    seconds) and of the machine every ``every`` s in a thread, while a move runs."""
+
+    def __init__(self, probes: Mapping[str, Any], every: float = 0.05) -> None:
+        import threading
+
+        self.probes = dict(probes)
+        self.every = every
+        self.samples: dict[str, list[tuple[float, float | None]]] = {k: [] for k in probes}
+        self.samples["machine"] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            now = time.time()
+            for label, probe in self.probes.items():
+                self.samples[label].append((now, probe()))
+            self.samples["machine"].append((now, machine_busy_s()))
+            self.done.wait(self.every)
+
+    def stop(self) -> dict[str, list[tuple[float, float | None]]]:
+        self.done.set()
+        self.thread.join(timeout=5)
+        return self.samples
+
+
+def cpu_after(samples: Mapping[str, Sequence[tuple[float, float | None]]], t0: float,
+              window_s: float) -> dict[str, float | None]:
+    """ms of CPU each probe used in ``window_s`` from ``t0``."""
+    out: dict[str, float | None] = {}
+    for label, xs in samples.items():
+        used = cpu_between(xs, t0, t0 + window_s)
+        out[label] = None if used is None else round(used * 1000)
+    return out

@@ -175,3 +175,14 @@ def test_gap_bound_names_what_the_target_runs_into() -> None:
         "tcp_over_udp_dark_ms": 200.0}
     empty = gap_bound({"downtime_ms": None, "flows": {}, "timeline": {"error": "x"}}, None)
     assert empty["target_ms"] is None and empty["udp_dark_ms"] is None
+
+
+def test_cpu_between_interpolates_and_refuses_what_it_did_not_see() -> None:
+    from bench.vmtrace import cpu_after, cpu_between
+
+    xs = [(10.0, 1.0), (10.1, None), (10.2, 1.2), (10.4, 1.3)]
+    assert cpu_between(xs, 10.1, 10.3) == pytest.approx(0.15)
+    assert cpu_between(xs, 9.9, 10.3) is None  # before the first sample
+    assert cpu_between(xs, 10.3, 10.5) is None  # after the last
+    assert cpu_between([(1.0, 5.0), (2.0, 4.0)], 1.0, 2.0) == 0.0  # a new pid: never < 0
+    assert cpu_after({"qemu@n2": xs, "gone": []}, 10.0, 0.4) == {"qemu@n2": 300, "gone": None}
