@@ -225,14 +225,14 @@ async def _outcome(t: Topology, guest: str, since: float) -> MigrationRecord | N
 
 
 async def _entries(t: Topology, dst: str, migration: str) -> int:
-    """How many entries D's agent pushed (it keeps its recent migrations; 0 if it was
-    restarted meanwhile)."""
+    """How many entries D's agent pushed: its status keeps its recent migrations; when it
+    does not answer in time (a loaded machine) or was restarted, its audit records say."""
     with contextlib.suppress(ConvergentError):
-        st = await acall(t.agent.socket(dst), "status", timeout=5)
+        st = await acall(t.agent.socket(dst), "status", timeout=15)
         for m in st.get("recent", []):
             if m["id"] == migration:
                 return int(m.get("entries") or 0)
-    return 0
+    return _entries_pushed(t, dst, migration)
 
 
 def _no_progress(_: Progress) -> None:
