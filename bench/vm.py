@@ -292,8 +292,8 @@ class JitPoller:
 
 
 def cpu_probes(lab: Any, drv: Any, t: Any, src: str, dst: str) -> dict[str, Any]:
-    """What to watch during a move: each QEMU, each agent, each libvirtd and what its reaped
-    children (the hooks) used."""
+    """What to watch during a move: each QEMU, each agent with the processes it ran, each
+    libvirtd and what its reaped children (the hooks) used."""
     from .vmtrace import proc_cpu_s
 
     def qemu(node: str) -> Any:
@@ -309,10 +309,16 @@ def cpu_probes(lab: Any, drv: Any, t: Any, src: str, dst: str) -> dict[str, Any]
     probes: dict[str, Any] = {f"qemu@{src}": qemu(src), f"qemu@{dst}": qemu(dst)}
     for n in t.nodes:
         d = drv.daemon(t, n.name)
-        probes[f"agent@{n.name}"] = lambda n=n: proc_cpu_s(lab.agent_pid(n.name))
+        # its own threads and the nft/conntrack processes it ran (once reaped)
+        probes[f"agent@{n.name}"] = lambda n=n: _sum(
+            proc_cpu_s(lab.agent_pid(n.name)), proc_cpu_s(lab.agent_pid(n.name), True))
         probes[f"libvirtd@{n.name}"] = lambda d=d: proc_cpu_s(d.pid())
         probes[f"hooks@{n.name}"] = lambda d=d: proc_cpu_s(d.pid(), children=True)
     return probes
+
+
+def _sum(*xs: float | None) -> float | None:
+    return None if any(x is None for x in xs) else sum(x or 0.0 for x in xs)
 
 
 def cpu_after_resume(events: Events, m: dict[str, Any]) -> dict[str, Any] | None:
@@ -332,14 +338,11 @@ def cpu_after_resume(events: Events, m: dict[str, Any]) -> dict[str, Any] | None
 
 
 def cpu_s(pid: int | None) -> float:
-    """A process's CPU time so far (all its threads), in seconds; 0 when it is gone."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """A process's CPU so far, with what its reaped children used (an agent's nft and
+    conntrack runs), in seconds; 0 when it is gone."""
+    from .vmtrace import proc_cpu_s
+
+    return _sum(proc_cpu_s(pid), proc_cpu_s(pid, children=True)) or 0.0
 
 
 def jit_tbs(drv: Any, t: Any, node: str) -> int | None:
