@@ -33,6 +33,7 @@ from orchestrator.agent.peer_channel import (
     HANDSHAKE_TIMEOUT,
     PeerChannel,
     PeerError,
+    open_channel,
     quiet,
 )
 from orchestrator.errors import ConvergentError
@@ -357,11 +358,7 @@ class PeerFeed(SourceFeed):
         return ch
 
     async def _connect_once(self) -> PeerChannel:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port), HANDSHAKE_TIMEOUT)
-        ch = PeerChannel(reader, writer, self.key, b"C")
-        await ch.connect_as(self.me)
-        return ch
+        return await open_channel(self.host, self.port, self.key, self.me)
 
     async def open(self) -> list[Entry]:
         self.ch = await self._connect()

@@ -36,6 +36,20 @@ class PeerError(ConvergentError):
     """The other agent is not who it claims, or broke the protocol."""
 
 
+async def open_channel(host: str, port: int, key: bytes, me: str) -> PeerChannel:
+    """The connecting side's channel to the agent at ``host:port``, authenticated as
+    ``me``; the connection is closed when the handshake fails."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
+                                            HANDSHAKE_TIMEOUT)
+    ch = PeerChannel(reader, writer, key, b"C")
+    try:
+        await ch.connect_as(me)
+    except BaseException:
+        ch.close()
+        raise
+    return ch
+
+
 def _mac(key: bytes, *parts: bytes) -> bytes:
     return hmac.new(key, b"".join(parts), hashlib.sha256).digest()[:MAC]
 

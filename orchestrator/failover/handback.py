@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import structlog
 import tenacity
 
-from orchestrator.agent.peer_channel import HANDSHAKE_TIMEOUT, PeerChannel, PeerError, quiet
+from orchestrator.agent.peer_channel import PeerChannel, PeerError, open_channel, quiet
 from orchestrator.audit.log import AuditLog
 from orchestrator.config.schema import Topology
 from orchestrator.errors import ConvergentError
@@ -279,11 +279,7 @@ class PeerHolder:
         return ch
 
     async def _connect_once(self) -> PeerChannel:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port), HANDSHAKE_TIMEOUT)
-        ch = PeerChannel(reader, writer, self.key, b"C")
-        await ch.connect_as(self.me)
-        return ch
+        return await open_channel(self.host, self.port, self.key, self.me)
 
     async def entries(self) -> list[Entry]:
         self.ch = await self._connect()
