@@ -104,11 +104,9 @@ class NftNodeOps:
         await asyncio.to_thread(nft.update_sets, "ip", IP_TABLE, changes, self.netns)
 
     async def sets(self) -> NodeSets:
-        def read(name: str) -> frozenset[str]:
-            return frozenset(nft.set_elements("ip", IP_TABLE, name, self.netns))
-
-        return NodeSets(await asyncio.to_thread(read, SET_LOCAL_GUESTS),
-                        await asyncio.to_thread(read, SET_RACE_GATE))  # fmt: skip
+        both = await asyncio.to_thread(nft.sets_elements, "ip", IP_TABLE,
+                                       [SET_LOCAL_GUESTS, SET_RACE_GATE], self.netns)
+        return NodeSets(frozenset(both[SET_LOCAL_GUESTS]), frozenset(both[SET_RACE_GATE]))
 
     async def apply_rules(self, topology: Topology, audit: AuditLog | None = None) -> None:
         # recorded only when it changed something (someone flushed our rules)

@@ -162,7 +162,7 @@ def _apply(topology: Topology, node: str, netns: str | None, digest: list[str]) 
 
 def _kept_elements(netns: str | None) -> dict[str, list[str]]:
     """The agent's set elements in the running ip table (which the caller saw exists)."""
-    return {s: nft.set_elements("ip", IP_TABLE, s, netns) for s in DYNAMIC_SETS}
+    return nft.sets_elements("ip", IP_TABLE, list(DYNAMIC_SETS), netns)
 
 
 def replace_script(script: str, kept: dict[str, list[str]]) -> str:

@@ -71,9 +71,24 @@ def table_digest(family: str, table: str, netns: str | None = None) -> str | Non
 
 def set_elements(family: str, table: str, name: str, netns: str | None = None) -> list[str]:
     for obj in query(["list", "set", family, table, name], netns):
-        elems = obj.get("set", {}).get("elem", [])
-        return [e if isinstance(e, str) else json.dumps(e) for e in elems]
+        return _elements(obj.get("set", {}))
     return []
+
+
+def sets_elements(family: str, table: str, names: Sequence[str],
+                  netns: str | None = None) -> dict[str, list[str]]:
+    """Several sets' elements from one ``nft -j list sets FAMILY`` (one process, not one
+    per set: an agent reads its sets on every reconcile pass); a set absent is empty."""
+    found: dict[str, list[str]] = {name: [] for name in names}
+    for obj in query(["list", "sets", family], netns):
+        s = obj.get("set", {})
+        if s.get("table") == table and s.get("name") in found:
+            found[s["name"]] = _elements(s)
+    return found
+
+
+def _elements(s: dict[str, Any]) -> list[str]:
+    return [e if isinstance(e, str) else json.dumps(e) for e in s.get("elem", [])]
 
 
 def update_set(
